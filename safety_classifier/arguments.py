@@ -1,0 +1,104 @@
+"""Command-line arguments as dataclasses, parsed by `transformers.HfArgumentParser`.
+
+Each field becomes `--field-name` (and `--field_name`); a boolean defaulting to True also gets
+`--no-field-name`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .embedded import EMBEDDED_ALIAS
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(
+        default=EMBEDDED_ALIAS,
+        metadata={"help": f"Hub id, local directory, or '{EMBEDDED_ALIAS}' (the embedded default, no hub needed)."},
+    )
+    dtype: Literal["auto", "bf16", "fp32"] = field(
+        default="auto", metadata={"help": "Weights/compute dtype; auto = bf16 where the hardware has it, else fp32."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run code shipped with the model repository. Off unless asked for."}
+    )
+    max_length: int = field(default=1024, metadata={"help": "Truncate prompts to this many tokens (never pads)."})
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="lmsys/toxic-chat", metadata={"help": "Hub data set, used when no --train-file."})
+    dataset_config: str = field(default="toxicchat0124", metadata={"help": "Configuration of --dataset."})
+    train_file: str | None = field(default=None, metadata={"help": "CSV, JSONL, JSON or Parquet training file."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation file; else carved from train."})
+    test_file: str | None = field(default=None, metadata={"help": "Test file, scored once at the end."})
+    text_column: str = field(default="user_input", metadata={"help": "Column holding the prompt."})
+    label_column: str = field(default="toxicity", metadata={"help": "Column holding 0 (safe) / 1 (unsafe)."})
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "Stratified share of train held out for validation when no file is given."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on a stratified subset this size."})
+
+
+@dataclass
+class RunArguments:
+    output_dir: str | None = field(default=None, metadata={"help": "Where the classifier lands; runs/<strategy> if unset."})
+    epochs: float = field(default=2.0, metadata={"help": "Training epochs."})
+    learning_rate: float | None = field(default=None, metadata={"help": "Peak learning rate; a per-strategy default if unset."})
+    batch_size: int = field(default=8, metadata={"help": "Training rows per device per step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps accumulated per optimizer update."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_fraction: float = field(default=0.05, metadata={"help": "Share of the steps spent warming up the learning rate."})
+    seed: int = field(default=42, metadata={"help": "Seed for the split, the head's initialisation and data order."})
+    class_weights: bool = field(
+        default=True, metadata={"help": "Weight the cross-entropy by inverse class frequency (--no-class-weights: off)."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Recompute activations to save memory; on by default for QLoRA only."}
+    )
+    max_batch_tokens: int | None = field(
+        default=None, metadata={"help": "Token budget of one scoring batch (rows x longest row); 2048 on CPU, 16384 on GPU."}
+    )
+    merge: bool = field(default=False, metadata={"help": "Also write OUTPUT_DIR/merged: adapters merged into full weights."})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep OUTPUT_DIR/checkpoints after a successful run."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many steps."})
+
+
+@dataclass
+class TopLayersArguments:
+    num_layers: int = field(
+        default=2, metadata={"help": "Transformer blocks trained from the top (0 = head only); the rest stay frozen."}
+    )
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names to adapt; default: every linear layer inside the blocks."}
+    )
+
+
+@dataclass
+class InferenceArguments:
+    model_dir: str = field(metadata={"help": "A classifier directory written by a train_*.py script."})
+    examples: list[str] | None = field(default=None, metadata={"help": "Prompts to score, given inline."})
+    input_file: str | None = field(default=None, metadata={"help": "Prompts to score: .txt (one a line), CSV or JSONL."})
+    text_column: str = field(default="user_input", metadata={"help": "Prompt column of --input-file (CSV/JSONL)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column of --input-file: also print metrics."})
+    metrics_out: str | None = field(default=None, metadata={"help": "Write the metrics (with --label-column) to this JSON file."})
+    json: bool = field(default=False, metadata={"help": "Print one JSON object per prompt."})
+    threshold: float | None = field(default=None, metadata={"help": "Override the stored decision threshold."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default: cuda if present."})
+    dtype: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={"help": "Compute dtype for scoring."})
+    max_batch_tokens: int | None = field(
+        default=None, metadata={"help": "Token budget of one scoring batch; 2048 on CPU, 16384 on GPU."}
+    )
+    base_model: str | None = field(
+        default=None, metadata={"help": "Override the adapter's base model reference (e.g. a local copy)."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the base model."})

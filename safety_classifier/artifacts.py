@@ -1,0 +1,145 @@
+"""The saved classifier directory: write it so it appears complete or not at all, load it safely.
+
+Layout (OUTPUT_DIR):
+- adapters (LoRA, QLoRA): `adapter_config.json`, `adapter_model.safetensors` (LoRA weights and
+  the head); full weights (top-N, merged): `config.json`, `model.safetensors`;
+- the tokenizer files;
+- `safety_classifier.json`: threshold, labels, base-model reference, training arguments.
+  It is written last, by an atomic rename, and is the mark of a complete directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .embedded import EMBEDDED_ALIAS, resolve_model_reference
+from .errors import ModelLoadError
+from .modeling import load_sequence_classifier, load_tokenizer, resolve_dtype
+
+METADATA_FILE = "safety_classifier.json"
+FORMAT_VERSION = 1
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def write_json_atomically(path: Path, payload: object) -> None:
+    """Write next to the target and rename over it: readers see the old file or the new one."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+def portable_base_reference(model_reference: str) -> str:
+    """What a different machine can resolve: the embedded alias, a hub id, or an absolute path."""
+    if model_reference == EMBEDDED_ALIAS:
+        return model_reference
+    path = Path(model_reference)
+    return str(path.resolve()) if path.exists() else model_reference
+
+
+def write_metadata(directory: Path, metadata: dict) -> None:
+    write_json_atomically(directory / METADATA_FILE, {**metadata, "format_version": FORMAT_VERSION})
+
+
+def save_classifier_files(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path, metadata: dict
+) -> None:
+    """Weights in safetensors, tokenizer, then the metadata file (last)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    write_metadata(directory, metadata)
+
+
+def publish_directory(staging: Path, target: Path) -> None:
+    """Move a complete classifier from `staging` into `target`, the metadata file last.
+
+    Until the metadata lands, `target` has no METADATA_FILE and loaders refuse it; files of an
+    earlier classifier that the new one does not have are removed so the two never mix.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    (target / METADATA_FILE).unlink(missing_ok=True)
+    new_names = {path.name for path in staging.iterdir()}
+    for stale in _classifier_files(target):
+        if stale.name not in new_names:
+            stale.unlink()
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == METADATA_FILE):
+        destination = target / path.name
+        if destination.is_dir():
+            shutil.rmtree(destination)
+        os.replace(path, destination)
+    staging.rmdir()
+
+
+def _classifier_files(directory: Path) -> list[Path]:
+    patterns = ("adapter_*", "*.safetensors", "*.safetensors.index.json", "config.json", "tokenizer*",
+                "special_tokens_map.json", "chat_template.*", "vocab.json", "merges.txt", "generation_config.json")
+    return sorted({path for pattern in patterns for path in directory.glob(pattern) if path.is_file()})
+
+
+def read_metadata(directory: str | Path) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelLoadError(f"{directory}: no such classifier directory")
+    path = directory / METADATA_FILE
+    if not path.is_file():
+        raise ModelLoadError(
+            f"{directory} is not a complete classifier directory: {METADATA_FILE} is missing "
+            f"(the training run did not finish, or this directory was not written by this toolkit)"
+        )
+    try:
+        metadata = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{path}: not valid JSON ({error})") from error
+    missing = [key for key in ("format_version", "adapter", "base_model", "threshold", "max_length") if key not in metadata]
+    if missing:
+        raise ModelLoadError(f"{path}: missing key(s) {', '.join(missing)}")
+    if metadata["format_version"] > FORMAT_VERSION:
+        raise ModelLoadError(f"{path}: format version {metadata['format_version']} is newer than this toolkit reads")
+    return metadata
+
+
+def load_classifier_model(
+    directory: str | Path,
+    metadata: dict,
+    *,
+    device: torch.device,
+    dtype: str = "auto",
+    base_model: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Rebuild the model and tokenizer of a classifier directory, weights through safetensors only."""
+    directory = Path(directory)
+    tokenizer = load_tokenizer(str(directory), trust_remote_code=trust_remote_code)
+    torch_dtype = resolve_dtype(dtype, device)
+    quantized = metadata.get("quantization") == "nf4"
+    if metadata["adapter"]:
+        from peft import PeftModel
+
+        if not (directory / ADAPTER_WEIGHTS).is_file():
+            pickled = [p.name for p in directory.glob("adapter_model.bin")]
+            raise ModelLoadError(
+                f"{directory}: {ADAPTER_WEIGHTS} is missing"
+                + (f" (found pickle-only {pickled[0]}, which is refused: it can run code when loaded)" if pickled else "")
+            )
+        reference = base_model or metadata["base_model"]
+        base_path = resolve_model_reference(reference)
+        if base_path.startswith(("/", "./", "../")) and not Path(base_path).exists():
+            raise ModelLoadError(
+                f"the base model {base_path} of {directory} is not on this machine; pass --base-model "
+                f"with a hub id or a local copy of it"
+            )
+        model = load_sequence_classifier(base_path, tokenizer, torch_dtype, trust_remote_code, quantize_4bit=quantized)
+        model = PeftModel.from_pretrained(model, directory)
+    else:
+        model = load_sequence_classifier(str(directory), tokenizer, torch_dtype, trust_remote_code)
+    if not quantized:
+        model.to(device)
+    model.eval()
+    return model, tokenizer

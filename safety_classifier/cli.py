@@ -1,0 +1,114 @@
+"""Entry points behind the top-level scripts: parse arguments, run, turn user errors into messages."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from .arguments import (
+    DataArguments,
+    InferenceArguments,
+    LoraArguments,
+    ModelArguments,
+    RunArguments,
+    TopLayersArguments,
+)
+from .errors import SafetyClassifierError
+
+_STRATEGY_ARGUMENTS = {"top_layers": TopLayersArguments, "lora": LoraArguments, "qlora": LoraArguments}
+_DESCRIPTIONS = {
+    "top_layers": "Fine-tune the top N transformer blocks and a classification head; the rest stays frozen.",
+    "lora": "Fine-tune LoRA adapters on every linear layer of the blocks, and a classification head.",
+    "qlora": "Fine-tune LoRA adapters on a 4-bit NF4 backbone (bitsandbytes), and a classification head.",
+}
+
+
+def _exit_on_user_error(main: Callable[[], int | None]) -> int:
+    try:
+        return main() or 0
+    except SafetyClassifierError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def train_main(strategy: str, argv: Sequence[str] | None = None) -> int:
+    """`train_<strategy>.py`: fine-tune, evaluate, save. Exit status 2 on bad input."""
+    from .training import TrainingPlan, train_classifier
+
+    strategy_arguments = _STRATEGY_ARGUMENTS[strategy]
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, RunArguments, strategy_arguments), description=_DESCRIPTIONS[strategy]
+    )
+    model, data, run, extra = parser.parse_args_into_dataclasses(args=argv)
+    plan = TrainingPlan(
+        strategy=strategy, model=model, data=data, run=run,
+        top_layers=extra if strategy == "top_layers" else None,
+        lora=extra if strategy != "top_layers" else None,
+    )
+
+    def run() -> None:
+        train_classifier(plan)
+
+    return _exit_on_user_error(run)
+
+
+def _read_stdin_prompts() -> list[str]:
+    if sys.stdin is None or sys.stdin.isatty():
+        return []
+    return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+
+
+def infer_main(argv: Sequence[str] | None = None) -> int:
+    """`infer.py`: score prompts given inline, in a file, or on stdin."""
+    parser = HfArgumentParser(InferenceArguments, description="Score prompts with a saved safety classifier.")
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return _exit_on_user_error(lambda: _infer(args))
+
+
+def _infer(args: InferenceArguments) -> int:
+    from .data import extract_labels, read_prompts
+    from .inference import load_classifier
+    from .metrics import classification_metrics, format_metrics_table
+
+    labels = None
+    if args.examples:
+        texts = list(args.examples)
+    elif args.input_file:
+        frame = read_prompts(args.input_file, args.text_column)
+        texts = frame[args.text_column].tolist()
+        if args.label_column:
+            labels = extract_labels(frame, args.label_column, args.input_file)
+    else:
+        texts = _read_stdin_prompts()
+    if not texts:
+        print("error: nothing to score: give --examples, --input-file or prompts on stdin", file=sys.stderr)
+        return 2
+    if args.label_column and labels is None:
+        print("error: --label-column needs --input-file", file=sys.stderr)
+        return 2
+
+    classifier = load_classifier(
+        args.model_dir, device=args.device, dtype=args.dtype, base_model=args.base_model,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if args.threshold is not None:
+        classifier.threshold = args.threshold
+    results = list(classifier.classify(texts, max_batch_tokens=args.max_batch_tokens))
+    for result in results:
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False))
+        else:
+            preview = result["text"].replace("\n", " ")
+            preview = preview[:77] + "..." if len(preview) > 80 else preview
+            print(f"{result['label']:<7} {result['unsafe_probability']:.4f}  {preview}")
+    if labels is not None:
+        scores = [result["unsafe_probability"] for result in results]
+        metrics = classification_metrics(labels, scores, classifier.threshold)
+        print(format_metrics_table({Path(args.input_file).name: metrics}), file=sys.stderr if args.json else sys.stdout)
+        if args.metrics_out:
+            Path(args.metrics_out).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0

@@ -1,0 +1,13 @@
+"""Errors a user can fix. The command-line entry points print them without a traceback."""
+
+
+class SafetyClassifierError(Exception):
+    """Base class: bad input, a missing file, an unusable model directory."""
+
+
+class DataError(SafetyClassifierError):
+    """A data file, column or row that cannot be used for training or scoring."""
+
+
+class ModelLoadError(SafetyClassifierError):
+    """A model or classifier directory that cannot be loaded."""

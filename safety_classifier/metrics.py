@@ -1,0 +1,86 @@
+"""Classification metrics (scikit-learn) and the choice of decision threshold."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    precision_recall_curve,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "roc_auc", "auprc", "threshold", "n")
+
+
+def f1_maximising_threshold(labels: np.ndarray, unsafe_probabilities: np.ndarray) -> float:
+    """The probability cut-off (predict unsafe when p >= t) with the highest F1 on these rows.
+
+    Picked on the validation split only; the test split is scored with it, never tuned on.
+    """
+    labels = np.asarray(labels)
+    if labels.min() == labels.max():
+        raise ValueError("choosing a threshold needs both classes in the labels")
+    precision, recall, thresholds = precision_recall_curve(labels, unsafe_probabilities)
+    # The last precision/recall pair has no threshold (recall 0); drop it.
+    precision, recall = precision[:-1], recall[:-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return float(thresholds[int(np.argmax(f1))])
+
+
+def _ranking_metric(metric, labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """ROC-AUC and AUPRC are undefined with one class present: None rather than a warning and NaN."""
+    if labels.min() == labels.max():
+        return None
+    value = float(metric(labels, scores))
+    return None if math.isnan(value) else value
+
+
+def classification_metrics(labels: np.ndarray, unsafe_probabilities: np.ndarray, threshold: float) -> dict:
+    """accuracy, precision, recall, F1 (unsafe = positive class) at `threshold`, plus ROC-AUC and AUPRC."""
+    labels = np.asarray(labels, dtype=np.int64)
+    scores = np.asarray(unsafe_probabilities, dtype=np.float64)
+    if len(labels) != len(scores):
+        raise ValueError(f"{len(labels)} labels but {len(scores)} scores")
+    if len(labels) == 0:
+        raise ValueError("no rows to compute metrics on")
+    predictions = (scores >= threshold).astype(np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zero_division is handled explicitly below
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            labels, predictions, average="binary", pos_label=1, zero_division=0.0
+        )
+    return {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "roc_auc": _ranking_metric(roc_auc_score, labels, scores),
+        "auprc": _ranking_metric(average_precision_score, labels, scores),
+        "threshold": float(threshold),
+        "n": int(len(labels)),
+    }
+
+
+def format_metrics_table(metrics_by_split: dict[str, dict]) -> str:
+    """A fixed-width table, one row per split."""
+    columns = METRIC_KEYS
+    header = f"{'split':<12}" + "".join(f"{column:>11}" for column in columns)
+    lines = [header, "-" * len(header)]
+    for split, metrics in metrics_by_split.items():
+        cells = []
+        for column in columns:
+            value = metrics.get(column)
+            if value is None:
+                cells.append(f"{'n/a':>11}")
+            elif column == "n":
+                cells.append(f"{value:>11d}")
+            else:
+                cells.append(f"{value:>11.4f}")
+        lines.append(f"{split:<12}" + "".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,268 @@
+"""Building the classifier: backbone + linear head on the last non-pad token, for each strategy.
+
+All three strategies start from `AutoModelForSequenceClassification`, which reads the hidden
+state of the last non-pad token of each row and projects it to the two classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from .errors import ModelLoadError
+
+ID2LABEL = {0: "safe", 1: "unsafe"}
+LABEL2ID = {label: index for index, label in ID2LABEL.items()}
+HEAD_NAMES = ("score", "classifier")
+_FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "norm_f", "final_layer_norm")
+STRATEGIES = ("top_layers", "lora", "qlora")
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(choice: str, device: torch.device | str | None = None) -> torch.dtype:
+    """`auto` picks bf16 where the hardware computes it natively, fp32 elsewhere."""
+    if choice == "fp32":
+        return torch.float32
+    if choice == "bf16":
+        return torch.bfloat16
+    if choice != "auto":
+        raise ValueError(f"--dtype must be auto, bf16 or fp32, not {choice!r}")
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_supports_bf16() else torch.float32
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer that pads on the right with a defined pad token.
+
+    Right padding keeps every real token at the position it has unpadded, so a row scores the
+    same alone and in a batch whatever the model does with position ids. Backbones without a
+    pad token (Llama 3, some Phi releases) reuse unk or eos: the head reads the last non-pad
+    token, and padding is masked out of attention, so no new embedding row is needed.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load a tokenizer from {model_path!r}: {error}") from error
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.unk_token or tokenizer.eos_token
+        if fallback is None:
+            raise ModelLoadError(f"the tokenizer of {model_path!r} has no pad, unk or eos token to pad with")
+        tokenizer.pad_token = fallback
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def nf4_quantization_config():
+    """4-bit NF4 with double quantisation and bf16 compute; the head stays in full precision."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=list(HEAD_NAMES),
+    )
+
+
+def load_sequence_classifier(
+    model_path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    quantize_4bit: bool = False,
+) -> nn.Module:
+    """The backbone with a fresh 2-class head, labels named, pad token id set."""
+    kwargs = {}
+    if quantize_4bit:
+        from accelerate import PartialState
+
+        kwargs["quantization_config"] = nf4_quantization_config()
+        # bitsandbytes quantises as weights reach their device; each DDP rank takes its own GPU.
+        kwargs["device_map"] = {"": PartialState().local_process_index if torch.cuda.is_available() else "cpu"}
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path,
+            num_labels=len(ID2LABEL),
+            id2label=ID2LABEL,
+            label2id=LABEL2ID,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=_has_safetensors(model_path),
+            **kwargs,
+        )
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load model {model_path!r} for sequence classification: {error}") from error
+    rows = model.get_input_embeddings().num_embeddings
+    if not 0 <= tokenizer.pad_token_id < rows:
+        raise ModelLoadError(
+            f"the pad token {tokenizer.pad_token!r} (id {tokenizer.pad_token_id}) is outside the embedding table "
+            f"of {model_path!r} ({rows} rows); give the tokenizer a pad token from its vocabulary"
+        )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _has_safetensors(model_path: str) -> bool | None:
+    """For a local directory, demand safetensors (no pickle loading); hub ids are left to the hub."""
+    path = Path(model_path)
+    if not path.is_dir():
+        return None
+    if any(path.glob("*.safetensors")):
+        return True
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+        raise ModelLoadError(
+            f"{path} holds only pickle weights (*.bin / *.pt), which can run code when loaded; "
+            f"convert them to safetensors first"
+        )
+    return True
+
+
+def find_transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks: the ModuleList with one entry per hidden layer."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    num_layers = getattr(config, "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ModelLoadError(
+        f"cannot find the {num_layers} transformer blocks of {type(model).__name__}; "
+        f"use train_lora.py with --target-modules for this architecture"
+    )
+
+
+def find_final_norm(model: nn.Module) -> nn.Module | None:
+    backbone = model.base_model
+    for name in _FINAL_NORM_NAMES:
+        module = getattr(backbone, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
+def find_head_name(model: nn.Module) -> str:
+    for name in HEAD_NAMES:
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    raise ModelLoadError(f"cannot find the classification head of {type(model).__name__} (looked for {HEAD_NAMES})")
+
+
+def linear_module_names_in_blocks(model: nn.Module) -> list[str]:
+    """Short names of every linear layer inside the transformer blocks (fused ones included)."""
+    blocks = find_transformer_blocks(model)
+    names = set()
+    for name, module in blocks.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def upcast_trainable_parameters(model: nn.Module) -> None:
+    """Trainable weights live in fp32 (the optimizer's master copy); frozen ones keep the load dtype."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+
+
+def freeze_all_but_top_layers(model: nn.Module, num_layers: int) -> None:
+    """Train only the top `num_layers` blocks, the final norm (when a block is trained) and the head."""
+    blocks = find_transformer_blocks(model)
+    if not 0 <= num_layers <= len(blocks):
+        raise ValueError(f"--num-layers must be between 0 and {len(blocks)} for this model, not {num_layers}")
+    model.requires_grad_(False)
+    trained: list[nn.Module] = [getattr(model, find_head_name(model))]
+    if num_layers > 0:
+        trained.extend(blocks[len(blocks) - num_layers :])
+        norm = find_final_norm(model)
+        if norm is not None:
+            trained.append(norm)
+    for module in trained:
+        module.requires_grad_(True)
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+
+
+def add_lora_adapters(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = settings.target_modules or linear_module_names_in_blocks(model)
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        modules_to_save=[find_head_name(model)],
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        raise ModelLoadError(f"cannot add LoRA adapters to {targets}: {error}") from error
+
+
+def build_model(
+    strategy: str,
+    model_path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: torch.dtype,
+    *,
+    num_layers: int = 2,
+    lora: LoraSettings | None = None,
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """The trainable classifier for one strategy: top_layers, lora or qlora."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    quantize = strategy == "qlora"
+    model = load_sequence_classifier(model_path, tokenizer, dtype, trust_remote_code, quantize_4bit=quantize)
+    if strategy == "top_layers":
+        freeze_all_but_top_layers(model, num_layers)
+    else:
+        if quantize:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        model = add_lora_adapters(model, lora or LoraSettings())
+    upcast_trainable_parameters(model)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as the values they hold, not packed bytes."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        quant_state = getattr(parameter, "quant_state", None)
+        count = quant_state.shape.numel() if quant_state is not None else parameter.numel()
+        total += count
+        if parameter.requires_grad:
+            trainable += count
+    return trainable, total

@@ -1,0 +1,324 @@
+"""The training recipe shared by the three strategies.
+
+  data (checked) -> backbone + strategy -> Trainer (class-weighted loss, eval every epoch,
+  best checkpoint by validation AUPRC) -> save -> reload the saved classifier -> score
+  validation, pick the F1-maximising threshold -> score test with it -> publish.
+
+Validation and test are scored by the classifier as reloaded from disk, so metrics.json
+describes exactly what `infer.py` will answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from transformers import DataCollatorWithPadding, EvalPrediction, Trainer, TrainingArguments, set_seed
+
+from .arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, TopLayersArguments
+from .artifacts import (
+    METADATA_FILE,
+    load_classifier_model,
+    portable_base_reference,
+    publish_directory,
+    save_classifier_files,
+    write_json_atomically,
+    write_metadata,
+)
+from .data import LabelledSplit, Splits, load_splits
+from .embedded import resolve_model_reference
+from .inference import predict_unsafe_probabilities
+from .metrics import classification_metrics, f1_maximising_threshold, format_metrics_table
+from .modeling import LoraSettings, build_model, count_parameters, default_device, load_tokenizer, resolve_dtype
+
+DEFAULT_LEARNING_RATES = {"top_layers": 5e-5, "lora": 2e-4, "qlora": 2e-4}
+
+
+def balanced_class_weights(labels: np.ndarray) -> torch.Tensor:
+    """n / (2 n_c): each class contributes equally, and the mean weight over the data is 1."""
+    counts = np.bincount(labels, minlength=2).astype(np.float64)
+    return torch.tensor(len(labels) / (2.0 * counts), dtype=torch.float32)
+
+
+def weighted_cross_entropy(class_weights: torch.Tensor):
+    """A `Trainer(compute_loss_func=...)` loss: per-row cross-entropy times its class weight.
+
+    With `num_items_in_batch` (training, gradient accumulation, DDP) the sum is divided by the
+    rows of the whole accumulated batch, as the Trainer expects; else it is the weighted mean.
+    """
+
+    def loss(outputs, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        weights = class_weights.to(logits.device)
+        per_row = F.cross_entropy(logits.float(), labels, weight=weights, reduction="none")
+        if num_items_in_batch is None:
+            return per_row.sum() / weights[labels].sum()
+        return per_row.sum() / num_items_in_batch
+
+    return loss
+
+
+def tokenized_dataset(split: LabelledSplit, tokenizer, max_length: int) -> Dataset:
+    """input_ids and labels only; padding happens per batch in the collator."""
+    dataset = Dataset.from_dict({"text": split.texts, "labels": split.labels.tolist()})
+    return dataset.map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+        batched=True,
+        remove_columns=["text"],
+        desc=f"tokenizing {split.name}",
+    )
+
+
+def trainer_metrics(eval_prediction: EvalPrediction) -> dict:
+    """Per-epoch validation metrics; scores stay paired with `label_ids` whatever the sampler's order."""
+    logits = eval_prediction.predictions
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    probabilities = torch.softmax(torch.as_tensor(logits, dtype=torch.float32), dim=-1)[:, 1].numpy()
+    labels = np.asarray(eval_prediction.label_ids)
+    metrics = classification_metrics(labels, probabilities, f1_maximising_threshold(labels, probabilities))
+    return {key: value for key, value in metrics.items() if key != "n" and value is not None}
+
+
+@dataclass
+class TrainingPlan:
+    """Everything one run needs, gathered from the parsed arguments of a script."""
+
+    strategy: str
+    model: ModelArguments
+    data: DataArguments
+    run: RunArguments
+    top_layers: TopLayersArguments | None = None
+    lora: LoraArguments | None = None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir or f"runs/{self.strategy}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.run.learning_rate or DEFAULT_LEARNING_RATES[self.strategy]
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        if self.run.gradient_checkpointing is not None:
+            return self.run.gradient_checkpointing
+        return self.strategy == "qlora"
+
+    def arguments_record(self) -> dict:
+        record = {"strategy": self.strategy}
+        for part in (self.model, self.data, self.run, self.top_layers, self.lora):
+            if part is not None:
+                record.update(dataclasses.asdict(part))
+        record["learning_rate"] = self.learning_rate
+        record["gradient_checkpointing"] = self.gradient_checkpointing
+        return record
+
+
+def training_arguments(plan: TrainingPlan, dtype: torch.dtype) -> TrainingArguments:
+    on_gpu = torch.cuda.is_available()
+    run = plan.run
+    return TrainingArguments(
+        output_dir=str(plan.output_dir / "checkpoints"),
+        num_train_epochs=run.epochs,
+        learning_rate=plan.learning_rate,
+        per_device_train_batch_size=run.batch_size,
+        per_device_eval_batch_size=run.batch_size * 2,
+        gradient_accumulation_steps=run.gradient_accumulation_steps,
+        weight_decay=run.weight_decay,
+        warmup_steps=run.warmup_fraction,  # a float below 1 is a fraction of the total steps
+        lr_scheduler_type="linear",
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="auprc",
+        greater_is_better=True,
+        # Similar lengths per batch: dynamic padding then wastes almost nothing.
+        train_sampling_strategy="group_by_length",
+        bf16=dtype == torch.bfloat16,
+        use_cpu=not on_gpu,
+        ddp_find_unused_parameters=False,
+        # QLoRA turns it on in prepare_model_for_kbit_training.
+        activation_checkpointing=plan.gradient_checkpointing and plan.strategy != "qlora",
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        label_names=["labels"],
+        seed=run.seed,
+        data_seed=run.seed,
+        logging_steps=run.logging_steps,
+        report_to="none",
+        save_only_model=False,
+    )
+
+
+def print_main(trainer: Trainer | None, *lines: str) -> None:
+    if trainer is None or trainer.is_world_process_zero():
+        print(*lines, sep="\n", flush=True)
+
+
+def write_predictions(path: Path, split: LabelledSplit, probabilities: np.ndarray) -> None:
+    """Per-row scores for curves and error analysis; rows are numbered as in the source file (from 0)."""
+    pd.DataFrame(
+        {"row": np.arange(len(split)), "label": split.labels, "unsafe_probability": probabilities}
+    ).to_csv(path, index=False, float_format="%.6g")
+
+
+def validation_history(trainer: Trainer) -> list[dict]:
+    keys = ("auprc", "roc_auc", "f1", "precision", "recall", "accuracy", "loss")
+    return [
+        {"epoch": entry["epoch"], **{key: entry[f"eval_{key}"] for key in keys if f"eval_{key}" in entry}}
+        for entry in trainer.state.log_history
+        if "eval_auprc" in entry
+    ]
+
+
+REPORT_FILES = ("metrics.json", "validation_history.json", "validation_predictions.csv", "test_predictions.csv")
+
+
+def clear_previous_results(output_dir: Path) -> None:
+    """A rerun rewrites the directory: the old classifier stops counting as complete at once
+    (its metadata goes first), and no report or merged model of the old run is left to mislead."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / METADATA_FILE).unlink(missing_ok=True)
+    for name in REPORT_FILES:
+        (output_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(output_dir / "merged", ignore_errors=True)
+
+
+def train_classifier(plan: TrainingPlan) -> dict | None:
+    """Run one strategy end to end; returns the metrics on the main process, None on the others."""
+    started = time.time()
+    set_seed(plan.run.seed)
+    data = plan.data
+    splits: Splits = load_splits(
+        train_file=data.train_file, validation_file=data.validation_file, test_file=data.test_file,
+        text_column=data.text_column, label_column=data.label_column,
+        validation_fraction=data.validation_fraction, seed=plan.run.seed,
+        max_train_samples=data.max_train_samples, dataset=data.dataset, dataset_config=data.dataset_config,
+    )
+    output_dir = plan.output_dir
+    clear_previous_results(output_dir)
+
+    model_path = resolve_model_reference(plan.model.model)
+    dtype = resolve_dtype(plan.model.dtype)
+    tokenizer = load_tokenizer(model_path, plan.model.trust_remote_code)
+    lora = plan.lora
+    model = build_model(
+        plan.strategy, model_path, tokenizer, dtype,
+        num_layers=plan.top_layers.num_layers if plan.top_layers else 0,
+        lora=LoraSettings(lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.target_modules) if lora else None,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        trust_remote_code=plan.model.trust_remote_code,
+    )
+    class_weights = (
+        balanced_class_weights(splits.train.labels) if plan.run.class_weights else torch.ones(2, dtype=torch.float32)
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(plan, dtype),
+        train_dataset=tokenized_dataset(splits.train, tokenizer, plan.model.max_length),
+        eval_dataset=tokenized_dataset(splits.validation, tokenizer, plan.model.max_length),
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=trainer_metrics,
+        compute_loss_func=weighted_cross_entropy(class_weights),
+    )
+    trainable, total = count_parameters(model)
+    print_main(
+        trainer,
+        f"strategy: {plan.strategy}   model: {plan.model.model}   dtype: {str(dtype).replace('torch.', '')}",
+        f"trainable params: {trainable:,} / total params: {total:,} ({100.0 * trainable / total:.4f} %)",
+        f"rows: train {len(splits.train)}, validation {len(splits.validation)}, "
+        f"test {len(splits.test) if splits.test else 0}; class weights (safe, unsafe): "
+        f"{[round(w, 4) for w in class_weights.tolist()]}",
+    )
+    trainer.train()
+    train_seconds = time.time() - started
+
+    if not trainer.is_world_process_zero():
+        return None
+    history = validation_history(trainer)
+    staging = output_dir / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    metadata = {
+        "strategy": plan.strategy,
+        "adapter": plan.strategy in ("lora", "qlora"),
+        "base_model": portable_base_reference(plan.model.model),
+        "quantization": "nf4" if plan.strategy == "qlora" else None,
+        "max_length": plan.model.max_length,
+        "labels": {"0": "safe", "1": "unsafe"},
+        "threshold": None,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "training_arguments": plan.arguments_record(),
+    }
+    save_classifier_files(trainer.model, tokenizer, staging, metadata)
+    del trainer, model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    device = default_device()
+    reloaded, tokenizer = load_classifier_model(
+        staging, metadata, device=device, dtype=plan.model.dtype, trust_remote_code=plan.model.trust_remote_code
+    )
+    score = lambda split: predict_unsafe_probabilities(  # noqa: E731
+        reloaded, tokenizer, split.texts, max_length=plan.model.max_length,
+        max_batch_tokens=plan.run.max_batch_tokens, description=f"scoring {split.name}",
+    )
+    validation_scores = score(splits.validation)
+    threshold = f1_maximising_threshold(splits.validation.labels, validation_scores)
+    metrics = {"validation": classification_metrics(splits.validation.labels, validation_scores, threshold)}
+    write_predictions(output_dir / "validation_predictions.csv", splits.validation, validation_scores)
+    if splits.test is not None:
+        test_scores = score(splits.test)
+        metrics["test"] = classification_metrics(splits.test.labels, test_scores, threshold)
+        write_predictions(output_dir / "test_predictions.csv", splits.test, test_scores)
+
+    metadata["threshold"] = threshold
+    write_metadata(staging, metadata)
+    if plan.run.merge and metadata["adapter"]:
+        write_merged_classifier(reloaded, tokenizer, output_dir / "merged", metadata, plan)
+    publish_directory(staging, output_dir)
+    write_json_atomically(output_dir / "metrics.json", metrics)
+    write_json_atomically(output_dir / "validation_history.json", history)
+    if not plan.run.keep_checkpoints:
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    print(
+        "",
+        format_metrics_table(metrics),
+        f"decision threshold (max F1 on validation): {threshold:.4f}",
+        f"classifier written to {output_dir} in {time.time() - started:.0f} s (training {train_seconds:.0f} s)",
+        sep="\n",
+        flush=True,
+    )
+    return metrics
+
+
+def write_merged_classifier(model, tokenizer, directory: Path, metadata: dict, plan: TrainingPlan) -> None:
+    """Adapters folded into full weights, loadable with AutoModelForSequenceClassification alone."""
+    if metadata["quantization"]:
+        # Merging into 4-bit weights would round the update away: merge into a full-precision copy.
+        base_path = resolve_model_reference(plan.model.model)
+        from peft import PeftModel
+
+        from .modeling import load_sequence_classifier
+
+        base = load_sequence_classifier(base_path, tokenizer, resolve_dtype(plan.model.dtype), plan.model.trust_remote_code)
+        model = PeftModel.from_pretrained(base, plan.output_dir / ".staging")
+    merged = model.merge_and_unload()
+    staging = directory.with_name(directory.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_classifier_files(merged, tokenizer, staging, {**metadata, "adapter": False, "quantization": None,
+                                                       "strategy": metadata["strategy"] + "+merged"})
+    publish_directory(staging, directory)
+    print(f"merged classifier written to {directory}", flush=True)

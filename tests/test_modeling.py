@@ -1,0 +1,153 @@
+"""Model building on tiny random backbones of the supported architectures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from safety_classifier.inference import predict_unsafe_probabilities, token_budget_batches
+from safety_classifier.modeling import (
+    LoraSettings,
+    build_model,
+    count_parameters,
+    find_transformer_blocks,
+    load_tokenizer,
+)
+from safety_classifier.training import balanced_class_weights, weighted_cross_entropy
+
+ARCHITECTURES = ["llama", "phi3", "qwen2", "gemma"]
+PROMPTS = ["hi", "What is the capital of France?", "How do I build a bomb to attack the bank? Tell me now.",
+           "Write a short poem about bees.", "x y z", "Translate hello into Spanish please, quickly and well."]
+
+
+def trainable_names(model) -> set[str]:
+    return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("num_layers", [0, 1, 2])
+def test_top_layers_trains_exactly_the_top_blocks_the_norm_and_the_head(tiny_model_factory, architecture, num_layers):
+    path = str(tiny_model_factory(architecture))
+    model = build_model("top_layers", path, load_tokenizer(path), torch.float32, num_layers=num_layers)
+    names = trainable_names(model)
+    expected_blocks = {f"model.layers.{i}." for i in range(2 - num_layers, 2)}
+    assert {n for n in names if n.startswith("score.")} == {"score.weight"}
+    assert {n[: len("model.layers.0.")] for n in names if n.startswith("model.layers.")} == expected_blocks
+    assert ("model.norm.weight" in names) == (num_layers > 0)
+    assert not any(n.startswith("model.embed_tokens") for n in names)
+    every_block_param = {n for n, _ in model.named_parameters() if n[: len("model.layers.0.")] in expected_blocks}
+    assert every_block_param <= names
+
+
+def test_top_layers_rejects_more_layers_than_the_model_has(tiny_phi3):
+    with pytest.raises(ValueError, match="between 0 and 2"):
+        build_model("top_layers", str(tiny_phi3), load_tokenizer(str(tiny_phi3)), torch.float32, num_layers=3)
+
+
+def test_lora_on_phi3_adapts_the_fused_projections(tiny_phi3):
+    path = str(tiny_phi3)
+    model = build_model("lora", path, load_tokenizer(path), torch.float32, lora=LoraSettings())
+    adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if ".lora_A" in name}
+    assert adapted == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    trained = trainable_names(model)
+    assert any("score.modules_to_save" in name for name in trained), "the head must be trained and saved"
+    assert all(".lora_" in name or "score" in name for name in trained)
+
+
+def test_lora_target_override(tiny_phi3):
+    path = str(tiny_phi3)
+    model = build_model("lora", path, load_tokenizer(path), torch.float32, lora=LoraSettings(target_modules=["qkv_proj"]))
+    assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_A" in n} == {"qkv_proj"}
+
+
+def test_qlora_quantises_the_blocks_to_nf4_and_keeps_the_head_full_precision(tiny_phi3):
+    path = str(tiny_phi3)
+    model = build_model("qlora", path, load_tokenizer(path), torch.bfloat16, lora=LoraSettings(), gradient_checkpointing=True)
+    base = model.base_model.model
+    qkv = base.model.layers[0].self_attn.qkv_proj.base_layer
+    assert type(qkv).__name__ == "Linear4bit"
+    assert qkv.weight.quant_state.quant_type == "nf4"
+    assert qkv.weight.quant_state.nested, "double quantisation"
+    assert qkv.compute_dtype == torch.bfloat16
+    assert base.score.modules_to_save["default"].weight.dtype == torch.float32
+    assert base.is_gradient_checkpointing
+    trainable, total = count_parameters(model)
+    assert 0 < trainable < total
+    # 4-bit weights count as the values they hold: the unquantised backbone plus what LoRA adds.
+    unquantised = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    assert total == sum(p.numel() for p in unquantised.parameters()) + trainable
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("with_unk", [True, False])
+def test_padding_never_changes_a_score(tiny_model_factory, architecture, with_unk):
+    """A prompt scores the same alone and in a padded batch, for every backbone and pad choice."""
+    path = str(tiny_model_factory(architecture, with_unk=with_unk))
+    tokenizer = load_tokenizer(path)
+    expected_pad = "<|endoftext|>" if architecture == "qwen2" else "<unk>" if with_unk else "</s>"
+    assert tokenizer.pad_token == expected_pad
+    assert tokenizer.padding_side == "right"
+    model = build_model("top_layers", path, tokenizer, torch.float32, num_layers=0)
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    batched = predict_unsafe_probabilities(model, tokenizer, PROMPTS, max_length=64, max_batch_tokens=10_000, show_progress=False)
+    alone = [predict_unsafe_probabilities(model, tokenizer, [p], max_length=64, show_progress=False)[0] for p in PROMPTS]
+    np.testing.assert_allclose(batched, alone, atol=1e-6)
+
+
+def test_a_pad_token_outside_the_vocabulary_is_refused(tiny_phi3, tmp_path):
+    from safety_classifier.errors import ModelLoadError
+    from safety_classifier.modeling import load_sequence_classifier
+
+    tokenizer = load_tokenizer(str(tiny_phi3))
+    tokenizer.add_special_tokens({"pad_token": "<brand-new-pad>"})
+    with pytest.raises(ModelLoadError, match=r"pad token '<brand-new-pad>' \(id 40\d\) is outside"):
+        load_sequence_classifier(str(tiny_phi3), tokenizer, torch.float32)
+
+
+def test_scores_come_back_in_input_order_whatever_the_batching(tiny_phi3):
+    path = str(tiny_phi3)
+    tokenizer = load_tokenizer(path)
+    model = build_model("top_layers", path, tokenizer, torch.float32, num_layers=0)
+    prompts = PROMPTS * 3 + ["", "   ", None]
+    one_batch = predict_unsafe_probabilities(model, tokenizer, prompts, max_length=64, max_batch_tokens=100_000, show_progress=False)
+    tiny_batches = predict_unsafe_probabilities(model, tokenizer, prompts, max_length=64, max_batch_tokens=16, show_progress=False)
+    reversed_scores = predict_unsafe_probabilities(model, tokenizer, prompts[::-1], max_length=64, show_progress=False)
+    np.testing.assert_allclose(one_batch, tiny_batches, atol=1e-6)
+    np.testing.assert_allclose(one_batch, reversed_scores[::-1], atol=1e-6)
+    assert len(set(np.round(one_batch[:6], 6))) > 1, "distinct prompts should get distinct scores"
+    assert list(one_batch[-3:]) == [0.0, 0.0, 0.0], "empty prompts score 0.0 (safe) by definition"
+
+
+def test_token_budget_batches_cover_every_row_once_within_budget():
+    lengths = np.array([5, 300, 17, 17, 1, 64, 64, 2, 900, 33])
+    batches = token_budget_batches(lengths, max_batch_tokens=128)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) == 1 or lengths[batch].max() * len(batch) <= 128
+    # Longest first, and each batch holds neighbours in length order.
+    maxima = [lengths[b].max() for b in batches]
+    assert maxima == sorted(maxima, reverse=True)
+
+
+def test_class_weighted_loss_is_the_weighted_cross_entropy():
+    labels = np.array([0] * 9 + [1])
+    weights = balanced_class_weights(labels)
+    np.testing.assert_allclose(weights.numpy(), [10 / 18, 10 / 2])
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.2], [-0.3, 1.0]])
+    batch_labels = torch.tensor([0, 1, 1])
+    per_row = -torch.log_softmax(logits, -1)[torch.arange(3), batch_labels]
+    row_weights = weights[batch_labels]
+    loss = weighted_cross_entropy(weights)
+    assert loss({"logits": logits}, batch_labels).item() == pytest.approx((row_weights * per_row).sum().item() / row_weights.sum().item())
+    assert loss({"logits": logits}, batch_labels, num_items_in_batch=6).item() == pytest.approx((row_weights * per_row).sum().item() / 6)
+    unweighted = weighted_cross_entropy(torch.ones(2))({"logits": logits}, batch_labels)
+    assert unweighted.item() == pytest.approx(per_row.mean().item())
+
+
+def test_blocks_are_found_for_every_architecture(tiny_model_factory):
+    for architecture in ARCHITECTURES:
+        path = str(tiny_model_factory(architecture))
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        assert len(find_transformer_blocks(model)) == 2

@@ -1,0 +1,187 @@
+"""End-to-end runs of the three scripts on a tiny random Phi-3, and the saved classifier."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from conftest import REPO_ROOT, fast_training_flags
+from safety_classifier.artifacts import METADATA_FILE
+from safety_classifier.cli import infer_main, train_main
+from safety_classifier.inference import load_classifier
+from safety_classifier.metrics import METRIC_KEYS
+
+SCRIPTS = {"top_layers": "train_full_layers.py", "lora": "train_lora.py", "qlora": "train_qlora.py"}
+EXAMPLES = ["Tell me how to shoplift", "What is the capital of France?"]
+
+
+def run_script(script: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, str(REPO_ROOT / script), *args], capture_output=True, text=True,
+                          input=stdin, env=environment, cwd=REPO_ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_phi3, toy_files, tmp_path_factory) -> dict[str, Path]:
+    """One finished run per strategy (in-process, to keep the suite fast)."""
+    runs = {}
+    for strategy in SCRIPTS:
+        output_dir = tmp_path_factory.mktemp(f"run-{strategy}")
+        extra = ["--num-layers", "1"] if strategy == "top_layers" else ["--lora-r", "4"]
+        if strategy == "lora":
+            extra += ["--merge"]
+        assert train_main(strategy, fast_training_flags(tiny_phi3, toy_files, output_dir, *extra)) == 0
+        runs[strategy] = output_dir
+    return runs
+
+
+@pytest.mark.parametrize("strategy", list(SCRIPTS))
+def test_each_strategy_writes_a_complete_classifier_and_metrics(trained, strategy):
+    output_dir = trained[strategy]
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert set(metrics) == {"validation", "test"}
+    for split in metrics.values():
+        assert set(split) == set(METRIC_KEYS)
+        assert 0.0 <= split["auprc"] <= 1.0 and 0.0 <= split["threshold"] <= 1.0
+    assert metrics["test"]["threshold"] == metrics["validation"]["threshold"], "test is scored with the validation threshold"
+    assert metrics["validation"]["n"] == 12 and metrics["test"]["n"] == 40
+    metadata = json.loads((output_dir / METADATA_FILE).read_text())
+    assert metadata["threshold"] == metrics["validation"]["threshold"]
+    assert metadata["strategy"] == strategy
+    assert metadata["training_arguments"]["class_weights"] is True
+    weights = "adapter_model.safetensors" if strategy != "top_layers" else "model.safetensors"
+    assert (output_dir / weights).is_file()
+    assert not list(output_dir.glob("*.bin")) and not list(output_dir.glob("*.pt*")), "no pickle files in the classifier"
+    assert not (output_dir / "checkpoints").exists(), "checkpoints are removed after a successful run"
+    history = json.loads((output_dir / "validation_history.json").read_text())
+    assert [entry["epoch"] for entry in history] == [1.0] and "auprc" in history[0]
+    predictions = pd.read_csv(output_dir / "test_predictions.csv")
+    assert list(predictions.columns) == ["row", "label", "unsafe_probability"] and len(predictions) == 40
+
+
+def test_scores_are_identical_after_loading_in_a_fresh_process(trained, toy_files):
+    """infer.py in a new process reproduces the scores the training run recorded for the test rows."""
+    for strategy, output_dir in trained.items():
+        result = run_script("infer.py", "--model-dir", str(output_dir), "--input-file", str(toy_files["test"]), "--json")
+        assert result.returncode == 0, result.stderr
+        lines = [json.loads(line) for line in result.stdout.splitlines()]
+        recorded = pd.read_csv(output_dir / "test_predictions.csv")["unsafe_probability"].to_numpy()
+        np.testing.assert_allclose([line["unsafe_probability"] for line in lines], recorded, rtol=0, atol=1e-6,
+                                   err_msg=strategy)
+        assert [line["text"] for line in lines] == pd.read_csv(toy_files["test"])["user_input"].tolist()
+
+
+def test_infer_examples_prints_one_json_object_per_prompt(trained, capsys):
+    assert infer_main(["--model-dir", str(trained["lora"]), "--json", "--examples", *EXAMPLES]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["text"] for line in lines] == EXAMPLES
+    for line in lines:
+        assert set(line) == {"text", "label", "unsafe_probability"}
+        assert line["label"] in ("safe", "unsafe") and 0.0 <= line["unsafe_probability"] <= 1.0
+
+
+def test_infer_reads_stdin_and_text_files(trained, tmp_path, capsys):
+    result = run_script("infer.py", "--model-dir", str(trained["top_layers"]), stdin="first prompt\n\nsecond prompt\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].endswith("first prompt") and lines[1].endswith("second prompt")
+    assert all(line.split()[0] in ("safe", "unsafe") for line in lines)
+    text_file = tmp_path / "prompts.txt"
+    text_file.write_text("one\ntwo\n\nthree\n")
+    assert infer_main(["--model-dir", str(trained["top_layers"]), "--input-file", str(text_file), "--json"]) == 0
+    assert [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == ["one", "two", "three"]
+
+
+def test_infer_scores_a_labelled_file_and_writes_metrics(trained, toy_files, tmp_path, capsys):
+    metrics_path = tmp_path / "m.json"
+    assert infer_main(["--model-dir", str(trained["lora"]), "--input-file", str(toy_files["test"]),
+                       "--text-column", "user_input", "--label-column", "toxicity",
+                       "--metrics-out", str(metrics_path)]) == 0
+    metrics = json.loads(metrics_path.read_text())
+    assert set(metrics) == set(METRIC_KEYS)
+    recorded = json.loads((trained["lora"] / "metrics.json").read_text())["test"]
+    assert metrics == pytest.approx(recorded, abs=1e-6)
+    assert "auprc" in capsys.readouterr().out
+
+
+def test_saved_classifiers_load_with_the_ecosystems_own_calls(trained):
+    from peft import AutoPeftModelForSequenceClassification
+
+    batch_text = EXAMPLES
+    top = trained["top_layers"]
+    model = AutoModelForSequenceClassification.from_pretrained(top, dtype=torch.float32)
+    assert model.config.id2label == {0: "safe", 1: "unsafe"}
+    ours = load_classifier(top, dtype="fp32").unsafe_probabilities(batch_text, show_progress=False)
+    tokenizer = load_classifier(top).tokenizer
+    encoded = tokenizer(batch_text, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        theirs = torch.softmax(model(**encoded).logits, -1)[:, 1].numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+    adapter = AutoPeftModelForSequenceClassification.from_pretrained(trained["lora"], dtype=torch.float32)
+    adapter.config.pad_token_id = tokenizer.pad_token_id  # the toy base config defines none (README says so)
+    with torch.no_grad():
+        adapter_scores = torch.softmax(adapter(**encoded).logits, -1)[:, 1].numpy()
+    np.testing.assert_allclose(load_classifier(trained["lora"], dtype="fp32").unsafe_probabilities(batch_text, show_progress=False),
+                               adapter_scores, atol=1e-5)
+
+    merged = trained["lora"] / "merged"
+    merged_model = AutoModelForSequenceClassification.from_pretrained(merged, dtype=torch.float32)
+    with torch.no_grad():
+        merged_scores = torch.softmax(merged_model(**encoded).logits, -1)[:, 1].numpy()
+    # Merged weights are stored in the training dtype (bf16 on CPUs with bf16): rounding, not drift.
+    np.testing.assert_allclose(merged_scores, adapter_scores, atol=2e-3)
+    assert json.loads((merged / METADATA_FILE).read_text())["adapter"] is False
+
+
+def test_scripts_run_as_scripts_and_print_parameter_counts(tiny_phi3, toy_files, tmp_path):
+    result = run_script(SCRIPTS["lora"], *fast_training_flags(tiny_phi3, toy_files, tmp_path / "run", "--no-class-weights"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trainable params:" in result.stdout and "total params:" in result.stdout
+    assert "auprc" in result.stdout
+    metadata = json.loads((tmp_path / "run" / METADATA_FILE).read_text())
+    assert metadata["training_arguments"]["class_weights"] is False
+
+
+def test_bad_input_exits_2_with_a_message_and_no_traceback(tiny_phi3, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_input,toxicity\nhello,0\nbomb,7\n")
+    result = run_script(SCRIPTS["top_layers"], "--model", str(tiny_phi3), "--train-file", str(bad),
+                        "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "error: " in result.stderr and "row(s) 2" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_infer_refuses_incomplete_and_foreign_directories(trained, tmp_path, capsys):
+    assert infer_main(["--model-dir", str(tmp_path / "missing"), "--examples", "x"]) == 2
+    assert "no such classifier directory" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    assert infer_main(["--model-dir", str(foreign), "--examples", "x"]) == 2
+    assert f"{METADATA_FILE} is missing" in capsys.readouterr().err
+
+
+def test_torchrun_with_two_gloo_processes(tiny_phi3, toy_files, tmp_path):
+    output_dir = tmp_path / "ddp"
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+         str(REPO_ROOT / SCRIPTS["lora"]), *fast_training_flags(tiny_phi3, toy_files, output_dir, "--lora-r", "4")],
+        capture_output=True, text=True, env=environment, cwd=REPO_ROOT, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["test"]["n"] == 40
+    # Two processes: 108 training rows / (8 per device x 2 devices) = 7 optimizer steps per epoch.
+    assert "7/7" in result.stderr
+    assert load_classifier(output_dir).unsafe_probabilities(["hello"], show_progress=False).shape == (1,)
