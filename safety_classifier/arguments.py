@@ -63,6 +63,10 @@ class RunArguments:
     )
     merge: bool = field(default=False, metadata={"help": "Also write OUTPUT_DIR/merged: adapters merged into full weights."})
     keep_checkpoints: bool = field(default=False, metadata={"help": "Keep OUTPUT_DIR/checkpoints after a successful run."})
+    resume: bool = field(
+        default=True,
+        metadata={"help": "Continue from the last complete checkpoint in OUTPUT_DIR/checkpoints (--no-resume: start over)."},
+    )
     logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many steps."})
 
 

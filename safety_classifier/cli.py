@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,6 +29,7 @@ _DESCRIPTIONS = {
 
 
 def _exit_on_user_error(main: Callable[[], int | None]) -> int:
+    warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
     try:
         return main() or 0
     except SafetyClassifierError as error:
@@ -57,9 +59,12 @@ def train_main(strategy: str, argv: Sequence[str] | None = None) -> int:
 
 
 def _read_stdin_prompts() -> list[str]:
+    from .data import decode_utf8
+
     if sys.stdin is None or sys.stdin.isatty():
         return []
-    return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    text = decode_utf8(sys.stdin.buffer.read(), "standard input")
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def infer_main(argv: Sequence[str] | None = None) -> int:

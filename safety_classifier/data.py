@@ -7,8 +7,10 @@ row (1-based, header excluded) so that a user can fix the data without reading a
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,28 +60,47 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if suffix not in SUPPORTED_SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}")
     try:
-        if suffix == ".csv":
-            _check_csv_header(path)
-            return pd.read_csv(path, dtype=object, keep_default_na=False, encoding="utf-8")
-        if suffix == ".jsonl":
-            return pd.read_json(path, lines=True, dtype=False)
-        if suffix == ".json":
-            return _read_json(path)
         if suffix == ".parquet":
             return pd.read_parquet(path)
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return pd.DataFrame({"text": [line for line in lines if line.strip()]})
+        text = decode_utf8(path.read_bytes(), str(path))
+        if suffix == ".csv":
+            _check_csv_header(text, path)
+            return pd.read_csv(io.StringIO(text), dtype=object, keep_default_na=False)
+        if suffix == ".jsonl":
+            return pd.read_json(io.StringIO(text), lines=True, dtype=False)
+        if suffix == ".json":
+            return _read_json(text)
+        return pd.DataFrame({"text": [line for line in text.splitlines() if line.strip()]})
     except DataError:
         raise
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start})") from error
     except (ValueError, pd.errors.ParserError, OSError) as error:
         raise DataError(f"{path}: cannot be read as {suffix[1:].upper()}: {error}") from error
 
 
-def _check_csv_header(path: Path) -> None:
-    with path.open(newline="", encoding="utf-8") as handle:
-        header = next(csv.reader(handle), None)
+def decode_utf8(raw: bytes, source: str) -> str:
+    """Decode UTF-8; invalid bytes become U+FFFD and a warning names their lines, so that
+    every line still gets an answer instead of the whole file being refused."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    bad_lines, position = [], 0
+    while True:
+        try:
+            raw[position:].decode("utf-8")
+            break
+        except UnicodeDecodeError as error:
+            offset = position + error.start
+            bad_lines.append(raw.count(b"\n", 0, offset) + 1)
+            position = position + max(error.end, error.start + 1)
+    lines = sorted(set(bad_lines))
+    shown = ", ".join(map(str, lines[:10])) + (f" and {len(lines) - 10} more" if len(lines) > 10 else "")
+    warnings.warn(f"{source}: invalid UTF-8 on line(s) {shown}; the bad bytes were replaced with U+FFFD", stacklevel=2)
+    return raw.decode("utf-8", errors="replace")
+
+
+def _check_csv_header(text: str, path: Path) -> None:
+    header = next(csv.reader(io.StringIO(text)), None)
     if not header:
         raise DataError(f"{path}: empty file, expected a header row")
     duplicated = sorted({name for name in header if header.count(name) > 1})
@@ -87,8 +108,8 @@ def _check_csv_header(path: Path) -> None:
         raise DataError(f"{path}: duplicated column name(s) in the header: {', '.join(duplicated)}")
 
 
-def _read_json(path: Path) -> pd.DataFrame:
-    payload = json.loads(path.read_text(encoding="utf-8"))
+def _read_json(text: str) -> pd.DataFrame:
+    payload = json.loads(text)
     if isinstance(payload, dict):
         # {"data": [...]} and other single-key wrappers, or column-oriented dicts.
         lists = [value for value in payload.values() if isinstance(value, list)]

@@ -11,3 +11,11 @@ class DataError(SafetyClassifierError):
 
 class ModelLoadError(SafetyClassifierError):
     """A model or classifier directory that cannot be loaded."""
+
+
+class TrainingDivergedError(SafetyClassifierError):
+    """The training loss became NaN or infinite."""
+
+
+class ResumeMismatchError(SafetyClassifierError):
+    """The checkpoints in the output directory belong to a run with other arguments."""

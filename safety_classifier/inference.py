@@ -26,10 +26,17 @@ def default_batch_tokens(device: torch.device) -> int:
 
 
 def normalise_prompt(value: object) -> str:
-    """Any value as text: None and NaN become empty, everything else str()."""
+    """Any value as text the tokenizer accepts: None and NaN become empty, other values str(),
+    and code points that are not valid UTF-8 (lone surrogates) become U+FFFD."""
     if value is None or (isinstance(value, float) and value != value):
         return ""
-    return value if isinstance(value, str) else str(value)
+    text = value if isinstance(value, str) else str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Through UTF-16: a split surrogate pair becomes its character, a lone one U+FFFD.
+        text = text.encode("utf-16-le", errors="surrogatepass").decode("utf-16-le", errors="replace")
+    return text
 
 
 def token_budget_batches(lengths: np.ndarray, max_batch_tokens: int, max_batch_rows: int = 256) -> list[np.ndarray]:

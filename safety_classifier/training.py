@@ -37,6 +37,7 @@ from .artifacts import (
 )
 from .data import LabelledSplit, Splits, load_splits
 from .embedded import resolve_model_reference
+from .errors import ResumeMismatchError, TrainingDivergedError
 from .inference import predict_unsafe_probabilities
 from .metrics import classification_metrics, f1_maximising_threshold, format_metrics_table
 from .modeling import LoraSettings, build_model, count_parameters, default_device, load_tokenizer, resolve_dtype
@@ -61,9 +62,11 @@ def weighted_cross_entropy(class_weights: torch.Tensor):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         weights = class_weights.to(logits.device)
         per_row = F.cross_entropy(logits.float(), labels, weight=weights, reduction="none")
-        if num_items_in_batch is None:
-            return per_row.sum() / weights[labels].sum()
-        return per_row.sum() / num_items_in_batch
+        divisor = weights[labels].sum() if num_items_in_batch is None else num_items_in_batch
+        value = per_row.sum() / divisor
+        if not torch.isfinite(value):
+            raise TrainingDivergedError(f"the training loss became {value.item()}")
+        return value
 
     return loss
 
@@ -194,6 +197,49 @@ def clear_previous_results(output_dir: Path) -> None:
     shutil.rmtree(output_dir / "merged", ignore_errors=True)
 
 
+# Options that change nothing about the trained weights may differ on resume.
+_RESUME_NEUTRAL_OPTIONS = ("resume", "keep_checkpoints", "merge", "max_batch_tokens", "logging_steps", "output_dir")
+_RUN_ARGUMENTS_FILE = "run_arguments.json"
+
+
+def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Checkpoints newest first, only those whose trainer_state.json (written last) exists."""
+    found = [path for path in checkpoints_dir.glob("checkpoint-*") if path.name.split("-")[-1].isdigit()]
+    found.sort(key=lambda path: int(path.name.split("-")[-1]), reverse=True)
+    return [path for path in found if (path / "trainer_state.json").is_file()]
+
+
+def checkpoint_to_resume(plan: TrainingPlan) -> Path | None:
+    """The last complete checkpoint of an interrupted run with the same arguments, if any.
+
+    A checkpoint cut short by a kill (no trainer_state.json) is removed; checkpoints of a run
+    with other arguments are refused rather than silently mixed into this one.
+    """
+    checkpoints_dir = plan.output_dir / "checkpoints"
+    arguments = {k: v for k, v in plan.arguments_record().items() if k not in _RESUME_NEUTRAL_OPTIONS}
+    resumable = None
+    if checkpoints_dir.is_dir() and plan.run.resume:
+        complete = complete_checkpoints(checkpoints_dir)
+        for path in checkpoints_dir.glob("checkpoint-*"):
+            if path not in complete:
+                shutil.rmtree(path)
+        recorded_path = checkpoints_dir / _RUN_ARGUMENTS_FILE
+        if complete:
+            recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
+            differing = sorted(key for key in set(recorded) | set(arguments) if recorded.get(key) != arguments.get(key))
+            if differing:
+                raise ResumeMismatchError(
+                    f"{checkpoints_dir} holds checkpoints of a run with other arguments (differing: "
+                    f"{', '.join(differing)}); pass --no-resume to start over, or use another --output-dir"
+                )
+            resumable = complete[0]
+    elif checkpoints_dir.is_dir():
+        shutil.rmtree(checkpoints_dir)
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(checkpoints_dir / _RUN_ARGUMENTS_FILE, arguments)
+    return resumable
+
+
 def train_classifier(plan: TrainingPlan) -> dict | None:
     """Run one strategy end to end; returns the metrics on the main process, None on the others."""
     started = time.time()
@@ -207,6 +253,7 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
     )
     output_dir = plan.output_dir
     clear_previous_results(output_dir)
+    resume_from = checkpoint_to_resume(plan)
 
     model_path = resolve_model_reference(plan.model.model)
     dtype = resolve_dtype(plan.model.dtype)
@@ -241,7 +288,17 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
         f"test {len(splits.test) if splits.test else 0}; class weights (safe, unsafe): "
         f"{[round(w, 4) for w in class_weights.tolist()]}",
     )
-    trainer.train()
+    if resume_from is not None:
+        print_main(trainer, f"resuming from {resume_from}")
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except TrainingDivergedError as error:
+        kept = complete_checkpoints(output_dir / "checkpoints")
+        raise TrainingDivergedError(
+            f"{error} at step {trainer.state.global_step + 1}; training stopped. "
+            + (f"The last good checkpoint is kept: {kept[0]}. " if kept else "No checkpoint had been written yet. ")
+            + "Lower --learning-rate, or check the data."
+        ) from None
     train_seconds = time.time() - started
 
     if not trainer.is_world_process_zero():
