@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -187,10 +188,17 @@ def validation_history(trainer: Trainer) -> list[dict]:
 REPORT_FILES = ("metrics.json", "validation_history.json", "validation_predictions.csv", "test_predictions.csv")
 
 
+def is_global_main_process() -> bool:
+    """Rank 0 under torchrun (RANK is set before any process group exists), or a lone process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def clear_previous_results(output_dir: Path) -> None:
     """A rerun rewrites the directory: the old classifier stops counting as complete at once
     (its metadata goes first), and no report or merged model of the old run is left to mislead."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    if not is_global_main_process():
+        return
     (output_dir / METADATA_FILE).unlink(missing_ok=True)
     for name in REPORT_FILES:
         (output_dir / name).unlink(missing_ok=True)
@@ -213,16 +221,18 @@ def checkpoint_to_resume(plan: TrainingPlan) -> Path | None:
     """The last complete checkpoint of an interrupted run with the same arguments, if any.
 
     A checkpoint cut short by a kill (no trainer_state.json) is removed; checkpoints of a run
-    with other arguments are refused rather than silently mixed into this one.
+    with other arguments are refused rather than silently mixed into this one. Only the main
+    process changes files; under torchrun the other ranks read the same decision.
     """
     checkpoints_dir = plan.output_dir / "checkpoints"
     arguments = {k: v for k, v in plan.arguments_record().items() if k not in _RESUME_NEUTRAL_OPTIONS}
+    main = is_global_main_process()
     resumable = None
     if checkpoints_dir.is_dir() and plan.run.resume:
         complete = complete_checkpoints(checkpoints_dir)
         for path in checkpoints_dir.glob("checkpoint-*"):
-            if path not in complete:
-                shutil.rmtree(path)
+            if path not in complete and main:
+                shutil.rmtree(path, ignore_errors=True)
         recorded_path = checkpoints_dir / _RUN_ARGUMENTS_FILE
         if complete:
             recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
@@ -233,10 +243,11 @@ def checkpoint_to_resume(plan: TrainingPlan) -> Path | None:
                     f"{', '.join(differing)}); pass --no-resume to start over, or use another --output-dir"
                 )
             resumable = complete[0]
-    elif checkpoints_dir.is_dir():
+    elif checkpoints_dir.is_dir() and main:
         shutil.rmtree(checkpoints_dir)
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(checkpoints_dir / _RUN_ARGUMENTS_FILE, arguments)
+    if main:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(checkpoints_dir / _RUN_ARGUMENTS_FILE, arguments)
     return resumable
 
 
