@@ -37,25 +37,31 @@ def _exit_on_user_error(main: Callable[[], int | None]) -> int:
         return 2
 
 
-def train_main(strategy: str, argv: Sequence[str] | None = None) -> int:
-    """`train_<strategy>.py`: fine-tune, evaluate, save. Exit status 2 on bad input."""
-    from .training import TrainingPlan, train_classifier
+def parse_training_plan(strategy: str, argv: Sequence[str] | None = None):
+    """The `TrainingPlan` of `train_<strategy>.py` from its command line."""
+    from .training import TrainingPlan
 
-    strategy_arguments = _STRATEGY_ARGUMENTS[strategy]
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, RunArguments, strategy_arguments), description=_DESCRIPTIONS[strategy]
+        (ModelArguments, DataArguments, RunArguments, _STRATEGY_ARGUMENTS[strategy]), description=_DESCRIPTIONS[strategy]
     )
     model, data, run, extra = parser.parse_args_into_dataclasses(args=argv)
-    plan = TrainingPlan(
+    return TrainingPlan(
         strategy=strategy, model=model, data=data, run=run,
         top_layers=extra if strategy == "top_layers" else None,
         lora=extra if strategy != "top_layers" else None,
     )
 
-    def run() -> None:
+
+def train_main(strategy: str, argv: Sequence[str] | None = None) -> int:
+    """`train_<strategy>.py`: fine-tune, evaluate, save. Exit status 2 on bad input."""
+    from .training import train_classifier
+
+    plan = parse_training_plan(strategy, argv)
+
+    def train() -> None:
         train_classifier(plan)
 
-    return _exit_on_user_error(run)
+    return _exit_on_user_error(train)
 
 
 def _read_stdin_prompts() -> list[str]:

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise DataError(f"{path}: cannot be read as {suffix[1:].upper()}: {error}") from error
 
 
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
 def decode_utf8(raw: bytes, source: str) -> str:
     """Decode UTF-8; invalid bytes become U+FFFD and a warning names their lines, so that
     every line still gets an answer instead of the whole file being refused."""
@@ -84,16 +88,9 @@ def decode_utf8(raw: bytes, source: str) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         pass
-    bad_lines, position = [], 0
-    while True:
-        try:
-            raw[position:].decode("utf-8")
-            break
-        except UnicodeDecodeError as error:
-            offset = position + error.start
-            bad_lines.append(raw.count(b"\n", 0, offset) + 1)
-            position = position + max(error.end, error.start + 1)
-    lines = sorted(set(bad_lines))
+    # surrogateescape maps each invalid byte to one code point in U+DC80..U+DCFF: one pass finds the lines.
+    escaped = raw.decode("utf-8", errors="surrogateescape").split("\n")
+    lines = [number for number, line in enumerate(escaped, start=1) if _ESCAPED_BYTE.search(line)]
     shown = ", ".join(map(str, lines[:10])) + (f" and {len(lines) - 10} more" if len(lines) > 10 else "")
     warnings.warn(f"{source}: invalid UTF-8 on line(s) {shown}; the bad bytes were replaced with U+FFFD", stacklevel=2)
     return raw.decode("utf-8", errors="replace")

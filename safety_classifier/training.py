@@ -164,8 +164,13 @@ def training_arguments(plan: TrainingPlan, dtype: torch.dtype) -> TrainingArgume
     )
 
 
-def print_main(trainer: Trainer | None, *lines: str) -> None:
-    if trainer is None or trainer.is_world_process_zero():
+def is_global_main_process() -> bool:
+    """Rank 0 under torchrun (RANK is set before any process group exists), or a lone process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def print_main(*lines: str) -> None:
+    if is_global_main_process():
         print(*lines, sep="\n", flush=True)
 
 
@@ -186,11 +191,6 @@ def validation_history(trainer: Trainer) -> list[dict]:
 
 
 REPORT_FILES = ("metrics.json", "validation_history.json", "validation_predictions.csv", "test_predictions.csv")
-
-
-def is_global_main_process() -> bool:
-    """Rank 0 under torchrun (RANK is set before any process group exists), or a lone process."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def clear_previous_results(output_dir: Path) -> None:
@@ -292,7 +292,6 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
     )
     trainable, total = count_parameters(model)
     print_main(
-        trainer,
         f"strategy: {plan.strategy}   model: {plan.model.model}   dtype: {str(dtype).replace('torch.', '')}",
         f"trainable params: {trainable:,} / total params: {total:,} ({100.0 * trainable / total:.4f} %)",
         f"rows: train {len(splits.train)}, validation {len(splits.validation)}, "
@@ -300,7 +299,7 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
         f"{[round(w, 4) for w in class_weights.tolist()]}",
     )
     if resume_from is not None:
-        print_main(trainer, f"resuming from {resume_from}")
+        print_main(f"resuming from {resume_from}")
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except TrainingDivergedError as error:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import REPO_ROOT, fast_training_flags, synthetic_rows
 from safety_classifier import training
 from safety_classifier.artifacts import METADATA_FILE
-from safety_classifier.cli import infer_main, train_main
+from safety_classifier.cli import infer_main, parse_training_plan, train_main
 from safety_classifier.errors import ModelLoadError
 from safety_classifier.inference import load_classifier, predict_unsafe_probabilities
 from safety_classifier.modeling import build_model, load_tokenizer
@@ -97,19 +97,10 @@ def test_an_incomplete_checkpoint_is_not_resumed_from(tiny_phi3, toy_files, tmp_
     torn = output_dir / "checkpoints" / "checkpoint-99"
     torn.mkdir()
     (torn / "adapter_model.safetensors").write_bytes(b"partial")
-    plan = training.TrainingPlan("lora", *_parsed(flags))
+    plan = parse_training_plan("lora", flags)
     resumed_from = training.checkpoint_to_resume(plan)
     assert resumed_from is not None and resumed_from.name == "checkpoint-14"
     assert not torn.exists()
-
-
-def _parsed(flags):
-    from transformers import HfArgumentParser
-
-    from safety_classifier.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments
-
-    model, data, run, lora = HfArgumentParser((ModelArguments, DataArguments, RunArguments, LoraArguments)).parse_args_into_dataclasses(args=flags)
-    return model, data, run, None, lora
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_phi3, toy_files, tmp_path, monkeypatch, capsys):
