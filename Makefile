@@ -4,7 +4,7 @@ PYTHON ?= python3
 DATA ?= ../shared/data/toxicchat
 DEMO_DIR ?= runs/demo-lora
 
-.PHONY: setup demo test
+.PHONY: setup demo test results benchmark
 
 setup:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -17,3 +17,11 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+# The comparison table on ToxicChat (hours on 2 CPU cores; rows already in results/ are skipped).
+results: setup
+	$(PYTHON) experiments/compare_methods.py --data-dir $(DATA)
+	$(PYTHON) experiments/report.py --data-dir $(DATA)
+
+benchmark: setup
+	$(PYTHON) benchmarks/benchmark.py --data-dir $(DATA)

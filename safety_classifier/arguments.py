@@ -47,6 +47,11 @@ class RunArguments:
     output_dir: str | None = field(default=None, metadata={"help": "Where the classifier lands; runs/<strategy> if unset."})
     epochs: float = field(default=2.0, metadata={"help": "Training epochs."})
     learning_rate: float | None = field(default=None, metadata={"help": "Peak learning rate; a per-strategy default if unset."})
+    head_learning_rate: float = field(
+        default=1e-3,
+        metadata={"help": "Peak learning rate of the classification head, which starts from random weights and so "
+                          "needs a larger one than the pretrained weights."},
+    )
     batch_size: int = field(default=8, metadata={"help": "Training rows per device per step."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps accumulated per optimizer update."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -74,6 +79,14 @@ class RunArguments:
 class TopLayersArguments:
     num_layers: int = field(
         default=2, metadata={"help": "Transformer blocks trained from the top (0 = head only); the rest stay frozen."}
+    )
+    cache_prefix: bool = field(
+        default=True,
+        metadata={"help": "Run the frozen bottom of the network once and train the top on its cached hidden states "
+                          "(--no-cache-prefix: run the whole network every step)."},
+    )
+    prefix_cache_max_mb: int = field(
+        default=4096, metadata={"help": "Memory allowed for the cached hidden states; above it, training runs uncached."}
     )
 
 

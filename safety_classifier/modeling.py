@@ -165,6 +165,13 @@ def find_head_name(model: nn.Module) -> str:
     raise ModelLoadError(f"cannot find the classification head of {type(model).__name__} (looked for {HEAD_NAMES})")
 
 
+def trainable_head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The classification head's trainable parameters (for a PEFT model: its trained copy of the head)."""
+    head = find_head_name(model)
+    return [parameter for name, parameter in model.named_parameters()
+            if parameter.requires_grad and (name.startswith(f"{head}.") or f".{head}." in name)]
+
+
 def linear_module_names_in_blocks(model: nn.Module) -> list[str]:
     """Short names of every linear layer inside the transformer blocks (fused ones included)."""
     blocks = find_transformer_blocks(model)

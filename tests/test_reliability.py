@@ -42,10 +42,8 @@ def uninterrupted(tiny_phi3, toy_files, tmp_path_factory) -> Path:
     return output_dir
 
 
-def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_same_result(tiny_phi3, toy_files, tmp_path, uninterrupted, capsys):
-    output_dir = tmp_path / "killed"
-    flags = fast_training_flags(tiny_phi3, toy_files, output_dir, *RESUMABLE)
-    # The child saves its first checkpoint, then SIGKILLs itself: no cleanup code runs.
+def run_killed_after_its_first_checkpoint(strategy: str, flags: list[str]) -> subprocess.CompletedProcess:
+    """The training run in a child that saves its first checkpoint, then SIGKILLs itself: no cleanup code runs."""
     child = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(REPO_ROOT)!r})
@@ -56,10 +54,16 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_same_result(tiny
             os.kill(os.getpid(), signal.SIGKILL)
         transformers.Trainer._save_checkpoint = save_then_die
         from safety_classifier.cli import train_main
-        sys.exit(train_main("lora", sys.argv[1:]))
+        sys.exit(train_main({strategy!r}, sys.argv[1:]))
     """)
-    killed = subprocess.run([sys.executable, "-c", child, *flags], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run([sys.executable, "-c", child, *flags], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_same_result(tiny_phi3, toy_files, tmp_path, uninterrupted, capsys):
+    output_dir = tmp_path / "killed"
+    flags = fast_training_flags(tiny_phi3, toy_files, output_dir, *RESUMABLE)
+    killed = run_killed_after_its_first_checkpoint("lora", flags)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert [p.name for p in (output_dir / "checkpoints").glob("checkpoint-*")] == ["checkpoint-14"]
     # Killed mid-run: the directory is not a classifier, and says so.
@@ -76,6 +80,32 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_same_result(tiny
     torch.testing.assert_close(head_weights(output_dir), head_weights(uninterrupted), atol=TOLERANCE, rtol=0)
     history = json.loads((output_dir / "validation_history.json").read_text())
     assert [entry["epoch"] for entry in history] == [1.0, 2.0]
+
+
+def test_a_killed_top_layers_run_on_the_prefix_cache_resumes_to_the_same_result(tiny_phi3, toy_files, tmp_path, capsys):
+    """The cached path checkpoints the wrapper's state (top blocks and head); a rerun rebuilds the cache and resumes."""
+    flags = lambda output_dir: fast_training_flags(  # noqa: E731
+        tiny_phi3, toy_files, output_dir, "--epochs", "2", "--dtype", "fp32", "--num-layers", "1")
+    assert train_main("top_layers", flags(tmp_path / "whole")) == 0
+    killed = run_killed_after_its_first_checkpoint("top_layers", flags(tmp_path / "killed"))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    capsys.readouterr()
+    (checkpoint,) = (tmp_path / "killed" / "checkpoints").glob("checkpoint-*")
+    seconds_before_kill = json.loads((checkpoint / "training_seconds.json").read_text())["training_seconds"]
+    assert seconds_before_kill > 0
+    assert train_main("top_layers", flags(tmp_path / "killed")) == 0
+    output = capsys.readouterr().out
+    assert "resuming from" in output and "frozen prefix cached" in output
+    resumed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    for split in ("validation", "test"):
+        assert resumed[split] == pytest.approx(expected[split], abs=TOLERANCE)
+    # The training time counts the killed run's seconds up to its checkpoint, plus the rerun's.
+    metadata = json.loads((tmp_path / "killed" / METADATA_FILE).read_text())
+    assert metadata["training_seconds"] > seconds_before_kill
+    whole, again = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "killed"))
+    for key in whole:
+        torch.testing.assert_close(again[key], whole[key], atol=TOLERANCE, rtol=0)
 
 
 def test_resume_refuses_checkpoints_of_a_run_with_other_arguments(tiny_phi3, toy_files, tmp_path, capsys):
@@ -114,12 +144,12 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny
                         if "score" in name and parameter.requires_grad:
                             parameter.fill_(float("nan"))
 
-    class PoisonedTrainer(training.Trainer):
+    class PoisonedTrainer(training.ClassifierTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.add_callback(PoisonSecondEpoch())
 
-    monkeypatch.setattr(training, "Trainer", PoisonedTrainer)
+    monkeypatch.setattr(training, "ClassifierTrainer", PoisonedTrainer)
     output_dir = tmp_path / "run"
     assert train_main("lora", fast_training_flags(tiny_phi3, toy_files, output_dir, "--epochs", "2", "--lora-r", "4")) == 2
     message = capsys.readouterr().err

@@ -171,12 +171,15 @@ def test_infer_refuses_incomplete_and_foreign_directories(trained, tmp_path, cap
     assert f"{METADATA_FILE} is missing" in capsys.readouterr().err
 
 
-def test_torchrun_with_two_gloo_processes(tiny_phi3, toy_files, tmp_path):
+# top_layers runs the cached-prefix path (its default) under DDP.
+@pytest.mark.parametrize("strategy,extra,port", [("lora", ["--lora-r", "4"], 29533),
+                                                 ("top_layers", ["--num-layers", "1"], 29534)])
+def test_torchrun_with_two_gloo_processes(tiny_phi3, toy_files, tmp_path, strategy, extra, port):
     output_dir = tmp_path / "ddp"
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-         str(REPO_ROOT / SCRIPTS["lora"]), *fast_training_flags(tiny_phi3, toy_files, output_dir, "--lora-r", "4")],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+         str(REPO_ROOT / SCRIPTS[strategy]), *fast_training_flags(tiny_phi3, toy_files, output_dir, *extra)],
         capture_output=True, text=True, env=environment, cwd=REPO_ROOT, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -185,3 +188,31 @@ def test_torchrun_with_two_gloo_processes(tiny_phi3, toy_files, tmp_path):
     # Two processes: 108 training rows / (8 per device x 2 devices) = 7 optimizer steps per epoch.
     assert "7/7" in result.stderr
     assert load_classifier(output_dir).unsafe_probabilities(["hello"], show_progress=False).shape == (1,)
+
+
+@pytest.mark.parametrize("strategy", list(SCRIPTS))
+def test_the_head_trains_at_its_own_learning_rate(tiny_phi3, toy_files, tmp_path, strategy):
+    """The optimizer has one group for the head (at --head-learning-rate), the rest at --learning-rate."""
+    import torch
+    from transformers import TrainingArguments
+
+    from safety_classifier.modeling import build_model, load_tokenizer, trainable_head_parameters
+    from safety_classifier.training import ClassifierTrainer
+
+    tokenizer = load_tokenizer(str(tiny_phi3))
+    model = build_model(strategy, str(tiny_phi3), tokenizer, torch.float32, num_layers=1)
+    head = trainable_head_parameters(model)
+    assert head and all(p.requires_grad for p in head)
+    assert sum(p.numel() for p in head) == model.config.hidden_size * 2, "the head's trained weight, no bias, no frozen copy"
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-4, use_cpu=True, report_to="none",
+                             weight_decay=0.01)
+    trainer = ClassifierTrainer(model=model, args=args, head_parameters=head, head_learning_rate=3e-3)
+    optimizer = trainer.create_optimizer()
+    assert trainer.create_optimizer() is optimizer
+    by_lr = {}
+    for group in optimizer.param_groups:
+        by_lr.setdefault(group["lr"], set()).update(id(p) for p in group["params"])
+    assert by_lr[3e-3] == {id(p) for p in head}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert by_lr[1e-4] == trainable - by_lr[3e-3] and by_lr[1e-4], "everything else trains at --learning-rate"
+    assert sum(len(group["params"]) for group in optimizer.param_groups) == len(trainable), "each parameter once"

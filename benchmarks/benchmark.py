@@ -1,0 +1,389 @@
+"""Throughput of the toolkit against the naive reference, on one model and the ToxicChat prompts.
+
+    python benchmarks/benchmark.py            # about 5 min on 2 CPU cores
+    python benchmarks/benchmark.py --quick    # < 60 s: tiny counts, small matrices (smoke test)
+
+Reference approach: every prompt padded to 1,024 tokens (`padding="max_length"`), rows in file
+order, fp32; scoring batches of 8, training steps of 2 rows (see benchmarks/README.md).
+Toolkit: what the package does (bf16 where the CPU computes it natively, length-sorted
+token-budget batches for scoring, length-grouped dynamic padding for training, frozen-prefix
+caching for top-N).
+
+Measured:
+* scoring: prompts/s of `predict_unsafe_probabilities` vs the reference forward;
+* LoRA r=16 training steps (forward + backward + AdamW): real (non-pad) tokens/s;
+* top-2 with prefix caching: one cached epoch (after the first) / one uncached epoch, same rows;
+* matmul peak (bf16, fp32) and the scoring MFU against it.
+
+The reference is ~1024/50 times more tokens per prompt, so it runs on few rows; its per-row cost
+does not depend on the prompt (every row is 1,024 tokens), so its rates are extrapolated per row
+and reported with the row counts used. The LAST line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+
+from safety_classifier.embedded import EMBEDDED_ALIAS, resolve_model_reference  # noqa: E402
+from safety_classifier.inference import predict_unsafe_probabilities  # noqa: E402
+from safety_classifier.modeling import (  # noqa: E402
+    LoraSettings,
+    build_model,
+    load_sequence_classifier,
+    load_tokenizer,
+    resolve_dtype,
+)
+from safety_classifier.prefix_cache import (  # noqa: E402
+    CachedPrefixCollator,
+    TopLayersOnCachedPrefix,
+    build_cached_dataset,
+)
+
+REFERENCE_LENGTH = 1024
+BATCH_SIZE = 8
+
+SETTINGS = {
+    # scoring prompts (toolkit / reference), LoRA steps (toolkit / reference, reference rows per step),
+    # top-2 rows per epoch, matmul size
+    # --quick is a smoke test: its LoRA steps skip the longest tenth of the batches (one of those
+    # alone takes half a minute here), so its training figures flatter the toolkit.
+    "quick": dict(score_n=48, ref_score_n=2, train_steps=2, ref_train_steps=1, ref_train_rows=1,
+                  topn_rows=24, matmul_n=768, train_pool=256, skip_longest=0.1),
+    "default": dict(score_n=400, ref_score_n=32, train_steps=12, ref_train_steps=2, ref_train_rows=2,
+                    topn_rows=192, matmul_n=2048, train_pool=1024, skip_longest=0.0),
+}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+
+
+def matmul_tflops(dtype: torch.dtype, n: int, min_seconds: float) -> float:
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.matmul(a, b)  # warm-up
+    reps, started = 0, time.perf_counter()
+    while True:
+        torch.matmul(a, b)
+        reps += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds and reps >= 2:
+            break
+    return 2.0 * n**3 * reps / elapsed / 1e12
+
+
+def non_embedding_parameters(model: torch.nn.Module) -> int:
+    embedding = model.get_input_embeddings().weight
+    return sum(p.numel() for p in model.parameters() if p is not embedding)
+
+
+def length_grouped_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Rows sorted by length, cut into batches of `batch_size` (what group_by_length aims at)."""
+    order = np.argsort(lengths, kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def spread(items: list, count: int) -> list:
+    """`count` items evenly spread over `items` (short, medium and long batches alike)."""
+    if count >= len(items):
+        return list(items)
+    return [items[int(i)] for i in np.linspace(0, len(items) - 1, count).round()]
+
+
+def pad_batch(tokenizer, ids: list[list[int]], to_length: int | None = None) -> dict:
+    if to_length is None:
+        return tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    return tokenizer.pad({"input_ids": ids}, padding="max_length", max_length=to_length, return_tensors="pt")
+
+
+def train_steps(model, batches: list[dict], labels: list[torch.Tensor], autocast_bf16: bool, lr: float,
+                warmup: bool = True) -> list[float]:
+    """Seconds of each forward + backward + AdamW step over `batches` (after one untimed warm-up step, if asked)."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(parameters, lr=lr)
+    model.train()
+
+    def step(batch, label):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+            logits = model(**batch).logits
+        loss = F.cross_entropy(logits.float(), label)
+        loss.backward()
+        optimiser.step()
+        optimiser.zero_grad(set_to_none=True)
+
+    if warmup:
+        step(batches[0], labels[0])
+    seconds = []
+    for batch, label in zip(batches, labels):
+        started = time.perf_counter()
+        step(batch, label)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def epoch_seconds(sample_padded: list[int], sample_seconds: list[float], epoch_padded: list[int]) -> float:
+    """One epoch's time: each of its batches timed by interpolating the timed batches by padded size.
+
+    The timed batches are spread evenly over the length-sorted batches, so the few longest ones
+    (whose attention and memory make a token dearer) count as often as they occur in an epoch,
+    not as often as they were timed.
+    """
+    order = np.argsort(sample_padded)
+    return float(np.interp(epoch_padded, np.asarray(sample_padded)[order], np.asarray(sample_seconds)[order]).sum())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke test in under a minute")
+    parser.add_argument("--model", default=EMBEDDED_ALIAS, help="hub id, local directory or the embedded alias")
+    parser.add_argument("--data-dir", default=str(REPO_ROOT.parent / "shared" / "data" / "toxicchat"))
+    parser.add_argument("--max-length", type=int, default=REFERENCE_LENGTH, help="toolkit truncation length")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    cfg = SETTINGS["quick" if args.quick else "default"]
+    started_all = time.perf_counter()
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    rows: list[tuple[str, str, str, str]] = []  # (measure, reference, toolkit, ratio)
+
+    data_dir = Path(args.data_dir)
+    test = pd.read_csv(data_dir / "toxicchat0124_test.csv")
+    train = pd.read_csv(data_dir / "toxicchat0124_train.csv")
+    score_texts = test["user_input"].astype(str).tolist()
+    score_texts = [score_texts[i] for i in rng.permutation(len(score_texts))[: cfg["score_n"]]]
+    train_index = rng.permutation(len(train))[: cfg["train_pool"]]
+    train_texts = train["user_input"].astype(str).iloc[train_index].tolist()
+    train_labels = train["toxicity"].astype(int).iloc[train_index].to_numpy()
+
+    model_path = resolve_model_reference(args.model)
+    tokenizer = load_tokenizer(model_path)
+    auto_dtype = resolve_dtype("auto")
+    dtype_name = str(auto_dtype).replace("torch.", "")
+
+    # ---- matmul peak --------------------------------------------------------------------------
+    seconds = 0.6 if args.quick else 2.0
+    bf16_tflops = matmul_tflops(torch.bfloat16, cfg["matmul_n"], seconds)
+    fp32_tflops = matmul_tflops(torch.float32, cfg["matmul_n"], seconds)
+    peak = bf16_tflops if auto_dtype == torch.bfloat16 else fp32_tflops
+
+    # The toolkit's parts run first, so that its peak memory can be read before the reference's
+    # pad-to-1,024 batches (gigabytes of activations) raise the process's high-water mark.
+
+    # ---- scoring: toolkit -----------------------------------------------------------------------
+    toolkit = load_sequence_classifier(model_path, tokenizer, auto_dtype).eval()
+    n_params = non_embedding_parameters(toolkit)
+    toolkit_ids = tokenizer(score_texts, truncation=True, max_length=args.max_length)["input_ids"]
+    real_tokens = sum(len(ids) for ids in toolkit_ids)
+    predict_unsafe_probabilities(toolkit, tokenizer, score_texts[:8], max_length=args.max_length, show_progress=False)
+    started = time.perf_counter()
+    predict_unsafe_probabilities(toolkit, tokenizer, score_texts, max_length=args.max_length, show_progress=False)
+    toolkit_score_s = time.perf_counter() - started
+    infer_prompts_per_s = len(score_texts) / toolkit_score_s
+    infer_mfu = 2.0 * n_params * real_tokens / toolkit_score_s / (peak * 1e12)
+    del toolkit
+    gc.collect()
+
+    # ---- LoRA r=16 training steps: toolkit ------------------------------------------------------
+    train_ids = tokenizer(train_texts, truncation=True, max_length=args.max_length)["input_ids"]
+    lengths = np.asarray([len(ids) for ids in train_ids])
+    lora = build_model("lora", model_path, tokenizer, auto_dtype, lora=LoraSettings(r=16, alpha=32))
+    all_batches = length_grouped_batches(lengths, BATCH_SIZE)
+    grouped = spread(all_batches[: int(round(len(all_batches) * (1 - cfg["skip_longest"])))], cfg["train_steps"])
+    tk_batches = [pad_batch(tokenizer, [train_ids[i] for i in batch]) for batch in grouped]
+    tk_labels = [torch.as_tensor(train_labels[batch]) for batch in grouped]
+    tk_tokens = int(sum(lengths[batch].sum() for batch in grouped))
+    tk_padded = int(sum(b["input_ids"].numel() for b in tk_batches))
+    tk_step_s = train_steps(lora, tk_batches, tk_labels, autocast_bf16=auto_dtype == torch.bfloat16, lr=2e-4)
+    tk_train_s = sum(tk_step_s)
+    # A whole epoch over the full training file, at the padded-token rate just measured.
+    all_train_ids = tokenizer(train["user_input"].astype(str).tolist(), truncation=True,
+                              max_length=args.max_length)["input_ids"]
+    all_lengths = np.asarray([len(ids) for ids in all_train_ids])
+    epoch_padded = [len(b) * int(all_lengths[b].max()) for b in length_grouped_batches(all_lengths, BATCH_SIZE)]
+    lora_epoch_s = epoch_seconds([b["input_ids"].numel() for b in tk_batches], tk_step_s, epoch_padded)
+    lora_epoch_minutes = lora_epoch_s / 60.0
+    # Real (non-pad) tokens of that epoch over its estimated time.
+    train_tokens_per_s = float(all_lengths.sum()) / lora_epoch_s
+    del lora, tk_batches
+    gc.collect()
+
+    # ---- top-2: uncached epoch vs cached epochs -------------------------------------------------
+    top_n = 2
+    topn_texts, topn_labels = train_texts[: cfg["topn_rows"]], train_labels[: cfg["topn_rows"]]
+    topn_ids = train_ids[: cfg["topn_rows"]]
+    topn_len = lengths[: cfg["topn_rows"]]
+    batches = length_grouped_batches(topn_len, BATCH_SIZE)
+    use_autocast = auto_dtype == torch.bfloat16
+    model = build_model("top_layers", model_path, tokenizer, auto_dtype, num_layers=top_n)
+    uncached = [pad_batch(tokenizer, [topn_ids[i] for i in b]) for b in batches]
+    labels = [torch.as_tensor(topn_labels[b]) for b in batches]
+    uncached_s = sum(train_steps(model, uncached, labels, use_autocast, lr=5e-5))
+
+    started = time.perf_counter()
+    dataset = build_cached_dataset(model, tokenizer, topn_texts, topn_labels, num_layers=top_n,
+                                   max_length=args.max_length)
+    prefix_s = time.perf_counter() - started
+    wrapper = TopLayersOnCachedPrefix(model, top_n)
+    collate = CachedPrefixCollator(tokenizer.pad_token_id)
+    cached = [collate([dataset[i] for i in b]) for b in batches]
+    for batch in cached:
+        batch.pop("labels")
+    cached_s = sum(train_steps(wrapper, cached, labels, use_autocast, lr=5e-5))
+    cached_topn_epoch_ratio = cached_s / uncached_s
+    cache_mib = dataset.nbytes / 2**20
+    del model, wrapper, dataset, cached, uncached
+    gc.collect()
+    toolkit_peak_rss_mb = peak_rss_mb()
+
+    # ---- reference: scoring ---------------------------------------------------------------------
+    reference = load_sequence_classifier(model_path, tokenizer, torch.float32).eval()
+    ref_texts = score_texts[: cfg["ref_score_n"]]
+    ref_ids = tokenizer(ref_texts, truncation=True, max_length=REFERENCE_LENGTH)["input_ids"]
+    with torch.inference_mode():
+        reference(**pad_batch(tokenizer, ref_ids[:1], REFERENCE_LENGTH))  # warm-up
+        started = time.perf_counter()
+        for i in range(0, len(ref_ids), BATCH_SIZE):
+            reference(**pad_batch(tokenizer, ref_ids[i : i + BATCH_SIZE], REFERENCE_LENGTH))
+        reference_score_s = time.perf_counter() - started
+    ref_prompts_per_s = len(ref_ids) / reference_score_s
+    ref_mfu = 2.0 * n_params * sum(len(i) for i in ref_ids) / reference_score_s / (fp32_tflops * 1e12)
+    del reference
+    gc.collect()
+
+    # ---- reference: LoRA r=16 training steps ----------------------------------------------------
+    mean_real_len = float(np.minimum(lengths, REFERENCE_LENGTH).mean())
+    ref_lora = build_model("lora", model_path, tokenizer, torch.float32, lora=LoraSettings(r=16, alpha=32))
+    ref_rows = cfg["ref_train_rows"]
+    ref_batches = [pad_batch(tokenizer, train_ids[i * ref_rows : (i + 1) * ref_rows], REFERENCE_LENGTH)
+                   for i in range(cfg["ref_train_steps"])]
+    ref_labels = [torch.as_tensor(train_labels[i * ref_rows : (i + 1) * ref_rows]) for i in range(cfg["ref_train_steps"])]
+    # No warm-up step: a reference step takes seconds, so its one-off costs are negligible.
+    ref_train_s = sum(train_steps(ref_lora, ref_batches, ref_labels, autocast_bf16=False, lr=2e-4, warmup=False))
+    ref_rows_timed = ref_rows * cfg["ref_train_steps"]
+    # Every reference row costs 1,024 tokens whatever its text, so an epoch costs rows x that.
+    ref_lora_epoch_s = len(all_lengths) * ref_train_s / ref_rows_timed
+    ref_lora_epoch_minutes = ref_lora_epoch_s / 60.0
+    ref_train_tokens_per_s = float(np.minimum(all_lengths, REFERENCE_LENGTH).sum()) / ref_lora_epoch_s
+    del ref_lora, ref_batches
+    gc.collect()
+
+    rows += [
+        ("scoring prompts/s", f"{ref_prompts_per_s:.2f}", f"{infer_prompts_per_s:.2f}",
+         f"{infer_prompts_per_s / ref_prompts_per_s:.1f}x"),
+        ("scoring real tokens/s", f"{sum(len(i) for i in ref_ids) / reference_score_s:.0f}",
+         f"{real_tokens / toolkit_score_s:.0f}", ""),
+        ("scoring MFU (real tokens)", f"{ref_mfu:.1%} of fp32", f"{infer_mfu:.1%} of {dtype_name}", ""),
+        ("LoRA r=16 train real tokens/s", f"{ref_train_tokens_per_s:.1f}", f"{train_tokens_per_s:.1f}",
+         f"{train_tokens_per_s / ref_train_tokens_per_s:.1f}x"),
+        ("LoRA step seconds", f"{ref_train_s / cfg['ref_train_steps']:.2f} ({ref_rows} rows x 1024)",
+         f"{tk_train_s / len(grouped):.2f} (8 rows, {tk_padded / (8 * len(grouped)):.0f} tok padded)", ""),
+        (f"LoRA r=16 epoch minutes ({len(all_lengths)} rows, estimated)", f"{ref_lora_epoch_minutes:.1f}",
+         f"{lora_epoch_minutes:.1f}", f"{ref_lora_epoch_minutes / lora_epoch_minutes:.1f}x"),
+        (f"top-{top_n} epoch seconds ({len(topn_ids)} rows)", f"{uncached_s:.2f} uncached",
+         f"{cached_s:.2f} cached (+{prefix_s:.2f} once)", f"{cached_topn_epoch_ratio:.3f}"),
+        (f"top-{top_n} first cached epoch / uncached", "", f"{(cached_s + prefix_s) / uncached_s:.3f}", ""),
+        ("prefix cache size", "", f"{cache_mib:.1f} MiB ({dtype_name})", ""),
+        ("matmul TFLOP/s", f"{fp32_tflops:.3f} fp32", f"{bf16_tflops:.3f} bf16", ""),
+        ("peak RSS MB", f"{peak_rss_mb():.0f} (whole process)", f"{toolkit_peak_rss_mb:.0f}", ""),
+    ]
+
+    result = {
+        "infer_prompts_per_s": round(infer_prompts_per_s, 3),
+        "infer_speedup_vs_pad1024": round(infer_prompts_per_s / ref_prompts_per_s, 2),
+        "train_tokens_per_s": round(train_tokens_per_s, 1),
+        "train_speedup_vs_pad1024": round(train_tokens_per_s / ref_train_tokens_per_s, 2),
+        "cached_topn_epoch_ratio": round(cached_topn_epoch_ratio, 4),
+        "cached_topn_first_epoch_ratio": round((cached_s + prefix_s) / uncached_s, 4),
+        "bf16_matmul_tflops": round(bf16_tflops, 4),
+        "fp32_matmul_tflops": round(fp32_tflops, 4),
+        "infer_mfu": round(infer_mfu, 4),
+        "reference_infer_mfu": round(ref_mfu, 4),
+        "reference_infer_prompts_per_s": round(ref_prompts_per_s, 4),
+        "reference_train_tokens_per_s": round(ref_train_tokens_per_s, 2),
+        "peak_rss_mb": round(toolkit_peak_rss_mb, 1),
+        "reference_peak_rss_mb": round(peak_rss_mb(), 1),
+        "lora_epoch_minutes_estimate": round(lora_epoch_minutes, 2),
+        "reference_lora_epoch_minutes_estimate": round(ref_lora_epoch_minutes, 1),
+        "dtype": dtype_name,
+        "model": args.model,
+        "non_embedding_params": n_params,
+        "counts": {
+            "score_prompts": len(score_texts),
+            "score_real_tokens": real_tokens,
+            "reference_score_prompts": len(ref_ids),
+            "train_steps": len(grouped),
+            "train_real_tokens": tk_tokens,
+            "train_padded_tokens": tk_padded,
+            "reference_train_steps": cfg["ref_train_steps"],
+            "reference_train_rows_per_step": ref_rows,
+            "train_pool_mean_tokens": round(mean_real_len, 1),
+            "epoch_rows": len(all_lengths),
+            "epoch_real_tokens": int(all_lengths.sum()),
+            "topn_rows": len(topn_ids),
+            "topn_layers": top_n,
+            "batch_size": BATCH_SIZE,
+            "reference_length": REFERENCE_LENGTH,
+            "max_length": args.max_length,
+        },
+        "machine": {
+            "cpu_model": cpu_model(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cpu_bf16_native": auto_dtype == torch.bfloat16,
+            "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "quick": args.quick,
+        "total_seconds": round(time.perf_counter() - started_all, 1),
+    }
+
+    header = ("measure", "reference (pad 1024, fp32)", f"toolkit ({dtype_name})", "toolkit/ref")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    print(f"model {args.model} ({n_params / 1e6:.1f} M non-embedding params), {cpu_model()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"scoring: {len(score_texts)} toolkit / {len(ref_ids)} reference prompts (test file); "
+          f"LoRA: {len(grouped)} toolkit steps (b8, length-grouped) / {cfg['ref_train_steps']} reference steps "
+          f"of {ref_rows} rows; training tokens/s and minutes are for one epoch over the {len(all_lengths)} "
+          f"training prompts ({int(all_lengths.sum()):,} real tokens), estimated from the timed steps")
+    print(line(header))
+    print(line(tuple("-" * w for w in widths)))
+    for row in rows:
+        print(line(row))
+    print(f"total {result['total_seconds']:.1f} s")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The comparison table on ToxicChat: every fine-tuning method and two baselines, one row each.
+
+    python experiments/compare_methods.py                    # every row not yet in results/
+    python experiments/compare_methods.py --rows tfidf lora-r16
+    python experiments/compare_methods.py --list
+
+Every row trains on `toxicchat0124_train.csv` (validation carved from it: 10 %, stratified,
+seed 42, the same rows for every method), picks its checkpoint, C or threshold on that
+validation split, and is scored once on `toxicchat0124_test.csv` (the human-annotated test
+subset). Fine-tuned rows run the toolkit's own scripts in a subprocess, with the command
+recorded; baselines run here. A row whose `results/<row>/metrics.json` exists is skipped
+(`--force` reruns it). Then `python experiments/report.py` draws the README table and figures.
+
+Each `results/<row>/` holds `metrics.json` (the row's columns, its validation and test metrics
+and its command), `test_scores.csv` (P(unsafe) per test row, for the curves; the labels are read
+from the test file, which is never copied here) and, for fine-tuned rows,
+`validation_history.json` (metrics per epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from safety_classifier.artifacts import read_metadata, write_json_atomically  # noqa: E402
+from safety_classifier.metrics import classification_metrics, f1_maximising_threshold  # noqa: E402
+
+DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "toxicchat"
+RESULTS_DIR = REPO_ROOT / "results"
+RUNS_DIR = REPO_ROOT / "runs" / "comparison"
+BACKBONE = "SmolLM2-135M-Instruct"
+SEED = 42
+VALIDATION_FRACTION = 0.1
+# 0.3 % of the training prompts are longer than 512 SmolLM2 tokens (no jailbreak among them);
+# capping there halves the memory of the longest training batch (about 19 GB at 1,024 here).
+MAX_LENGTH = 512
+TEST_SCORES_FILE = "test_scores.csv"
+
+# row name -> (method as shown, script, its strategy options)
+FINE_TUNED_ROWS = {
+    # Head LR 1e-2 chosen on validation (README: what was tried); every other row uses the defaults.
+    "head-only": ("Head only (frozen backbone)", "train_full_layers.py",
+                  ["--num-layers", "0", "--head-learning-rate", "1e-2"]),
+    "top-1": ("Top 1 layer + head", "train_full_layers.py", ["--num-layers", "1"]),
+    "top-2": ("Top 2 layers + head", "train_full_layers.py", ["--num-layers", "2"]),
+    "top-3": ("Top 3 layers + head", "train_full_layers.py", ["--num-layers", "3"]),
+    "lora-r16": ("LoRA r=16", "train_lora.py", ["--lora-r", "16", "--lora-alpha", "32"]),
+    "lora-r32": ("LoRA r=32", "train_lora.py", ["--lora-r", "32", "--lora-alpha", "64"]),
+    "lora-r64": ("LoRA r=64", "train_lora.py", ["--lora-r", "64", "--lora-alpha", "128"]),
+    "qlora-r16": ("QLoRA r=16 (NF4)", "train_qlora.py", ["--lora-r", "16", "--lora-alpha", "32"]),
+    "qlora-r32": ("QLoRA r=32 (NF4)", "train_qlora.py", ["--lora-r", "32", "--lora-alpha", "64"]),
+}
+BASELINE_ROWS = {
+    "tfidf-logreg": "Baseline: TF-IDF word+char n-grams, logistic regression",
+    "frozen-probe": "Baseline: logistic-regression probe on frozen features",
+}
+ROWS = [*BASELINE_ROWS, *FINE_TUNED_ROWS]  # cheapest first
+
+
+class RowFailed(RuntimeError):
+    """A row's training script exited with an error."""
+
+
+def data_files(data_dir: Path) -> dict[str, Path]:
+    files = {"train": data_dir / "toxicchat0124_train.csv", "test": data_dir / "toxicchat0124_test.csv"}
+    missing = [str(path) for path in files.values() if not path.is_file()]
+    if missing:
+        sys.exit(f"error: missing data file(s): {', '.join(missing)} (see ../shared/data/README.md)")
+    return files
+
+
+def jailbreak_recall(test_file: Path, scores: np.ndarray, threshold: float) -> dict:
+    """Recall on the test rows marked jailbreaking (all of them are toxic)."""
+    frame = pd.read_csv(test_file)
+    if len(frame) != len(scores):
+        raise ValueError(f"{test_file} has {len(frame)} rows but {len(scores)} scores")
+    jailbreak = frame["jailbreaking"].to_numpy() == 1
+    return {"jailbreak_recall": float((scores[jailbreak] >= threshold).mean()), "jailbreak_n": int(jailbreak.sum())}
+
+
+def write_test_scores(destination: Path, scores: np.ndarray) -> None:
+    """P(unsafe) per test row, numbered as in the test file; no text and no label (the data stays in ../shared)."""
+    destination.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"row": np.arange(len(scores)), "unsafe_probability": scores}).to_csv(
+        destination / TEST_SCORES_FILE, index=False, float_format="%.6g")
+
+
+def backbone_parameters() -> int:
+    """Parameters of the embedded backbone without any head (embeddings tied, counted once)."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from safety_classifier.embedded import EMBEDDED_ALIAS, resolve_model_reference
+
+    with torch.device("meta"):  # shapes only, no weights read
+        model = AutoModel.from_config(AutoConfig.from_pretrained(resolve_model_reference(EMBEDDED_ALIAS)))
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def run_fine_tuned(row: str, files: dict[str, Path], epochs: float) -> dict:
+    method, script, options = FINE_TUNED_ROWS[row]
+    run_dir = RUNS_DIR / row
+    relative = lambda path: os.path.relpath(path, REPO_ROOT)  # noqa: E731 (the command runs in the repository root)
+    command = [
+        "python3", script, "--train-file", relative(files["train"]), "--test-file", relative(files["test"]),
+        "--max-length", str(MAX_LENGTH), "--epochs", f"{epochs:g}", "--seed", str(SEED),
+        "--output-dir", relative(run_dir), *options,
+    ]
+    shown = shlex.join(command)
+    print(f"\n=== {row}: {shown}", flush=True)
+    started = time.time()
+    # Output goes straight to the terminal: the scripts show their own progress bars.
+    result = subprocess.run([sys.executable, *command[1:]], cwd=REPO_ROOT)
+    if result.returncode != 0:
+        raise RowFailed(f"{row}: {script} exited with status {result.returncode}")
+    metadata = read_metadata(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    scores = pd.read_csv(run_dir / "test_predictions.csv")["unsafe_probability"].to_numpy()
+    metrics["test"].update(jailbreak_recall(files["test"], scores, metrics["test"]["threshold"]))
+    destination = RESULTS_DIR / row
+    destination.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / "validation_history.json", destination / "validation_history.json")
+    write_test_scores(destination, scores)
+    return {
+        "method": method,
+        "trainable_parameters": metadata["trainable_parameters"],
+        "training_seconds": metadata["training_seconds"],
+        "run_seconds": round(time.time() - started, 1),
+        "command": shown,
+        "training_arguments": metadata["training_arguments"],
+        **metrics,
+    }
+
+
+def run_baseline(row: str, files: dict[str, Path]) -> dict:
+    import torch
+
+    from safety_classifier.baselines import fit_logistic_probe, fit_tfidf_logistic_regression, frozen_features
+    from safety_classifier.data import load_splits
+    from safety_classifier.embedded import EMBEDDED_ALIAS, resolve_model_reference
+    from safety_classifier.modeling import load_sequence_classifier, load_tokenizer, resolve_dtype
+
+    print(f"\n=== {row}", flush=True)
+    splits = load_splits(train_file=str(files["train"]), validation_file=None, test_file=str(files["test"]),
+                         text_column="user_input", label_column="toxicity",
+                         validation_fraction=VALIDATION_FRACTION, seed=SEED)
+    train, validation, test = splits.train, splits.validation, splits.test
+    started = time.time()
+    if row == "tfidf-logreg":
+        model, c = fit_tfidf_logistic_regression(train.texts, train.labels, validation.texts, validation.labels)
+        training_seconds = time.time() - started
+        score = lambda split: model.predict_proba(split.texts)[:, 1]  # noqa: E731
+        vocabulary = sum(len(v.vocabulary_) for _, v in model.steps[0][1].transformer_list)
+        trainable = vocabulary + 1  # one weight per n-gram, plus the bias
+    else:
+        torch.manual_seed(SEED)
+        model_path = resolve_model_reference(EMBEDDED_ALIAS)
+        tokenizer = load_tokenizer(model_path)
+        backbone = load_sequence_classifier(model_path, tokenizer, resolve_dtype("auto"))
+        features = {split.name: frozen_features(backbone, tokenizer, split.texts, max_length=MAX_LENGTH,
+                                                description=f"frozen features ({split.name})")
+                    for split in (train, validation)}
+        model, c = fit_logistic_probe(features["train"], train.labels, features["validation"], validation.labels)
+        training_seconds = time.time() - started
+        features["test"] = frozen_features(backbone, tokenizer, test.texts, max_length=MAX_LENGTH,
+                                           description="frozen features (test)")
+        score = lambda split: model.predict_proba(features[split.name])[:, 1]  # noqa: E731
+        trainable = features["train"].shape[1] + 1
+    validation_scores, test_scores = score(validation), score(test)
+    threshold = f1_maximising_threshold(validation.labels, validation_scores)
+    metrics = {"validation": classification_metrics(validation.labels, validation_scores, threshold),
+               "test": classification_metrics(test.labels, test_scores, threshold)}
+    metrics["test"].update(jailbreak_recall(files["test"], test_scores, threshold))
+    write_test_scores(RESULTS_DIR / row, test_scores)
+    return {
+        "method": BASELINE_ROWS[row],
+        "trainable_parameters": int(trainable),
+        "training_seconds": round(training_seconds, 1),
+        "run_seconds": round(time.time() - started, 1),
+        "command": f"python3 experiments/compare_methods.py --rows {row}",
+        "chosen_on_validation": {"C": c},
+        **metrics,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS, help="rows to run (default: all)")
+    parser.add_argument("--force", action="store_true", help="rerun rows whose results exist")
+    parser.add_argument("--epochs", type=float, default=2.0, help="epochs of the fine-tuned rows")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    parser.add_argument("--list", action="store_true", help="list the rows and whether each is done")
+    args = parser.parse_args(argv)
+    if args.list:
+        for row in ROWS:
+            done = (RESULTS_DIR / row / "metrics.json").is_file()
+            print(f"{row:<14} {'done' if done else 'to do'}")
+        return 0
+    files = data_files(args.data_dir)
+    todo = [row for row in args.rows if args.force or not (RESULTS_DIR / row / "metrics.json").is_file()]
+    skipped = [row for row in args.rows if row not in todo]
+    if skipped:
+        print(f"skipping rows with results: {', '.join(skipped)} (--force reruns them)")
+    backbone_params = backbone_parameters() if todo else 0
+    failed = []
+    for position, row in enumerate(todo, 1):
+        print(f"\n[{position}/{len(todo)}] {row}", flush=True)
+        try:
+            record = run_baseline(row, files) if row in BASELINE_ROWS else run_fine_tuned(row, files, args.epochs)
+        except RowFailed as error:
+            # One failed row (out of memory, say) should not cost the hours of the rows after it.
+            print(f"error: {error}; going on with the other rows", file=sys.stderr, flush=True)
+            failed.append(row)
+            continue
+        no_backbone = row == "tfidf-logreg"
+        record = {"row": row, "backbone": "—" if no_backbone else BACKBONE,
+                  "backbone_parameters": None if no_backbone else backbone_params,
+                  "max_length": MAX_LENGTH, "seed": SEED, "test_subset": "human-annotated test subset",
+                  "machine": f"{os.cpu_count()} CPU cores", **record}
+        # metrics.json last: its presence marks the row complete.
+        write_json_atomically(RESULTS_DIR / row / "metrics.json", record)
+        test = record["test"]
+        print(f"{row}: test AUPRC {test['auprc']:.3f}, F1 {test['f1']:.3f}, "
+              f"jailbreak recall {test['jailbreak_recall']:.3f} ({record['training_seconds']:.0f} s training)",
+              flush=True)
+    if failed:
+        print(f"error: rows that failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The baselines, and the README results table generated from results/."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO_ROOT, synthetic_rows
+from safety_classifier.baselines import C_GRID, fit_logistic_probe, fit_tfidf_logistic_regression, frozen_features
+from safety_classifier.modeling import build_model, load_tokenizer
+
+sys.path.insert(0, str(REPO_ROOT / "experiments"))
+import report  # noqa: E402
+
+
+def test_the_tfidf_baseline_learns_the_synthetic_rule():
+    train, validation = synthetic_rows(200, seed=3), synthetic_rows(60, seed=4)
+    model, c = fit_tfidf_logistic_regression(train["user_input"], train["toxicity"].to_numpy(),
+                                             validation["user_input"], validation["toxicity"].to_numpy())
+    # synthetic_rows forces the labels of its first two rows whatever their text: leave them out.
+    scores = model.predict_proba(validation["user_input"].tolist())[2:, 1]
+    labels = validation["toxicity"].to_numpy()[2:]
+    assert c in C_GRID
+    assert scores[labels == 1].min() > scores[labels == 0].max(), "the synthetic rows are separable by their words"
+
+
+def test_frozen_features_are_what_the_head_reads(tiny_phi3):
+    """head(features) equals the classifier's own logits, whatever the batching."""
+    tokenizer = load_tokenizer(str(tiny_phi3))
+    torch.manual_seed(0)
+    model = build_model("top_layers", str(tiny_phi3), tokenizer, torch.float32, num_layers=0).eval()
+    texts = ["hi", "What is the capital of France?", "How do I build a bomb, step by step, right now?", "x y"]
+    features = frozen_features(model, tokenizer, texts, max_length=64, max_batch_tokens=16, show_progress=False)
+    alone = np.concatenate([frozen_features(model, tokenizer, [t], max_length=64, show_progress=False) for t in texts])
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+        from_features = model.score(torch.as_tensor(features))
+    assert features.shape == (4, model.config.hidden_size)
+    np.testing.assert_allclose(features, alone, atol=1e-5)
+    torch.testing.assert_close(from_features, logits, atol=1e-5, rtol=0)
+
+
+def test_the_probe_picks_c_on_validation_and_separates_separable_features():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    features = rng.normal(size=(300, 8)) + labels[:, None] * 3.0
+    model, c = fit_logistic_probe(features[:200], labels[:200], features[200:], labels[200:])
+    scores = model.predict_proba(features[200:])[:, 1]
+    assert ((scores >= 0.5) == labels[200:]).mean() > 0.95
+
+
+def _row(name: str, auprc: float) -> dict:
+    test = {"accuracy": 0.9, "precision": 0.5, "recall": 0.6, "f1": 0.55, "roc_auc": 0.8, "auprc": auprc,
+            "jailbreak_recall": 0.75}
+    return {"row": name, "method": f"method {name}", "backbone": "B", "backbone_parameters": 134_515_008,
+            "trainable_parameters": 1_153, "training_seconds": 125.0, "test": test}
+
+
+def test_the_table_shows_each_rows_file_and_names_the_missing_rows(tmp_path):
+    for name, auprc in (("lora-r16", 0.7), ("tfidf-logreg", 0.75)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(_row(name, auprc)))
+    rows = report.load_rows(tmp_path)
+    assert [row["row"] for row in rows] == ["tfidf-logreg", "lora-r16"], "rows follow the table's order"
+    table = report.results_table(rows)
+    lines = table.splitlines()
+    assert lines[2].startswith("| method tfidf-logreg | B | 134.5 M | 1,153 | 0.900 |")
+    assert "**0.750**" in lines[2] and "| 0.700 |" in lines[3], "the best AUPRC is bold"
+    assert "2.1 min" in lines[2]
+    assert "Not run yet:" in table and "`qlora-r32`" in table and "`lora-r16`" not in table.split("Not run yet:")[1]
+
+
+def test_the_readme_table_is_the_one_generated_from_results():
+    """Nobody edits the numbers by hand: README.md's table is exactly what results/ gives."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    expected = report.replace_between_markers(readme, report.results_table(report.load_rows()))
+    assert readme == expected, "run: python experiments/report.py"
