@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_methods import DATA_DIR, REPO_ROOT, RESULTS_DIR, ROWS, TEST_SCORES_FILE  # noqa: E402
+from compare_methods import BASELINE_ROWS, DATA_DIR, REPO_ROOT, RESULTS_DIR, ROWS, TEST_SCORES_FILE  # noqa: E402
 
 README = REPO_ROOT / "README.md"
 FIGURES_DIR = REPO_ROOT / "screenshots"
@@ -58,10 +58,32 @@ def results_table(rows: list[dict]) -> str:
                  f"**{auprc}**" if test["auprc"] == best else auprc,
                  f"{test['jailbreak_recall']:.3f}", _minutes(row["training_seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += summary_lines(rows)
     missing = [row for row in ROWS if row not in {r["row"] for r in rows}]
     if missing:
         lines += ["", f"Not run yet: {', '.join(f'`{row}`' for row in missing)}."]
     return "\n".join(lines)
+
+
+GOAL_AUPRC, GOAL_F1 = 0.85, 0.75
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    """The best fine-tuned row against the goal and against the best baseline, in words."""
+    tuned = [row for row in rows if row["row"] not in BASELINE_ROWS]
+    baselines = [row for row in rows if row["row"] in BASELINE_ROWS]
+    if not tuned:
+        return []
+    best = max(tuned, key=lambda row: row["test"]["auprc"])
+    test = best["test"]
+    met = test["auprc"] >= GOAL_AUPRC and test["f1"] >= GOAL_F1
+    line = (f"Best fine-tuned row by test AUPRC: {best['method']}, AUPRC {test['auprc']:.3f} and F1 {test['f1']:.3f}; "
+            f"the goal (AUPRC >= {GOAL_AUPRC}, F1 >= {GOAL_F1}) is {'met' if met else 'not met'}.")
+    if baselines:
+        top = max(baselines, key=lambda row: row["test"]["auprc"])
+        line += (f" Best baseline: {top['method'].removeprefix('Baseline: ')}, AUPRC {top['test']['auprc']:.3f}, "
+                 f"F1 {top['test']['f1']:.3f}.")
+    return ["", line]
 
 
 def replace_between_markers(text: str, body: str) -> str:

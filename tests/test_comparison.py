@@ -73,6 +73,8 @@ def test_the_table_shows_each_rows_file_and_names_the_missing_rows(tmp_path):
     assert "**0.750**" in lines[2] and "| 0.700 |" in lines[3], "the best AUPRC is bold"
     assert "2.1 min" in lines[2]
     assert "Not run yet:" in table and "`qlora-r32`" in table and "`lora-r16`" not in table.split("Not run yet:")[1]
+    assert ("Best fine-tuned row by test AUPRC: method lora-r16, AUPRC 0.700 and F1 0.550; the goal "
+            "(AUPRC >= 0.85, F1 >= 0.75) is not met. Best baseline: method tfidf-logreg, AUPRC 0.750") in table
 
 
 def test_the_readme_table_is_the_one_generated_from_results():
