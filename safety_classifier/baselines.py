@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .inference import default_batch_tokens, normalise_prompt, token_budget_batches
+from .inference import default_batch_tokens, encode_prompts, token_budget_batches
 
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
@@ -76,15 +76,14 @@ def frozen_features(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts:
     backbone. Rows run in length-sorted token-budget batches, right-padded, in inference mode.
     """
     backbone = getattr(model, "base_model", model)
-    prompts = [normalise_prompt(text) for text in texts]
-    input_ids = tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]
+    input_ids = encode_prompts(tokenizer, texts, max_length)
     lengths = np.asarray([len(ids) for ids in input_ids])
     if len(lengths) and lengths.min() == 0:
         raise ValueError("a prompt gave no tokens; frozen features need at least one token per row")
     device = next(backbone.parameters()).device
     features: np.ndarray | None = None
     backbone.eval()
-    with torch.inference_mode(), tqdm(total=len(prompts), desc=description, unit="prompt",
+    with torch.inference_mode(), tqdm(total=len(input_ids), desc=description, unit="prompt",
                                       disable=not show_progress) as bar:
         for batch in token_budget_batches(lengths, max_batch_tokens or default_batch_tokens(device)):
             padded = tokenizer.pad({"input_ids": [input_ids[i] for i in batch]}, return_tensors="pt")
@@ -93,7 +92,7 @@ def frozen_features(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts:
             last = torch.as_tensor(lengths[batch] - 1, device=device)
             pooled = hidden[torch.arange(len(batch), device=device), last].float().cpu().numpy()
             if features is None:
-                features = np.zeros((len(prompts), pooled.shape[-1]), dtype=np.float32)
+                features = np.zeros((len(input_ids), pooled.shape[-1]), dtype=np.float32)
             features[batch] = pooled
             bar.update(len(batch))
     return features if features is not None else np.zeros((0, 0), dtype=np.float32)

@@ -39,6 +39,11 @@ def normalise_prompt(value: object) -> str:
     return text
 
 
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[object], max_length: int) -> list[list[int]]:
+    """Token ids of each text as a classifier reads it: normalised, truncated to `max_length`, unpadded."""
+    return tokenizer([normalise_prompt(text) for text in texts], truncation=True, max_length=max_length)["input_ids"]
+
+
 def token_budget_batches(lengths: np.ndarray, max_batch_tokens: int, max_batch_rows: int = 256) -> list[np.ndarray]:
     """Group row indices longest first so that rows x longest row stays within the budget.
 

@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .inference import default_batch_tokens, normalise_prompt, token_budget_batches
+from .inference import default_batch_tokens, encode_prompts, token_budget_batches
 from .modeling import find_head_name, find_transformer_blocks
 
 DEFAULT_MAX_CACHE_BYTES = 4 * 1024**3
@@ -222,8 +222,7 @@ def compute_prefix_hidden_states(
     unpadded, on the CPU, in the model's dtype, and returned in the order of `texts`. Raises
     `PrefixCacheTooLarge` when they would take more than `max_cache_bytes` (None: no limit).
     """
-    prompts = [normalise_prompt(text) for text in texts]
-    input_ids = tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]
+    input_ids = encode_prompts(tokenizer, texts, max_length)
     return prefix_hidden_states_from_ids(
         model, input_ids, num_layers, pad_token_id=tokenizer.pad_token_id,
         max_batch_tokens=max_batch_tokens, max_cache_bytes=max_cache_bytes,
@@ -375,8 +374,7 @@ def build_cached_dataset(
     description: str = "caching frozen prefix",
 ) -> CachedPrefixDataset:
     """Tokenize once, cache the prefix states, and keep the ids for pooling and length grouping."""
-    prompts = [normalise_prompt(text) for text in texts]
-    input_ids = tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]
+    input_ids = encode_prompts(tokenizer, texts, max_length)
     states = prefix_hidden_states_from_ids(
         model, input_ids, num_layers, pad_token_id=tokenizer.pad_token_id,
         max_batch_tokens=max_batch_tokens, max_cache_bytes=max_cache_bytes,

@@ -212,20 +212,38 @@ def training_arguments(plan: TrainingPlan, dtype: torch.dtype, cached_prefix: bo
     )
 
 
+ELAPSED_FILE = "training_seconds.json"
+
+
+class TrainingClock:
+    """Training wall time that survives a resume: each checkpoint records the seconds spent up to
+    it (from the run's start, data loading and caching included), and a resumed run adds its own
+    to those of the checkpoint it resumed from. Work lost after the last checkpoint is not counted."""
+
+    def __init__(self, started: float, resumed_from: Path | None):
+        recorded = resumed_from / ELAPSED_FILE if resumed_from is not None else None
+        self.started = started
+        self.before = json.loads(recorded.read_text())["training_seconds"] if recorded and recorded.is_file() else 0.0
+
+    def seconds(self) -> float:
+        return self.before + time.time() - self.started
+
+
 class ClassifierTrainer(Trainer):
     """The `Trainer`, with the classification head in a parameter group of its own learning rate.
 
     The head starts from random weights while everything else is pretrained: one small learning
     rate for both leaves the head barely trained (head-only on ToxicChat: validation loss 0.69 ->
-    0.65 in 2 epochs at 5e-5). The scheduler scales every group alike.
+    0.65 in 2 epochs at 5e-5). The scheduler scales every group alike. With a `clock`, every
+    checkpoint records the training time spent up to it.
     """
 
-    def __init__(self, *args, head_parameters: list[torch.nn.Parameter], head_learning_rate: float, **kwargs):
+    def __init__(self, *args, head_parameters: list[torch.nn.Parameter], head_learning_rate: float,
+                 clock: TrainingClock | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._head_ids = {id(parameter) for parameter in head_parameters}
         self._head_learning_rate = head_learning_rate
-
-    clock: TrainingClock | None = None
+        self.clock = clock
 
     def _save_checkpoint(self, model, trial):
         # Written before the Trainer's own files, so that every complete checkpoint (trainer_state.json
@@ -251,23 +269,6 @@ class ClassifierTrainer(Trainer):
         for group in head_groups:
             optimizer.add_param_group(group)
         return optimizer
-
-
-ELAPSED_FILE = "training_seconds.json"
-
-
-class TrainingClock:
-    """Training wall time that survives a resume: each checkpoint records the seconds spent up to
-    it (from the run's start, data loading and caching included), and a resumed run adds its own
-    to those of the checkpoint it resumed from. Work lost after the last checkpoint is not counted."""
-
-    def __init__(self, started: float, resumed_from: Path | None):
-        recorded = resumed_from / ELAPSED_FILE if resumed_from is not None else None
-        self.started = started
-        self.before = json.loads(recorded.read_text())["training_seconds"] if recorded and recorded.is_file() else 0.0
-
-    def seconds(self) -> float:
-        return self.before + time.time() - self.started
 
 
 def is_global_main_process() -> bool:
@@ -388,10 +389,12 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
     )
     trained_module, train_dataset, validation_dataset, collator = training_inputs(plan, model, tokenizer, splits)
     cached_prefix = trained_module is not model
+    clock = TrainingClock(started, resume_from)
     trainer = ClassifierTrainer(
         model=trained_module,
         head_parameters=trainable_head_parameters(model),
         head_learning_rate=plan.run.head_learning_rate,
+        clock=clock,
         args=training_arguments(plan, dtype, cached_prefix),
         train_dataset=train_dataset,
         eval_dataset=validation_dataset,
@@ -410,7 +413,6 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
         *([f"frozen prefix cached: {(train_dataset.nbytes + validation_dataset.nbytes) / 2**20:,.1f} MiB"]
           if cached_prefix else []),
     )
-    clock = trainer.clock = TrainingClock(started, resume_from)
     if resume_from is not None:
         print_main(f"resuming from {resume_from}")
     try:
