@@ -61,7 +61,7 @@ class RunArguments:
         default=True, metadata={"help": "Weight the cross-entropy by inverse class frequency (--no-class-weights: off)."}
     )
     gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Recompute activations to save memory; on by default for QLoRA only."}
+        default=None, metadata={"help": "true/false: recompute activations to save memory; on by default for QLoRA only."}
     )
     max_batch_tokens: int | None = field(
         default=None, metadata={"help": "Token budget of one scoring batch (rows x longest row); 2048 on CPU, 16384 on GPU."}

@@ -58,13 +58,16 @@ def _row(name: str, auprc: float) -> dict:
     test = {"accuracy": 0.9, "precision": 0.5, "recall": 0.6, "f1": 0.55, "roc_auc": 0.8, "auprc": auprc,
             "jailbreak_recall": 0.75}
     return {"row": name, "method": f"method {name}", "backbone": "B", "backbone_parameters": 134_515_008,
-            "trainable_parameters": 1_153, "training_seconds": 125.0, "test": test}
+            "trainable_parameters": 1_153, "training_seconds": 125.0, "test": test,
+            "validation": {"auprc": auprc + 0.01, "f1": 0.6}}
 
 
 def test_the_table_shows_each_rows_file_and_names_the_missing_rows(tmp_path):
     for name, auprc in (("lora-r16", 0.7), ("tfidf-logreg", 0.75)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps(_row(name, auprc)))
+    (tmp_path / "lora-r16" / "validation_history.json").write_text(json.dumps([{"epoch": 1.0, "auprc": 0.65},
+                                                                                 {"epoch": 2.0, "auprc": 0.71}]))
     rows = report.load_rows(tmp_path)
     assert [row["row"] for row in rows] == ["tfidf-logreg", "lora-r16"], "rows follow the table's order"
     table = report.results_table(rows)
@@ -75,6 +78,11 @@ def test_the_table_shows_each_rows_file_and_names_the_missing_rows(tmp_path):
     assert "Not run yet:" in table and "`qlora-r32`" in table and "`lora-r16`" not in table.split("Not run yet:")[1]
     assert ("Best fine-tuned row by test AUPRC: method lora-r16, AUPRC 0.700 and F1 0.550; the goal "
             "(AUPRC >= 0.85, F1 >= 0.75) is not met. Best baseline: method tfidf-logreg, AUPRC 0.750") in table
+    validation = table.split("Validation split")[1].splitlines()
+    assert validation[2] == ("| Method | AUPRC after epoch 1 | AUPRC after epoch 2 | Saved classifier: AUPRC "
+                             "| Saved classifier: F1 at its threshold |")
+    assert validation[4:] == ["| method tfidf-logreg | — | — | 0.760 | 0.600 |",
+                              "| method lora-r16 | 0.650 | 0.710 | 0.710 | 0.600 |"], "baselines have no epochs"
 
 
 def test_the_readme_table_is_the_one_generated_from_results():
