@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .inference import default_batch_tokens, encode_prompts, token_budget_batches
+from .inference import default_batch_tokens, encode_prompts, padded_batches
 
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
@@ -85,8 +85,7 @@ def frozen_features(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts:
     backbone.eval()
     with torch.inference_mode(), tqdm(total=len(input_ids), desc=description, unit="prompt",
                                       disable=not show_progress) as bar:
-        for batch in token_budget_batches(lengths, max_batch_tokens or default_batch_tokens(device)):
-            padded = tokenizer.pad({"input_ids": [input_ids[i] for i in batch]}, return_tensors="pt")
+        for batch, padded in padded_batches(tokenizer, input_ids, max_batch_tokens or default_batch_tokens(device)):
             hidden = backbone(input_ids=padded["input_ids"].to(device),
                               attention_mask=padded["attention_mask"].to(device)).last_hidden_state
             last = torch.as_tensor(lengths[batch] - 1, device=device)

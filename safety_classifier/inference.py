@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -64,6 +64,14 @@ def token_budget_batches(lengths: np.ndarray, max_batch_tokens: int, max_batch_r
     return batches
 
 
+def padded_batches(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[Sequence[int]],
+                   max_batch_tokens: int) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """`token_budget_batches` of tokenized rows: (row indices, right-padded input_ids and attention_mask)."""
+    lengths = np.asarray([len(ids) for ids in input_ids])
+    for batch in token_budget_batches(lengths, max_batch_tokens):
+        yield batch, tokenizer.pad({"input_ids": [input_ids[i] for i in batch]}, return_tensors="pt")
+
+
 def predict_unsafe_probabilities(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -81,13 +89,11 @@ def predict_unsafe_probabilities(
     if not scored:
         return probabilities
     input_ids = tokenizer([prompts[i] for i in scored], truncation=True, max_length=max_length)["input_ids"]
-    lengths = np.asarray([len(ids) for ids in input_ids])
     device = next(model.parameters()).device
     max_batch_tokens = max_batch_tokens or default_batch_tokens(device)
     model.eval()
     with torch.inference_mode(), tqdm(total=len(scored), desc=description, unit="prompt", disable=not show_progress) as bar:
-        for batch in token_budget_batches(lengths, max_batch_tokens):
-            padded = tokenizer.pad({"input_ids": [input_ids[i] for i in batch]}, return_tensors="pt")
+        for batch, padded in padded_batches(tokenizer, input_ids, max_batch_tokens):
             logits = model(
                 input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device)
             ).logits
