@@ -11,7 +11,11 @@ caching for top-N).
 
 Measured:
 * scoring: prompts/s of `predict_unsafe_probabilities` vs the reference forward;
-* LoRA r=16 training steps (forward + backward + AdamW): real (non-pad) tokens/s;
+* LoRA r=16 training: one real epoch over the training file through the toolkit's own `Trainer`
+  path (token-budget batches, the scripts' defaults), timed whole: minutes, real (non-pad)
+  tokens/s and `train_mfu` (4 x non-embedding parameters per real token: the forward and the
+  activations' backward, over the measured bf16 peak); the reference's timed steps (forward +
+  backward + AdamW, padded to 1,024) give its rate, extrapolated per row;
 * top-2 with prefix caching: one cached epoch (after the first) / one uncached epoch, same rows;
 * matmul peak (bf16, fp32) and the scoring MFU against it.
 
@@ -23,17 +27,18 @@ and reported with the row counts used. The LAST line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import platform
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -43,7 +48,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 
+from safety_classifier.cli import parse_training_plan  # noqa: E402
+from safety_classifier.console import quiet_library_noise  # noqa: E402
 from safety_classifier.embedded import EMBEDDED_ALIAS, resolve_model_reference  # noqa: E402
+from safety_classifier.training import build_training_session, load_training_splits  # noqa: E402
 from safety_classifier.inference import predict_unsafe_probabilities  # noqa: E402
 from safety_classifier.modeling import (  # noqa: E402
     LoraSettings,
@@ -66,10 +74,11 @@ SETTINGS = {
     # top-2 rows per epoch, matmul size
     # --quick is a smoke test: its LoRA steps skip the longest tenth of the batches (one of those
     # alone takes half a minute here), so its training figures flatter the toolkit.
-    "quick": dict(score_n=48, ref_score_n=2, train_steps=2, ref_train_steps=1, ref_train_rows=1,
-                  topn_rows=24, matmul_n=768, train_pool=256, skip_longest=0.1),
-    "default": dict(score_n=400, ref_score_n=32, train_steps=12, ref_train_steps=2, ref_train_rows=2,
-                    topn_rows=192, matmul_n=2048, train_pool=1024, skip_longest=0.0),
+    # epoch_rows: rows of the timed LoRA epoch (None: the whole training file); epoch_max_length: its truncation.
+    "quick": dict(score_n=48, ref_score_n=2, ref_train_steps=1, ref_train_rows=1,
+                  topn_rows=24, matmul_n=768, train_pool=256, epoch_rows=64, epoch_max_length=64),
+    "default": dict(score_n=400, ref_score_n=32, ref_train_steps=2, ref_train_rows=2,
+                    topn_rows=192, matmul_n=2048, train_pool=1024, epoch_rows=None, epoch_max_length=None),
 }
 
 
@@ -112,13 +121,6 @@ def length_grouped_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndar
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def spread(items: list, count: int) -> list:
-    """`count` items evenly spread over `items` (short, medium and long batches alike)."""
-    if count >= len(items):
-        return list(items)
-    return [items[int(i)] for i in np.linspace(0, len(items) - 1, count).round()]
-
-
 def pad_batch(tokenizer, ids: list[list[int]], to_length: int | None = None) -> dict:
     if to_length is None:
         return tokenizer.pad({"input_ids": ids}, return_tensors="pt")
@@ -150,15 +152,37 @@ def train_steps(model, batches: list[dict], labels: list[torch.Tensor], autocast
     return seconds
 
 
-def epoch_seconds(sample_padded: list[int], sample_seconds: list[float], epoch_padded: list[int]) -> float:
-    """One epoch's time: each of its batches timed by interpolating the timed batches by padded size.
+def timed_lora_epoch(model: str, train_file: Path, rows: int | None, max_length: int | None) -> dict:
+    """One LoRA r=16 epoch as `train_lora.py` trains it (its defaults: token-budget batches), timed whole.
 
-    The timed batches are spread evenly over the length-sorted batches, so the few longest ones
-    (whose attention and memory make a token dearer) count as often as they occur in an epoch,
-    not as often as they were timed.
+    Every row of the file is trained on (the file is also given as the validation file, which this
+    run never evaluates); no evaluation, no checkpoint.
     """
-    order = np.argsort(sample_padded)
-    return float(np.interp(epoch_padded, np.asarray(sample_padded)[order], np.asarray(sample_seconds)[order]).sum())
+    with tempfile.TemporaryDirectory() as scratch:
+        data_file = train_file
+        if rows is not None:
+            data_file = Path(scratch) / "rows.csv"
+            pd.read_csv(train_file).sample(n=rows, random_state=0).to_csv(data_file, index=False)
+        argv = ["--model", model, "--train-file", str(data_file), "--validation-file", str(data_file),
+                "--epochs", "1", "--output-dir", str(Path(scratch) / "run"), "--logging-steps", "100000"]
+        if max_length is not None:
+            argv += ["--max-length", str(max_length)]
+        plan = parse_training_plan("lora", argv)
+        splits = load_training_splits(plan)
+        with contextlib.redirect_stdout(sys.stderr):
+            session = build_training_session(plan, splits, evaluate=False)
+        trainer = session.trainer
+        trainer.args.disable_tqdm = True
+        lengths = np.asarray([len(ids) for ids in trainer.train_dataset["input_ids"]])
+        padded = int(sum(len(batch) * lengths[batch].max() for batch in session.sampler))
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):
+            trainer.train()
+        seconds = time.perf_counter() - started
+        return {"seconds": seconds, "rows": len(lengths), "real_tokens": int(lengths.sum()), "padded_tokens": padded,
+                "steps": len(session.sampler), "max_batch_tokens": session.sampler.max_batch_tokens,
+                "max_length": plan.model.max_length, "lora_dropout": plan.lora.lora_dropout,
+                "learning_rate": plan.learning_rate}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -169,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-length", type=int, default=REFERENCE_LENGTH, help="toolkit truncation length")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    quiet_library_noise()
     cfg = SETTINGS["quick" if args.quick else "default"]
     started_all = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -212,28 +237,17 @@ def main(argv: list[str] | None = None) -> dict:
     del toolkit
     gc.collect()
 
-    # ---- LoRA r=16 training steps: toolkit ------------------------------------------------------
+    # ---- LoRA r=16 training: one real epoch through the toolkit's Trainer -----------------------
+    epoch = timed_lora_epoch(args.model, data_dir / "toxicchat0124_train.csv", cfg["epoch_rows"],
+                             cfg["epoch_max_length"])
+    lora_epoch_minutes = epoch["seconds"] / 60.0
+    train_tokens_per_s = epoch["real_tokens"] / epoch["seconds"]
+    train_mfu = 4.0 * n_params * train_tokens_per_s / (peak * 1e12)
     train_ids = tokenizer(train_texts, truncation=True, max_length=args.max_length)["input_ids"]
     lengths = np.asarray([len(ids) for ids in train_ids])
-    lora = build_model("lora", model_path, tokenizer, auto_dtype, lora=LoraSettings(r=16, alpha=32))
-    all_batches = length_grouped_batches(lengths, BATCH_SIZE)
-    grouped = spread(all_batches[: int(round(len(all_batches) * (1 - cfg["skip_longest"])))], cfg["train_steps"])
-    tk_batches = [pad_batch(tokenizer, [train_ids[i] for i in batch]) for batch in grouped]
-    tk_labels = [torch.as_tensor(train_labels[batch]) for batch in grouped]
-    tk_tokens = int(sum(lengths[batch].sum() for batch in grouped))
-    tk_padded = int(sum(b["input_ids"].numel() for b in tk_batches))
-    tk_step_s = train_steps(lora, tk_batches, tk_labels, autocast_bf16=auto_dtype == torch.bfloat16, lr=2e-4)
-    tk_train_s = sum(tk_step_s)
-    # A whole epoch over the full training file, at the padded-token rate just measured.
     all_train_ids = tokenizer(train["user_input"].astype(str).tolist(), truncation=True,
                               max_length=args.max_length)["input_ids"]
     all_lengths = np.asarray([len(ids) for ids in all_train_ids])
-    epoch_padded = [len(b) * int(all_lengths[b].max()) for b in length_grouped_batches(all_lengths, BATCH_SIZE)]
-    lora_epoch_s = epoch_seconds([b["input_ids"].numel() for b in tk_batches], tk_step_s, epoch_padded)
-    lora_epoch_minutes = lora_epoch_s / 60.0
-    # Real (non-pad) tokens of that epoch over its estimated time.
-    train_tokens_per_s = float(all_lengths.sum()) / lora_epoch_s
-    del lora, tk_batches
     gc.collect()
 
     # ---- top-2: uncached epoch vs cached epochs -------------------------------------------------
@@ -304,10 +318,13 @@ def main(argv: list[str] | None = None) -> dict:
         ("scoring MFU (real tokens)", f"{ref_mfu:.1%} of fp32", f"{infer_mfu:.1%} of {dtype_name}", ""),
         ("LoRA r=16 train real tokens/s", f"{ref_train_tokens_per_s:.1f}", f"{train_tokens_per_s:.1f}",
          f"{train_tokens_per_s / ref_train_tokens_per_s:.1f}x"),
+        ("LoRA r=16 train MFU (real tokens)", "", f"{train_mfu:.1%} of {dtype_name}", ""),
         ("LoRA step seconds", f"{ref_train_s / cfg['ref_train_steps']:.2f} ({ref_rows} rows x 1024)",
-         f"{tk_train_s / len(grouped):.2f} (8 rows, {tk_padded / (8 * len(grouped)):.0f} tok padded)", ""),
-        (f"LoRA r=16 epoch minutes ({len(all_lengths)} rows, estimated)", f"{ref_lora_epoch_minutes:.1f}",
-         f"{lora_epoch_minutes:.1f}", f"{ref_lora_epoch_minutes / lora_epoch_minutes:.1f}x"),
+         f"{epoch['seconds'] / epoch['steps']:.2f} (<= {epoch['max_batch_tokens']} tok, "
+         f"{epoch['rows'] / epoch['steps']:.1f} rows)", ""),
+        (f"LoRA r=16 epoch minutes ({epoch['rows']} rows; ref. estimated, toolkit measured)",
+         f"{ref_lora_epoch_minutes:.1f}", f"{lora_epoch_minutes:.2f}",
+         f"{ref_lora_epoch_minutes / lora_epoch_minutes:.1f}x"),
         (f"top-{top_n} epoch seconds ({len(topn_ids)} rows)", f"{uncached_s:.2f} uncached",
          f"{cached_s:.2f} cached (+{prefix_s:.2f} once)", f"{cached_topn_epoch_ratio:.3f}"),
         (f"top-{top_n} first cached epoch / uncached", "", f"{(cached_s + prefix_s) / uncached_s:.3f}", ""),
@@ -321,6 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
         "infer_speedup_vs_pad1024": round(infer_prompts_per_s / ref_prompts_per_s, 2),
         "train_tokens_per_s": round(train_tokens_per_s, 1),
         "train_speedup_vs_pad1024": round(train_tokens_per_s / ref_train_tokens_per_s, 2),
+        "train_mfu": round(train_mfu, 4),
+        "lora_epoch_minutes": round(lora_epoch_minutes, 3),
         "cached_topn_epoch_ratio": round(cached_topn_epoch_ratio, 4),
         "cached_topn_first_epoch_ratio": round((cached_s + prefix_s) / uncached_s, 4),
         "bf16_matmul_tflops": round(bf16_tflops, 4),
@@ -331,7 +350,6 @@ def main(argv: list[str] | None = None) -> dict:
         "reference_train_tokens_per_s": round(ref_train_tokens_per_s, 2),
         "peak_rss_mb": round(toolkit_peak_rss_mb, 1),
         "reference_peak_rss_mb": round(peak_rss_mb(), 1),
-        "lora_epoch_minutes_estimate": round(lora_epoch_minutes, 2),
         "reference_lora_epoch_minutes_estimate": round(ref_lora_epoch_minutes, 1),
         "dtype": dtype_name,
         "model": args.model,
@@ -340,9 +358,8 @@ def main(argv: list[str] | None = None) -> dict:
             "score_prompts": len(score_texts),
             "score_real_tokens": real_tokens,
             "reference_score_prompts": len(ref_ids),
-            "train_steps": len(grouped),
-            "train_real_tokens": tk_tokens,
-            "train_padded_tokens": tk_padded,
+            "lora_epoch": {key: (round(value, 2) if isinstance(value, float) else value)
+                           for key, value in epoch.items()},
             "reference_train_steps": cfg["ref_train_steps"],
             "reference_train_rows_per_step": ref_rows,
             "train_pool_mean_tokens": round(mean_real_len, 1),
@@ -373,9 +390,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"model {args.model} ({n_params / 1e6:.1f} M non-embedding params), {cpu_model()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}")
     print(f"scoring: {len(score_texts)} toolkit / {len(ref_ids)} reference prompts (test file); "
-          f"LoRA: {len(grouped)} toolkit steps (b8, length-grouped) / {cfg['ref_train_steps']} reference steps "
-          f"of {ref_rows} rows; training tokens/s and minutes are for one epoch over the {len(all_lengths)} "
-          f"training prompts ({int(all_lengths.sum()):,} real tokens), estimated from the timed steps")
+          f"LoRA: one toolkit epoch over {epoch['rows']} training prompts ({epoch['real_tokens']:,} real tokens, "
+          f"{epoch['steps']} steps), timed whole / {cfg['ref_train_steps']} reference steps of {ref_rows} rows, "
+          f"extrapolated to an epoch over the {len(all_lengths)} training prompts")
     print(line(header))
     print(line(tuple("-" * w for w in widths)))
     for row in rows:

@@ -96,11 +96,15 @@ def jailbreak_recall(test_file: Path, scores: np.ndarray, threshold: float) -> d
     return {"jailbreak_recall": float((scores[jailbreak] >= threshold).mean()), "jailbreak_n": int(jailbreak.sum())}
 
 
-def write_test_scores(destination: Path, scores: np.ndarray) -> None:
-    """P(unsafe) per test row, numbered as in the test file; no text and no label (the data stays in ../shared)."""
+def write_test_scores(destination: Path, scores: np.ndarray, uncalibrated: np.ndarray | None = None) -> None:
+    """P(unsafe) per test row, numbered as in the test file; no text and no label (the data stays in ../shared).
+
+    Fine-tuned rows also keep their uncalibrated softmax, for the reliability diagram."""
     destination.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"row": np.arange(len(scores)), "unsafe_probability": scores}).to_csv(
-        destination / TEST_SCORES_FILE, index=False, float_format="%.6g")
+    columns = {"row": np.arange(len(scores)), "unsafe_probability": scores}
+    if uncalibrated is not None:
+        columns["uncalibrated_probability"] = uncalibrated
+    pd.DataFrame(columns).to_csv(destination / TEST_SCORES_FILE, index=False, float_format="%.6g")
 
 
 def backbone_parameters() -> int:
@@ -133,12 +137,14 @@ def run_fine_tuned(row: str, files: dict[str, Path], epochs: float) -> dict:
         raise RowFailed(f"{row}: {script} exited with status {result.returncode}")
     metadata = read_metadata(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    scores = pd.read_csv(run_dir / "test_predictions.csv")["unsafe_probability"].to_numpy()
+    predictions = pd.read_csv(run_dir / "test_predictions.csv")
+    scores = predictions["unsafe_probability"].to_numpy()
     metrics["test"].update(jailbreak_recall(files["test"], scores, metrics["test"]["threshold"]))
     destination = RESULTS_DIR / row
     destination.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "validation_history.json", destination / "validation_history.json")
-    write_test_scores(destination, scores)
+    uncalibrated = predictions["uncalibrated_probability"].to_numpy() if "uncalibrated_probability" in predictions else None
+    write_test_scores(destination, scores, uncalibrated)
     return {
         "method": method,
         "trainable_parameters": metadata["trainable_parameters"],

@@ -183,7 +183,53 @@ def draw_figures(rows: list[dict], test_file: Path, results_dir: Path = RESULTS_
     figure.savefig(figures_dir / "validation_auprc.png", dpi=130)
     plt.close(figure)
     written.append(figures_dir / "validation_auprc.png")
+    written.append(draw_reliability_diagram(rows, scores, figures_dir))
     return written
+
+
+def draw_reliability_diagram(rows: list[dict], scores: dict[str, pd.DataFrame], figures_dir: Path = FIGURES_DIR) -> Path:
+    """`reliability.png`: one panel per row, share of unsafe test rows against mean P(unsafe) in the
+    ECE's 15 equal-width bins, calibrated and uncalibrated where a row's scores hold both columns
+    (`uncalibrated_probability`, written since calibration exists); else the recorded scores alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from safety_classifier.calibration import ECE_BINS, expected_calibration_error, reliability_curve
+
+    columns = 4
+    lines = max((len(rows) + columns - 1) // columns, 1)
+    figure, grid = plt.subplots(lines, columns, figsize=(3.2 * columns, 3.1 * lines), squeeze=False)
+    for axes, row in zip(grid.flat, rows):
+        frame = scores[row["row"]]
+        if "uncalibrated_probability" in frame:
+            curves = [("uncalibrated", frame["uncalibrated_probability"], "tab:red"),
+                      ("calibrated", frame["unsafe_probability"], "tab:blue")]
+        else:
+            curves = [("uncalibrated (as recorded)", frame["unsafe_probability"], "tab:red")]
+        for name, probabilities, colour in curves:
+            curve = reliability_curve(frame["label"], probabilities)
+            ece = expected_calibration_error(frame["label"], probabilities)
+            axes.plot(curve["mean_probability"], curve["fraction_unsafe"], marker="o", ms=3, lw=1.2, color=colour,
+                      label=f"{name}, ECE {ece:.3f}")
+        axes.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+        axes.set(title=row["method"], xlim=(0, 1), ylim=(0, 1))
+        axes.title.set_fontsize(7)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=6, loc="upper left")
+    for axes in list(grid.flat)[len(rows):]:
+        axes.axis("off")
+    for axes in grid.flat:
+        axes.set(xlabel="mean P(unsafe) in bin", ylabel="share unsafe in bin")
+        axes.xaxis.label.set_fontsize(7)
+        axes.yaxis.label.set_fontsize(7)
+    figure.suptitle(f"Reliability on the ToxicChat human-annotated test subset ({ECE_BINS} equal-width bins)")
+    figure.tight_layout()
+    path = figures_dir / "reliability.png"
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,7 +52,10 @@ class RunArguments:
         metadata={"help": "Peak learning rate of the classification head, which starts from random weights and so "
                           "needs a larger one than the pretrained weights."},
     )
-    batch_size: int = field(default=8, metadata={"help": "Training rows per device per step."})
+    batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Training rows per device per step (length-grouped); unset: batches fill --max-batch-tokens."},
+    )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps accumulated per optimizer update."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     warmup_fraction: float = field(default=0.05, metadata={"help": "Share of the steps spent warming up the learning rate."})
@@ -64,7 +67,9 @@ class RunArguments:
         default=None, metadata={"help": "true/false: recompute activations to save memory; on by default for QLoRA only."}
     )
     max_batch_tokens: int | None = field(
-        default=None, metadata={"help": "Token budget of one scoring batch (rows x longest row); 2048 on CPU, 16384 on GPU."}
+        default=None,
+        metadata={"help": "Token budget of one batch (rows x longest row), for training unless --batch-size is given, "
+                          "and for scoring; 2048 on CPU, 16384 on GPU."},
     )
     merge: bool = field(default=False, metadata={"help": "Also write OUTPUT_DIR/merged: adapters merged into full weights."})
     keep_checkpoints: bool = field(default=False, metadata={"help": "Keep OUTPUT_DIR/checkpoints after a successful run."})
@@ -73,6 +78,20 @@ class RunArguments:
         metadata={"help": "Continue from the last complete checkpoint in OUTPUT_DIR/checkpoints (--no-resume: start over)."},
     )
     logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many steps."})
+    calibration: Literal["platt", "temperature", "none"] = field(
+        default="platt",
+        metadata={"help": "Calibrate P(unsafe) on the validation logits: platt = sigmoid(a*margin + b) (removes the "
+                          "class weights' shift), temperature = b fixed at 0, none = softmax as trained."},
+    )
+    threshold_for_precision: float | None = field(
+        default=None,
+        metadata={"help": "Decision threshold: the one reaching this validation precision with the highest recall "
+                          "(default: max validation F1)."},
+    )
+    threshold_for_recall: float | None = field(
+        default=None,
+        metadata={"help": "Decision threshold: the one reaching this validation recall with the highest precision."},
+    )
 
 
 @dataclass
@@ -109,7 +128,9 @@ class InferenceArguments:
     label_column: str | None = field(default=None, metadata={"help": "Label column of --input-file: also print metrics."})
     metrics_out: str | None = field(default=None, metadata={"help": "Write the metrics (with --label-column) to this JSON file."})
     json: bool = field(default=False, metadata={"help": "Print one JSON object per prompt."})
-    threshold: float | None = field(default=None, metadata={"help": "Override the stored decision threshold."})
+    threshold: float | None = field(
+        default=None, metadata={"help": "Override the stored decision threshold (on the calibrated P(unsafe))."}
+    )
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default: cuda if present."})
     dtype: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={"help": "Compute dtype for scoring."})
     max_batch_tokens: int | None = field(

@@ -4,7 +4,7 @@ Layout (OUTPUT_DIR):
 - adapters (LoRA, QLoRA): `adapter_config.json`, `adapter_model.safetensors` (LoRA weights and
   the head); full weights (top-N, merged): `config.json`, `model.safetensors`;
 - the tokenizer files;
-- `safety_classifier.json`: threshold, labels, base-model reference, training arguments.
+- `safety_classifier.json`: threshold, calibration, labels, base-model reference, training arguments.
   It is written last, by an atomic rename, and is the mark of a complete directory.
 """
 
@@ -24,7 +24,10 @@ from .errors import ModelLoadError
 from .modeling import load_sequence_classifier, load_tokenizer, resolve_dtype
 
 METADATA_FILE = "safety_classifier.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: a stored `calibration` of P(unsafe), to which the threshold applies. A toolkit that reads only 1
+would ignore it and compare raw scores with a calibrated threshold, so it must refuse; this one
+reads 1 (no calibration: softmax[:, 1], as before) and 2."""
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 

@@ -18,6 +18,7 @@ from .arguments import (
     RunArguments,
     TopLayersArguments,
 )
+from .console import quiet_library_noise
 from .errors import SafetyClassifierError
 
 _STRATEGY_ARGUMENTS = {"top_layers": TopLayersArguments, "lora": LoraArguments, "qlora": LoraArguments}
@@ -30,6 +31,7 @@ _DESCRIPTIONS = {
 
 def _exit_on_user_error(main: Callable[[], int | None]) -> int:
     warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
+    quiet_library_noise()
     try:
         return main() or 0
     except SafetyClassifierError as error:
@@ -59,9 +61,28 @@ def train_main(strategy: str, argv: Sequence[str] | None = None) -> int:
     plan = parse_training_plan(strategy, argv)
 
     def train() -> None:
+        from .calibration import check_threshold_targets
+
+        # A bad target is refused now, not after the training it would waste.
+        check_threshold_targets(plan.run.threshold_for_precision, plan.run.threshold_for_recall)
         train_classifier(plan)
 
     return _exit_on_user_error(train)
+
+
+def train_full_layers_main() -> int:
+    """Console command `safety-classifier-train-full-layers` (= train_full_layers.py)."""
+    return train_main("top_layers")
+
+
+def train_lora_main() -> int:
+    """Console command `safety-classifier-train-lora` (= train_lora.py)."""
+    return train_main("lora")
+
+
+def train_qlora_main() -> int:
+    """Console command `safety-classifier-train-qlora` (= train_qlora.py)."""
+    return train_main("qlora")
 
 
 def _read_stdin_prompts() -> list[str]:

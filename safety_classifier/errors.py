@@ -19,3 +19,7 @@ class TrainingDivergedError(SafetyClassifierError):
 
 class ResumeMismatchError(SafetyClassifierError):
     """The checkpoints in the output directory belong to a run with other arguments."""
+
+
+class ThresholdTargetError(SafetyClassifierError):
+    """A target precision or recall for the decision threshold that is invalid or not reached on validation."""

@@ -13,11 +13,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .artifacts import METADATA_FILE, load_classifier_model, read_metadata
+from .calibration import IDENTITY, Calibration
 from .errors import ModelLoadError
 from .modeling import ID2LABEL, default_device
 
 EMPTY_PROMPT_PROBABILITY = 0.0
 """Empty and whitespace-only prompts have nothing to moderate: they score 0.0 (safe) without a forward pass."""
+EMPTY_PROMPT_MARGIN = float("-inf")
+"""Their logit margin: P(unsafe) 0.0 under any calibration (`Calibration.probabilities` keeps -inf at 0.0)."""
 
 
 def default_batch_tokens(device: torch.device) -> int:
@@ -72,7 +75,7 @@ def padded_batches(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[Seque
         yield batch, tokenizer.pad({"input_ids": [input_ids[i] for i in batch]}, return_tensors="pt")
 
 
-def predict_unsafe_probabilities(
+def predict_logit_margins(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[object],
@@ -82,12 +85,16 @@ def predict_unsafe_probabilities(
     show_progress: bool = True,
     description: str = "scoring",
 ) -> np.ndarray:
-    """P(unsafe) for each text, returned in the order of `texts` whatever order batches ran in."""
+    """logit(unsafe) - logit(safe) for each text, in the order of `texts` whatever order batches ran in.
+
+    The one batched forward pass behind every score: sigmoid(margin) is softmax[:, 1], and a
+    `Calibration` maps margins to calibrated P(unsafe). Empty prompts get -inf (P(unsafe) 0.0).
+    """
     prompts = [normalise_prompt(text) for text in texts]
-    probabilities = np.full(len(prompts), EMPTY_PROMPT_PROBABILITY, dtype=np.float64)
+    margins = np.full(len(prompts), EMPTY_PROMPT_MARGIN, dtype=np.float64)
     scored = [i for i, prompt in enumerate(prompts) if prompt.strip()]
     if not scored:
-        return probabilities
+        return margins
     input_ids = tokenizer([prompts[i] for i in scored], truncation=True, max_length=max_length)["input_ids"]
     device = next(model.parameters()).device
     max_batch_tokens = max_batch_tokens or default_batch_tokens(device)
@@ -96,29 +103,61 @@ def predict_unsafe_probabilities(
         for batch, padded in padded_batches(tokenizer, input_ids, max_batch_tokens):
             logits = model(
                 input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device)
-            ).logits
-            unsafe = torch.softmax(logits.float(), dim=-1)[:, 1]
-            probabilities[np.asarray(scored)[batch]] = unsafe.cpu().numpy()
+            ).logits.double()
+            margins[np.asarray(scored)[batch]] = (logits[:, 1] - logits[:, 0]).cpu().numpy()
             bar.update(len(batch))
-    return probabilities
+    return margins
+
+
+def predict_unsafe_probabilities(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[object],
+    *,
+    max_length: int,
+    max_batch_tokens: int | None = None,
+    show_progress: bool = True,
+    description: str = "scoring",
+    calibration: Calibration = IDENTITY,
+) -> np.ndarray:
+    """P(unsafe) for each text: `calibration` of the logit margins (by default none: softmax[:, 1])."""
+    return calibration.probabilities(predict_logit_margins(
+        model, tokenizer, texts, max_length=max_length, max_batch_tokens=max_batch_tokens,
+        show_progress=show_progress, description=description,
+    ))
 
 
 @dataclass
 class Classifier:
-    """A loaded classifier: model, tokenizer and the decision threshold chosen on validation."""
+    """A loaded classifier: model, tokenizer, the decision threshold and the calibration chosen on validation."""
 
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
     threshold: float
     max_length: int
     metadata: dict = field(default_factory=dict)
+    calibration: Calibration | None = None
+    """None: the one stored in `metadata` (identity if none is), so a Classifier built from a
+    directory's metadata never scores uncalibrated against a threshold chosen on calibrated scores."""
 
-    def unsafe_probabilities(self, texts: Sequence[object], *, max_batch_tokens: int | None = None,
-                             show_progress: bool = True, description: str = "scoring") -> np.ndarray:
-        return predict_unsafe_probabilities(
+    def __post_init__(self) -> None:
+        if self.calibration is None:
+            self.calibration = Calibration.from_metadata(self.metadata)
+
+    def logit_margins(self, texts: Sequence[object], *, max_batch_tokens: int | None = None,
+                      show_progress: bool = True, description: str = "scoring") -> np.ndarray:
+        """Uncalibrated scores: logit(unsafe) - logit(safe) per text."""
+        return predict_logit_margins(
             self.model, self.tokenizer, texts, max_length=self.max_length,
             max_batch_tokens=max_batch_tokens, show_progress=show_progress, description=description,
         )
+
+    def unsafe_probabilities(self, texts: Sequence[object], *, max_batch_tokens: int | None = None,
+                             show_progress: bool = True, description: str = "scoring") -> np.ndarray:
+        """Calibrated P(unsafe) per text; the stored threshold applies to these."""
+        return self.calibration.probabilities(self.logit_margins(
+            texts, max_batch_tokens=max_batch_tokens, show_progress=show_progress, description=description,
+        ))
 
     def label(self, unsafe_probability: float) -> str:
         return ID2LABEL[int(unsafe_probability >= self.threshold)]
@@ -136,12 +175,17 @@ def load_classifier(
     base_model: str | None = None,
     trust_remote_code: bool = False,
 ) -> Classifier:
-    """Load a directory written by a train_*.py script (refused unless complete)."""
+    """Load a directory written by a train_*.py script (refused unless complete).
+
+    Its stored calibration applies to every score; a directory saved before calibration existed
+    has none and scores as it always did (softmax[:, 1]).
+    """
     metadata = read_metadata(model_dir)
+    calibration = Calibration.from_metadata(metadata)
     if metadata["threshold"] is None:
         raise ModelLoadError(f"{model_dir}: {METADATA_FILE} holds no decision threshold")
     device = torch.device(device) if device is not None else default_device()
     model, tokenizer = load_classifier_model(
         model_dir, metadata, device=device, dtype=dtype, base_model=base_model, trust_remote_code=trust_remote_code
     )
-    return Classifier(model, tokenizer, float(metadata["threshold"]), int(metadata["max_length"]), metadata)
+    return Classifier(model, tokenizer, float(metadata["threshold"]), int(metadata["max_length"]), metadata, calibration)

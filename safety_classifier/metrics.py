@@ -1,4 +1,4 @@
-"""Classification metrics (scikit-learn) and the choice of decision threshold."""
+"""Classification metrics (scikit-learn), calibration metrics and the choice of decision threshold."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "roc_auc", "auprc", "threshold", "n")
+from .calibration import brier_score, expected_calibration_error
+
+METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "roc_auc", "auprc", "ece", "brier", "threshold", "n")
 
 
 def f1_maximising_threshold(labels: np.ndarray, unsafe_probabilities: np.ndarray) -> float:
@@ -42,7 +44,8 @@ def _ranking_metric(metric, labels: np.ndarray, scores: np.ndarray) -> float | N
 
 
 def classification_metrics(labels: np.ndarray, unsafe_probabilities: np.ndarray, threshold: float) -> dict:
-    """accuracy, precision, recall, F1 (unsafe = positive class) at `threshold`, plus ROC-AUC and AUPRC."""
+    """accuracy, precision, recall, F1 (unsafe = positive class) at `threshold`, ROC-AUC and AUPRC, and
+    how well the scores are calibrated: ECE (15 equal-width bins) and Brier score."""
     labels = np.asarray(labels, dtype=np.int64)
     scores = np.asarray(unsafe_probabilities, dtype=np.float64)
     if len(labels) != len(scores):
@@ -62,6 +65,8 @@ def classification_metrics(labels: np.ndarray, unsafe_probabilities: np.ndarray,
         "f1": float(f1),
         "roc_auc": _ranking_metric(roc_auc_score, labels, scores),
         "auprc": _ranking_metric(average_precision_score, labels, scores),
+        "ece": expected_calibration_error(labels, scores),
+        "brier": brier_score(labels, scores),
         "threshold": float(threshold),
         "n": int(len(labels)),
     }

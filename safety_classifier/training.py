@@ -2,8 +2,9 @@
 
   data (checked) -> backbone + strategy (top-N: the frozen prefix runs once, cached) -> Trainer
   (class-weighted loss, eval every epoch, best checkpoint by validation AUPRC) -> save -> reload
-  the saved classifier -> score validation, pick the F1-maximising threshold -> score test with
-  it -> publish.
+  the saved classifier -> score validation, fit the calibration of P(unsafe) on its logits, pick
+  the threshold (max F1, or a target precision/recall) on calibrated scores -> score test with
+  both -> publish.
 
 Validation and test are scored by the classifier as reloaded from disk, so metrics.json
 describes exactly what `infer.py` will answer.
@@ -26,9 +27,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from torch.utils.data import DataLoader
 from transformers import (
     DataCollatorWithPadding,
     EvalPrediction,
+    ProgressCallback,
     Trainer,
     TrainingArguments,
     set_seed,
@@ -47,8 +50,18 @@ from .artifacts import (
 )
 from .data import LabelledSplit, Splits, load_splits
 from .embedded import resolve_model_reference
-from .errors import ResumeMismatchError, TrainingDivergedError
-from .inference import predict_unsafe_probabilities
+from .errors import ResumeMismatchError, ThresholdTargetError, TrainingDivergedError
+from .calibration import (
+    IDENTITY,
+    Calibration,
+    bootstrap_f1_interval,
+    brier_score,
+    choose_threshold,
+    describe_rule,
+    expected_calibration_error,
+    fit_calibration,
+)
+from .inference import default_batch_tokens, predict_logit_margins
 from .metrics import classification_metrics, f1_maximising_threshold, format_metrics_table
 from .modeling import (
     LoraSettings,
@@ -59,7 +72,9 @@ from .modeling import (
     resolve_dtype,
     trainable_head_parameters,
 )
-from .prefix_cache import CachedPrefixCollator, PrefixCacheTooLarge, TopLayersOnCachedPrefix, build_cached_dataset
+from .batching import TokenBudgetBatchSampler
+from .console import EpochSummaryProgress
+from .prefix_cache import CachedPrefixCollator, CachedPrefixDataset, PrefixCacheTooLarge, TopLayersOnCachedPrefix, build_cached_dataset
 
 DEFAULT_LEARNING_RATES = {"top_layers": 5e-5, "lora": 2e-4, "qlora": 2e-4}
 
@@ -70,18 +85,27 @@ def balanced_class_weights(labels: np.ndarray) -> torch.Tensor:
     return torch.tensor(len(labels) / (2.0 * counts), dtype=torch.float32)
 
 
-def weighted_cross_entropy(class_weights: torch.Tensor):
+def weighted_cross_entropy(class_weights: torch.Tensor, rows_per_step: float | None = None):
     """A `Trainer(compute_loss_func=...)` loss: per-row cross-entropy times its class weight.
 
-    With `num_items_in_batch` (training, gradient accumulation, DDP) the sum is divided by the
-    rows of the whole accumulated batch, as the Trainer expects; else it is the weighted mean.
+    Token-budget batches hold 2 to 256 rows. With `rows_per_step` (their mean number of rows per
+    optimizer step, over all processes) the sum is divided by that constant, so that every row
+    weighs the same in an epoch whatever the size of its batch (a per-batch mean would give a row
+    of a 2-row batch of long prompts 100 times the weight of a row among 200 short ones). Else,
+    with `num_items_in_batch` (row-count batches, gradient accumulation, DDP), the sum is divided
+    by the rows of the whole accumulated batch, as the Trainer expects; else it is the weighted mean.
     """
 
     def loss(outputs, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         weights = class_weights.to(logits.device)
         per_row = F.cross_entropy(logits.float(), labels, weight=weights, reduction="none")
-        divisor = weights[labels].sum() if num_items_in_batch is None else num_items_in_batch
+        if rows_per_step is not None and torch.is_grad_enabled():  # training; evaluation reports the mean
+            divisor = rows_per_step
+        elif num_items_in_batch is not None:
+            divisor = num_items_in_batch
+        else:
+            divisor = weights[labels].sum()
         value = per_row.sum() / divisor
         if not torch.isfinite(value):
             raise TrainingDivergedError(f"the training loss became {value.item()}")
@@ -131,6 +155,28 @@ def training_inputs(plan: TrainingPlan, model: torch.nn.Module, tokenizer, split
             tokenized_dataset(splits.validation, tokenizer, max_length), DataCollatorWithPadding(tokenizer))
 
 
+def row_lengths(dataset) -> list[int]:
+    """Tokens per row of a training set: token ids, or cached prefix states."""
+    if isinstance(dataset, CachedPrefixDataset):
+        return [int(state.shape[0]) for state in dataset.states]
+    return [len(ids) for ids in dataset["input_ids"]]
+
+
+def train_batch_sampler(plan: TrainingPlan, dataset, world_size: int) -> TokenBudgetBatchSampler | None:
+    """Token-budget batches unless --batch-size asks for a number of rows."""
+    if plan.run.batch_size is not None:
+        return None
+    budget = plan.run.max_batch_tokens or default_batch_tokens(default_device())
+    return TokenBudgetBatchSampler(row_lengths(dataset), budget, seed=plan.run.seed, num_shards=world_size)
+
+
+def describe_batches(plan: TrainingPlan, sampler: TokenBudgetBatchSampler | None) -> str:
+    if sampler is None:
+        return f"{plan.run.batch_size} rows per device, length-grouped"
+    return (f"up to {sampler.max_batch_tokens} padded tokens, length-grouped ({len(sampler)} an epoch, "
+            f"{sampler.mean_rows_per_batch:.1f} rows on average; the loss weighs every row alike)")
+
+
 def trainer_metrics(eval_prediction: EvalPrediction) -> dict:
     """Per-epoch validation metrics; scores stay paired with `label_ids` whatever the sampler's order."""
     logits = eval_prediction.predictions
@@ -176,23 +222,28 @@ class TrainingPlan:
         return record
 
 
-def training_arguments(plan: TrainingPlan, dtype: torch.dtype, cached_prefix: bool = False) -> TrainingArguments:
+def training_arguments(plan: TrainingPlan, dtype: torch.dtype, cached_prefix: bool = False,
+                       evaluate: bool = True) -> TrainingArguments:
+    """The Trainer's arguments for a plan; `evaluate=False` (the benchmark's timed epoch) neither
+    evaluates nor checkpoints."""
     on_gpu = torch.cuda.is_available()
     run = plan.run
+    per_epoch = "epoch" if evaluate else "no"
     return TrainingArguments(
         output_dir=str(plan.output_dir / "checkpoints"),
         num_train_epochs=run.epochs,
         learning_rate=plan.learning_rate,
-        per_device_train_batch_size=run.batch_size,
-        per_device_eval_batch_size=run.batch_size * 2,
+        # With token-budget batches (no --batch-size) the train batch size is the sampler's, not this one.
+        per_device_train_batch_size=run.batch_size or 1,
+        per_device_eval_batch_size=(run.batch_size or 16) * 2,
         gradient_accumulation_steps=run.gradient_accumulation_steps,
         weight_decay=run.weight_decay,
         warmup_steps=run.warmup_fraction,  # a float below 1 is a fraction of the total steps
         lr_scheduler_type="linear",
-        eval_strategy="epoch",
-        save_strategy="epoch",
+        eval_strategy=per_epoch,
+        save_strategy=per_epoch,
         save_total_limit=2,
-        load_best_model_at_end=True,
+        load_best_model_at_end=evaluate,
         metric_for_best_model="auprc",
         greater_is_better=True,
         # Similar lengths per batch: dynamic padding then wastes almost nothing.
@@ -235,15 +286,32 @@ class ClassifierTrainer(Trainer):
     The head starts from random weights while everything else is pretrained: one small learning
     rate for both leaves the head barely trained (head-only on ToxicChat: validation loss 0.69 ->
     0.65 in 2 epochs at 5e-5). The scheduler scales every group alike. With a `clock`, every
-    checkpoint records the training time spent up to it.
+    checkpoint records the training time spent up to it. With a `train_batch_sampler`, training
+    batches come from it (token-budget batches) instead of `per_device_train_batch_size` rows.
     """
 
     def __init__(self, *args, head_parameters: list[torch.nn.Parameter], head_learning_rate: float,
-                 clock: TrainingClock | None = None, **kwargs):
+                 clock: TrainingClock | None = None, train_batch_sampler: TokenBudgetBatchSampler | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self._head_ids = {id(parameter) for parameter in head_parameters}
         self._head_learning_rate = head_learning_rate
         self.clock = clock
+        self.train_batch_sampler = train_batch_sampler
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(EpochSummaryProgress)
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.train_batch_sampler is None:
+            return super().get_train_dataloader()
+        dataset = self.train_dataset
+        if isinstance(dataset, Dataset):
+            dataset = self._remove_unused_columns(dataset, description="training")
+        loader = DataLoader(dataset, batch_sampler=self.train_batch_sampler, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        # accelerate shards the global batch order, batch i to rank i % world size (the sampler
+        # made the count a multiple of it), and skips the batches already trained on resume.
+        return self.accelerator.prepare(loader)
 
     def _save_checkpoint(self, model, trial):
         # Written before the Trainer's own files, so that every complete checkpoint (trainer_state.json
@@ -281,11 +349,26 @@ def print_main(*lines: str) -> None:
         print(*lines, sep="\n", flush=True)
 
 
-def write_predictions(path: Path, split: LabelledSplit, probabilities: np.ndarray) -> None:
-    """Per-row scores for curves and error analysis; rows are numbered as in the source file (from 0)."""
-    pd.DataFrame(
-        {"row": np.arange(len(split)), "label": split.labels, "unsafe_probability": probabilities}
-    ).to_csv(path, index=False, float_format="%.6g")
+def write_predictions(path: Path, split: LabelledSplit, probabilities: np.ndarray,
+                      uncalibrated: np.ndarray | None = None) -> None:
+    """Per-row scores for curves and error analysis; rows are numbered as in the source file (from 0).
+
+    `unsafe_probability` is the calibrated P(unsafe), what `infer.py` answers; `uncalibrated_probability`
+    (softmax[:, 1]) is kept beside it for reliability diagrams.
+    """
+    columns = {"row": np.arange(len(split)), "label": split.labels, "unsafe_probability": probabilities}
+    if uncalibrated is not None:
+        columns["uncalibrated_probability"] = uncalibrated
+    pd.DataFrame(columns).to_csv(path, index=False, float_format="%.6g")
+
+
+def split_metrics(split: LabelledSplit, margins: np.ndarray, calibration: Calibration, threshold: float) -> dict:
+    """The metrics of calibrated scores at `threshold`, plus ECE and Brier of the uncalibrated softmax."""
+    metrics = classification_metrics(split.labels, calibration.probabilities(margins), threshold)
+    raw = IDENTITY.probabilities(margins)
+    metrics["uncalibrated"] = {"ece": expected_calibration_error(split.labels, raw),
+                               "brier": brier_score(split.labels, raw)}
+    return metrics
 
 
 def validation_history(trainer: Trainer) -> list[dict]:
@@ -313,7 +396,8 @@ def clear_previous_results(output_dir: Path) -> None:
 
 
 # Options that change nothing about the trained weights may differ on resume.
-_RESUME_NEUTRAL_OPTIONS = ("resume", "keep_checkpoints", "merge", "max_batch_tokens", "logging_steps", "output_dir")
+_RESUME_NEUTRAL_OPTIONS = ("resume", "keep_checkpoints", "merge", "logging_steps", "output_dir",
+                           "calibration", "threshold_for_precision", "threshold_for_recall")
 _RUN_ARGUMENTS_FILE = "run_arguments.json"
 
 
@@ -358,21 +442,46 @@ def checkpoint_to_resume(plan: TrainingPlan) -> Path | None:
     return resumable
 
 
-def train_classifier(plan: TrainingPlan) -> dict | None:
-    """Run one strategy end to end; returns the metrics on the main process, None on the others."""
-    started = time.time()
-    set_seed(plan.run.seed)
+def load_training_splits(plan: TrainingPlan) -> Splits:
+    """The checked train / validation / test splits of a plan (before any model is loaded)."""
     data = plan.data
-    splits: Splits = load_splits(
+    return load_splits(
         train_file=data.train_file, validation_file=data.validation_file, test_file=data.test_file,
         text_column=data.text_column, label_column=data.label_column,
         validation_fraction=data.validation_fraction, seed=plan.run.seed,
         max_train_samples=data.max_train_samples, dataset=data.dataset, dataset_config=data.dataset_config,
     )
-    output_dir = plan.output_dir
-    clear_previous_results(output_dir)
-    resume_from = checkpoint_to_resume(plan)
 
+
+@dataclass
+class TrainingSession:
+    """A strategy's model and the Trainer set up to train it."""
+
+    model: torch.nn.Module  # the classifier that is saved
+    tokenizer: object
+    trainer: ClassifierTrainer  # runs `model`, or its top on the cached prefix
+    sampler: TokenBudgetBatchSampler | None
+    class_weights: torch.Tensor
+    cached_prefix: bool
+
+    def describe(self, plan: TrainingPlan, splits: Splits) -> list[str]:
+        trainable, total = count_parameters(self.model)
+        datasets = (self.trainer.train_dataset, self.trainer.eval_dataset)
+        return [
+            f"strategy: {plan.strategy}   model: {plan.model.model}   "
+            f"dtype: {str(resolve_dtype(plan.model.dtype)).replace('torch.', '')}",
+            f"trainable params: {trainable:,} / total params: {total:,} ({100.0 * trainable / total:.4f} %)",
+            f"rows: train {len(splits.train)}, validation {len(splits.validation)}, "
+            f"test {len(splits.test) if splits.test else 0}; class weights (safe, unsafe): "
+            f"{[round(w, 4) for w in self.class_weights.tolist()]}",
+            *([f"frozen prefix cached: {sum(d.nbytes for d in datasets) / 2**20:,.1f} MiB"] if self.cached_prefix else []),
+            f"batches: {describe_batches(plan, self.sampler)}",
+        ]
+
+
+def build_training_session(plan: TrainingPlan, splits: Splits, *, clock: TrainingClock | None = None,
+                           evaluate: bool = True) -> TrainingSession:
+    """Backbone + strategy, training inputs (cached prefix for top-N), batches, loss and Trainer."""
     model_path = resolve_model_reference(plan.model.model)
     dtype = resolve_dtype(plan.model.dtype)
     tokenizer = load_tokenizer(model_path, plan.model.trust_remote_code)
@@ -389,42 +498,59 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
     )
     trained_module, train_dataset, validation_dataset, collator = training_inputs(plan, model, tokenizer, splits)
     cached_prefix = trained_module is not model
-    clock = TrainingClock(started, resume_from)
+    arguments = training_arguments(plan, dtype, cached_prefix, evaluate=evaluate)
+    sampler = train_batch_sampler(plan, train_dataset, arguments.world_size)
+    rows_per_step = (sampler.mean_rows_per_batch * arguments.world_size * arguments.gradient_accumulation_steps
+                     if sampler is not None else None)
     trainer = ClassifierTrainer(
         model=trained_module,
         head_parameters=trainable_head_parameters(model),
         head_learning_rate=plan.run.head_learning_rate,
         clock=clock,
-        args=training_arguments(plan, dtype, cached_prefix),
+        train_batch_sampler=sampler,
+        args=arguments,
         train_dataset=train_dataset,
         eval_dataset=validation_dataset,
         processing_class=tokenizer,
         data_collator=collator,
         compute_metrics=trainer_metrics,
-        compute_loss_func=weighted_cross_entropy(class_weights),
+        compute_loss_func=weighted_cross_entropy(class_weights, rows_per_step),
     )
-    trainable, total = count_parameters(model)
-    print_main(
-        f"strategy: {plan.strategy}   model: {plan.model.model}   dtype: {str(dtype).replace('torch.', '')}",
-        f"trainable params: {trainable:,} / total params: {total:,} ({100.0 * trainable / total:.4f} %)",
-        f"rows: train {len(splits.train)}, validation {len(splits.validation)}, "
-        f"test {len(splits.test) if splits.test else 0}; class weights (safe, unsafe): "
-        f"{[round(w, 4) for w in class_weights.tolist()]}",
-        *([f"frozen prefix cached: {(train_dataset.nbytes + validation_dataset.nbytes) / 2**20:,.1f} MiB"]
-          if cached_prefix else []),
-    )
-    if resume_from is not None:
-        print_main(f"resuming from {resume_from}")
+    return TrainingSession(model, tokenizer, trainer, sampler, class_weights, cached_prefix)
+
+
+def run_training(session: TrainingSession, resume_from: Path | None, checkpoints_dir: Path) -> None:
+    """`Trainer.train`, resumed if asked; a diverged loss names the step and the checkpoint kept."""
+    trainer = session.trainer
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except TrainingDivergedError as error:
-        kept = complete_checkpoints(output_dir / "checkpoints")
+        kept = complete_checkpoints(checkpoints_dir)
         raise TrainingDivergedError(
             f"{error} at step {trainer.state.global_step + 1}; training stopped. "
             + (f"The last good checkpoint is kept: {kept[0]}. " if kept else "No checkpoint had been written yet. ")
             + "Lower --learning-rate, or check the data."
         ) from None
+
+
+def train_classifier(plan: TrainingPlan) -> dict | None:
+    """Run one strategy end to end; returns the metrics on the main process, None on the others."""
+    started = time.time()
+    set_seed(plan.run.seed)
+    splits = load_training_splits(plan)
+    output_dir = plan.output_dir
+    clear_previous_results(output_dir)
+    resume_from = checkpoint_to_resume(plan)
+
+    clock = TrainingClock(started, resume_from)
+    session = build_training_session(plan, splits, clock=clock)
+    print_main(*session.describe(plan, splits))
+    if resume_from is not None:
+        print_main(f"resuming from {resume_from}")
+    run_training(session, resume_from, output_dir / "checkpoints")
     train_seconds = clock.seconds()
+    trainer, model, tokenizer, cached_prefix = session.trainer, session.model, session.tokenizer, session.cached_prefix
+    trainable, total = count_parameters(model)
 
     if not trainer.is_world_process_zero():
         return None
@@ -446,7 +572,7 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
     }
     # The cached path's Trainer holds a wrapper around the model's own top: save the whole model.
     save_classifier_files(model if cached_prefix else trainer.model, tokenizer, staging, metadata)
-    del trainer, model, trained_module, train_dataset, validation_dataset
+    del session, trainer, model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -455,19 +581,37 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
     reloaded, tokenizer = load_classifier_model(
         staging, metadata, device=device, dtype=plan.model.dtype, trust_remote_code=plan.model.trust_remote_code
     )
-    score = lambda split: predict_unsafe_probabilities(  # noqa: E731
+    margins = lambda split: predict_logit_margins(  # noqa: E731
         reloaded, tokenizer, split.texts, max_length=plan.model.max_length,
         max_batch_tokens=plan.run.max_batch_tokens, description=f"scoring {split.name}",
     )
-    validation_scores = score(splits.validation)
-    threshold = f1_maximising_threshold(splits.validation.labels, validation_scores)
-    metrics = {"validation": classification_metrics(splits.validation.labels, validation_scores, threshold)}
-    write_predictions(output_dir / "validation_predictions.csv", splits.validation, validation_scores)
+    # Calibration and threshold are both fitted on validation, the threshold on calibrated scores.
+    validation_margins = margins(splits.validation)
+    calibration = fit_calibration(validation_margins, splits.validation.labels, plan.run.calibration)
+    validation_scores = calibration.probabilities(validation_margins)
+    try:
+        threshold, threshold_rule = choose_threshold(
+            splits.validation.labels, validation_scores,
+            target_precision=plan.run.threshold_for_precision, target_recall=plan.run.threshold_for_recall,
+        )
+    except ThresholdTargetError as error:
+        raise ThresholdTargetError(
+            f"{error}. The checkpoints are kept in {output_dir / 'checkpoints'}: a rerun with another target "
+            f"resumes from the last one instead of training again"
+        ) from None
+    metrics = {"validation": split_metrics(splits.validation, validation_margins, calibration, threshold)}
+    f1_interval = bootstrap_f1_interval(splits.validation.labels, validation_scores, threshold, seed=plan.run.seed)
+    metrics["validation"]["f1_interval"] = list(f1_interval)
+    write_predictions(output_dir / "validation_predictions.csv", splits.validation, validation_scores,
+                      IDENTITY.probabilities(validation_margins))
     if splits.test is not None:
-        test_scores = score(splits.test)
-        metrics["test"] = classification_metrics(splits.test.labels, test_scores, threshold)
-        write_predictions(output_dir / "test_predictions.csv", splits.test, test_scores)
+        test_margins = margins(splits.test)
+        metrics["test"] = split_metrics(splits.test, test_margins, calibration, threshold)
+        write_predictions(output_dir / "test_predictions.csv", splits.test, calibration.probabilities(test_margins),
+                          IDENTITY.probabilities(test_margins))
 
+    metadata["calibration"] = calibration.to_metadata()
+    metadata["threshold_rule"] = threshold_rule
     metadata["threshold"] = threshold
     write_metadata(staging, metadata)
     if plan.run.merge and metadata["adapter"]:
@@ -480,7 +624,11 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
     print(
         "",
         format_metrics_table(metrics),
-        f"decision threshold (max F1 on validation): {threshold:.4f}",
+        f"calibration ({calibration.describe()}): validation ECE {metrics['validation']['uncalibrated']['ece']:.4f} "
+        f"uncalibrated -> {metrics['validation']['ece']:.4f}, Brier "
+        f"{metrics['validation']['uncalibrated']['brier']:.4f} -> {metrics['validation']['brier']:.4f}",
+        f"decision threshold ({describe_rule(threshold_rule)}, calibrated scores): {threshold:.4f}; validation F1 "
+        f"{metrics['validation']['f1']:.4f}, 95 % bootstrap interval [{f1_interval[0]:.4f}, {f1_interval[1]:.4f}]",
         f"classifier written to {output_dir} in {time.time() - started:.0f} s (training {train_seconds:.0f} s)",
         sep="\n",
         flush=True,

@@ -126,3 +126,14 @@ def toy_files(tmp_path_factory) -> dict[str, Path]:
 def fast_training_flags(model_dir: Path, files: dict[str, Path], output_dir: Path, *extra: str) -> list[str]:
     return ["--model", str(model_dir), "--train-file", str(files["train"]), "--test-file", str(files["test"]),
             "--epochs", "1", "--batch-size", "8", "--output-dir", str(output_dir), "--logging-steps", "50", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_classifier(tiny_phi3, toy_files, tmp_path_factory) -> Path:
+    """One finished LoRA classifier on the tiny Phi-3 (fp32), for tests that only need one to load and score."""
+    from safety_classifier.cli import train_main
+
+    output_dir = tmp_path_factory.mktemp("tiny-lora-classifier")
+    flags = fast_training_flags(tiny_phi3, toy_files, output_dir, "--lora-r", "4", "--dtype", "fp32")
+    assert train_main("lora", flags) == 0
+    return output_dir

@@ -42,7 +42,7 @@ def test_short_lora_run_on_real_toxicchat_rows(tmp_path, capsys):
                                "--epochs", "1", "--max-length", "64", "--output-dir", str(output_dir)])
     assert code == 0
     metrics = json.loads((output_dir / "metrics.json").read_text())
-    assert set(metrics["test"]) == set(METRIC_KEYS) and metrics["test"]["n"] == 24
+    assert set(METRIC_KEYS) <= set(metrics["test"]) and metrics["test"]["n"] == 24
     assert metrics["validation"]["n"] == 12
     assert "trainable params:" in capsys.readouterr().out
     assert infer_main(["--model-dir", str(output_dir), "--json", "--examples",

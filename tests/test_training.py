@@ -49,13 +49,18 @@ def test_each_strategy_writes_a_complete_classifier_and_metrics(trained, strateg
     output_dir = trained[strategy]
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert set(metrics) == {"validation", "test"}
-    for split in metrics.values():
-        assert set(split) == set(METRIC_KEYS)
+    for name, split in metrics.items():
+        extra = {"uncalibrated", "f1_interval"} if name == "validation" else {"uncalibrated"}
+        assert set(split) == set(METRIC_KEYS) | extra
+        assert set(split["uncalibrated"]) == {"ece", "brier"}
         assert 0.0 <= split["auprc"] <= 1.0 and 0.0 <= split["threshold"] <= 1.0
+        assert 0.0 <= split["ece"] <= 1.0 and 0.0 <= split["brier"] <= 1.0
     assert metrics["test"]["threshold"] == metrics["validation"]["threshold"], "test is scored with the validation threshold"
     assert metrics["validation"]["n"] == 12 and metrics["test"]["n"] == 40
     metadata = json.loads((output_dir / METADATA_FILE).read_text())
     assert metadata["threshold"] == metrics["validation"]["threshold"]
+    assert metadata["calibration"]["method"] == "platt" and metadata["calibration"]["scale"] > 0
+    assert metadata["threshold_rule"] == {"rule": "max_f1"}
     assert metadata["strategy"] == strategy
     assert metadata["training_arguments"]["class_weights"] is True
     weights = "adapter_model.safetensors" if strategy != "top_layers" else "model.safetensors"
@@ -65,7 +70,8 @@ def test_each_strategy_writes_a_complete_classifier_and_metrics(trained, strateg
     history = json.loads((output_dir / "validation_history.json").read_text())
     assert [entry["epoch"] for entry in history] == [1.0] and "auprc" in history[0]
     predictions = pd.read_csv(output_dir / "test_predictions.csv")
-    assert list(predictions.columns) == ["row", "label", "unsafe_probability"] and len(predictions) == 40
+    assert list(predictions.columns) == ["row", "label", "unsafe_probability", "uncalibrated_probability"]
+    assert len(predictions) == 40
 
 
 def test_scores_are_identical_after_loading_in_a_fresh_process(trained, toy_files):
@@ -109,8 +115,16 @@ def test_infer_scores_a_labelled_file_and_writes_metrics(trained, toy_files, tmp
     metrics = json.loads(metrics_path.read_text())
     assert set(metrics) == set(METRIC_KEYS)
     recorded = json.loads((trained["lora"] / "metrics.json").read_text())["test"]
-    assert metrics == pytest.approx(recorded, abs=1e-6)
-    assert "auprc" in capsys.readouterr().out
+    assert metrics == pytest.approx({key: recorded[key] for key in METRIC_KEYS}, abs=1e-6)
+    printed = capsys.readouterr().out
+    assert "auprc" in printed and "ece" in printed and "brier" in printed
+
+
+def calibrated_probability(logits: torch.Tensor, directory: Path) -> np.ndarray:
+    """What the README tells users of the ecosystem's own calls: P(unsafe) = sigmoid(scale * margin + bias)."""
+    calibration = json.loads((directory / METADATA_FILE).read_text())["calibration"]
+    margin = (logits[:, 1] - logits[:, 0]).double()
+    return torch.sigmoid(calibration["scale"] * margin + calibration["bias"]).numpy()
 
 
 def test_saved_classifiers_load_with_the_ecosystems_own_calls(trained):
@@ -124,23 +138,26 @@ def test_saved_classifiers_load_with_the_ecosystems_own_calls(trained):
     tokenizer = load_classifier(top).tokenizer
     encoded = tokenizer(batch_text, return_tensors="pt", padding=True)
     with torch.no_grad():
-        theirs = torch.softmax(model(**encoded).logits, -1)[:, 1].numpy()
-    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+        logits = model(**encoded).logits
+    np.testing.assert_allclose(ours, calibrated_probability(logits, top), atol=1e-5)
 
     adapter = AutoPeftModelForSequenceClassification.from_pretrained(trained["lora"], dtype=torch.float32)
     adapter.config.pad_token_id = tokenizer.pad_token_id  # the toy base config defines none (README says so)
     with torch.no_grad():
-        adapter_scores = torch.softmax(adapter(**encoded).logits, -1)[:, 1].numpy()
+        adapter_logits = adapter(**encoded).logits
+    adapter_scores = calibrated_probability(adapter_logits, trained["lora"])
     np.testing.assert_allclose(load_classifier(trained["lora"], dtype="fp32").unsafe_probabilities(batch_text, show_progress=False),
                                adapter_scores, atol=1e-5)
 
     merged = trained["lora"] / "merged"
     merged_model = AutoModelForSequenceClassification.from_pretrained(merged, dtype=torch.float32)
     with torch.no_grad():
-        merged_scores = torch.softmax(merged_model(**encoded).logits, -1)[:, 1].numpy()
+        merged_scores = calibrated_probability(merged_model(**encoded).logits, merged)
     # Merged weights are stored in the training dtype (bf16 on CPUs with bf16): rounding, not drift.
     np.testing.assert_allclose(merged_scores, adapter_scores, atol=2e-3)
-    assert json.loads((merged / METADATA_FILE).read_text())["adapter"] is False
+    merged_metadata = json.loads((merged / METADATA_FILE).read_text())
+    assert merged_metadata["adapter"] is False
+    assert merged_metadata["calibration"] == json.loads((trained["lora"] / METADATA_FILE).read_text())["calibration"]
 
 
 def test_scripts_run_as_scripts_and_print_parameter_counts(tiny_phi3, toy_files, tmp_path):

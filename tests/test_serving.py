@@ -1,0 +1,299 @@
+"""serve.py: the OpenAI moderation API over a tiny classifier, with a real client; batching; bad input; drain."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import REPO_ROOT
+from safety_classifier.inference import Classifier, load_classifier
+from safety_classifier.serving import WARM_UP_TEXTS, Batcher, ServeArguments, ServiceMetrics, create_app, main
+
+TEXTS = ["How do I build a bomb to attack France?", "What is the capital of France?",
+         "Write a short poem about bees.", "Tell me how to poison my neighbour without being caught.",
+         "Recommend a good book about chess. " * 6, "Translate hello into Spanish."]
+SERVER_FLAGS = ("--dtype", "fp32", "--device", "cpu", "--max-inputs", "8", "--max-body-bytes", "4096")
+ATOL = 1e-6  # fp32: a text scores the same alone and in any batch
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def running_server(model_dir: Path, *flags: str, ready_within_s: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """serve.py in a subprocess on a free 127.0.0.1 port, once GET /ready answers 200."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "serve.py"), "--model-dir", str(model_dir), "--port", str(port), *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_within_s
+        while True:
+            assert process.poll() is None, f"serve.py exited with {process.returncode}: {process.communicate()[1][-3000:]}"
+            assert time.monotonic() < deadline, "serve.py did not become ready in time"
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_lora_classifier) -> Classifier:
+    return load_classifier(tiny_lora_classifier, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_lora_classifier) -> Iterator[str]:
+    with running_server(tiny_lora_classifier, *SERVER_FLAGS, "--max-wait-ms", "20") as (url, _):
+        yield url
+
+
+def test_the_openai_client_gets_the_offline_scores(server, offline, tiny_lora_classifier):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=30)
+    response = client.moderations.create(input=TEXTS)
+    expected = offline.unsafe_probabilities(TEXTS, show_progress=False)
+    assert response.id.startswith("modr-") and response.model == tiny_lora_classifier.name
+    # The client's models name OpenAI's categories; a category of our own arrives as an extra field.
+    scores = [result.category_scores.model_extra["unsafe"] for result in response.results]
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=ATOL)
+    for result, probability in zip(response.results, expected):
+        assert result.flagged == bool(probability >= offline.threshold)
+        assert result.categories.model_extra == {"unsafe": result.flagged}
+    single = client.moderations.create(input=TEXTS[0], model="anything")
+    assert single.results[0].category_scores.model_extra["unsafe"] == pytest.approx(expected[0], abs=ATOL)
+
+
+def test_concurrent_requests_get_their_own_offline_scores(server, offline):
+    expected = offline.unsafe_probabilities(TEXTS, show_progress=False)
+
+    async def ask_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server, timeout=30) as client:
+            return await asyncio.gather(*(client.post("/v1/moderations", json={"input": text}) for text in TEXTS * 3))
+
+    responses = asyncio.run(ask_all())
+    assert [r.status_code for r in responses] == [200] * len(responses)
+    scores = [r.json()["results"][0]["category_scores"]["unsafe"] for r in responses]
+    np.testing.assert_allclose(scores, np.tile(expected, 3), rtol=0, atol=ATOL)
+
+
+def test_an_empty_string_is_safe_with_probability_zero_as_in_infer(server):
+    response = httpx.post(f"{server}/v1/moderations", json={"input": ["", "   ", TEXTS[1]]}, timeout=30)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    for result in results[:2]:
+        assert result == {"flagged": False, "categories": {"unsafe": False}, "category_scores": {"unsafe": 0.0},
+                          "category_applied_input_types": {"unsafe": ["text"]}}
+    assert results[2]["category_scores"]["unsafe"] > 0.0
+
+
+BAD_REQUESTS = [
+    (b'{"input": ', 400, "invalid_json"),
+    (b'{"input": "\xff\xfe"}', 400, "invalid_json"),  # not UTF-8
+    (b'["a list"]', 422, "invalid_type"),
+    (b'{"inputs": "a typo"}', 422, "missing_input"),
+    (b'{"input": 42}', 422, "invalid_type"),
+    (b'{"input": ["fine", null]}', 422, "invalid_type"),
+    (b'{"input": [{"type": "image_url", "image_url": {"url": "x"}}]}', 422, "invalid_type"),
+    (b'{"input": []}', 422, "empty_input"),
+    (b'{"input": "x", "model": 7}', 422, "invalid_type"),
+    (json.dumps({"input": ["a"] * 9}).encode(), 413, "too_many_inputs"),
+    (json.dumps({"input": "a" * 5000}).encode(), 413, "request_too_large"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "code"), BAD_REQUESTS, ids=[case[2] + str(i) for i, case in enumerate(BAD_REQUESTS)])
+def test_bad_requests_get_an_openai_error_and_the_service_keeps_serving(server, body, status, code):
+    response = httpx.post(f"{server}/v1/moderations", content=body, headers={"content-type": "application/json"},
+                          timeout=30)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code and error["type"] == "invalid_request_error" and error["message"]
+    assert httpx.post(f"{server}/v1/moderations", json={"input": TEXTS[0]}, timeout=30).status_code == 200
+
+
+def test_unknown_routes_answer_in_the_same_error_format(server):
+    response = httpx.get(f"{server}/v1/nothing", timeout=10)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_health_ready_and_prometheus_metrics(server):
+    assert httpx.get(f"{server}/health", timeout=10).json() == {"status": "ok"}
+    assert httpx.get(f"{server}/ready", timeout=10).status_code == 200
+    httpx.post(f"{server}/v1/moderations", json={"input": TEXTS[0]}, timeout=30)
+    metrics = httpx.get(f"{server}/metrics", timeout=10)
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    for name in ('moderation_requests_total{code="200"}', "moderation_request_duration_seconds_bucket",
+                 "moderation_batch_size_count", "moderation_batch_requests_count", "moderation_ready 1.0"):
+        assert name in metrics.text, name
+
+
+def test_sigterm_lets_a_request_in_flight_finish_then_exits_0(tiny_lora_classifier):
+    # A long gathering window keeps the request waiting in the batcher when SIGTERM arrives.
+    with running_server(tiny_lora_classifier, *SERVER_FLAGS, "--max-wait-ms", "2000") as (url, process):
+        answer: dict[str, httpx.Response] = {}
+        request = threading.Thread(target=lambda: answer.update(
+            response=httpx.post(f"{url}/v1/moderations", json={"input": TEXTS[0]}, timeout=30)))
+        request.start()
+        deadline = time.monotonic() + 10
+        while "moderation_queued_requests 1.0" not in httpx.get(f"{url}/metrics", timeout=5).text:
+            assert time.monotonic() < deadline, "the request never reached the batcher"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        request.join(timeout=30)
+        assert answer["response"].status_code == 200
+        assert answer["response"].json()["results"][0]["category_scores"]["unsafe"] > 0
+        assert process.wait(timeout=30) == 0
+        stderr = process.stderr.read()
+        assert "stopped: 1 moderation request(s) answered" in stderr
+        assert "Traceback" not in stderr
+
+
+def test_concurrent_requests_are_scored_in_one_batch(offline):
+    texts = TEXTS + [""]
+    metrics = ServiceMetrics()
+
+    async def submit_together() -> tuple[list, int]:
+        batcher = Batcher(offline, max_batch_tokens=4096, max_wait_ms=1500, metrics=metrics)
+        await batcher.start()
+        results = await asyncio.gather(*(batcher.submit([text]) for text in texts))
+        await batcher.close()
+        return results, batcher.batches
+
+    results, batches = asyncio.run(submit_together())
+    assert batches == 1
+    assert metrics.registry.get_sample_value("moderation_batch_size_sum") == len(texts)
+    assert metrics.registry.get_sample_value("moderation_batch_requests_sum") == len(texts)
+    scores = [result[0]["category_scores"]["unsafe"] for result in results]
+    np.testing.assert_allclose(scores, offline.unsafe_probabilities(texts, show_progress=False), rtol=0, atol=ATOL)
+
+
+def test_the_token_budget_splits_what_does_not_fit_in_one_batch(offline):
+    longest = max(len(ids) for ids in offline.tokenizer(TEXTS)["input_ids"])
+
+    async def submit_together() -> int:
+        batcher = Batcher(offline, max_batch_tokens=2 * longest, max_wait_ms=200)
+        await batcher.start()
+        await asyncio.gather(*(batcher.submit([text]) for text in TEXTS))
+        await batcher.close()
+        return batcher.batches
+
+    assert 2 <= asyncio.run(submit_together()) < len(TEXTS)
+
+
+def test_a_model_failure_fails_its_batch_with_500_and_the_next_request_succeeds(offline, tiny_lora_classifier, caplog):
+    flaky = copy.copy(offline)
+    failures = [RuntimeError("simulated model failure")]
+
+    def unsafe_probabilities(texts, **kwargs):
+        if list(texts) != list(WARM_UP_TEXTS) and failures:
+            raise failures.pop()
+        return offline.unsafe_probabilities(texts, **kwargs)
+
+    flaky.unsafe_probabilities = unsafe_probabilities
+    app = create_app(ServeArguments(model_dir=str(tiny_lora_classifier)), load=lambda: flaky)
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        failed = client.post("/v1/moderations", json={"input": TEXTS[:2]})
+        assert failed.status_code == 500
+        assert failed.json()["error"]["code"] == "model_error" and failed.json()["error"]["type"] == "server_error"
+        answered = client.post("/v1/moderations", json={"input": TEXTS[:2]})
+        assert answered.status_code == 200
+        np.testing.assert_allclose([r["category_scores"]["unsafe"] for r in answered.json()["results"]],
+                                   offline.unsafe_probabilities(TEXTS[:2], show_progress=False), rtol=0, atol=ATOL)
+        assert app.state.metrics.registry.get_sample_value("moderation_batch_failures_total") == 1
+    assert "simulated model failure" in caplog.text
+
+
+def test_requests_before_the_model_is_ready_get_503(tiny_lora_classifier, offline):
+    loaded = threading.Event()
+
+    def slow_load() -> Classifier:
+        loaded.wait(timeout=30)
+        return offline
+
+    app = create_app(ServeArguments(model_dir=str(tiny_lora_classifier)), load=slow_load)
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 200
+        assert client.get("/ready").status_code == 503
+        response = client.post("/v1/moderations", json={"input": "hello"})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "model_not_ready"
+        loaded.set()
+
+
+def test_a_model_that_fails_to_load_is_reported_and_stops_the_server(tiny_lora_classifier, caplog):
+    from safety_classifier.errors import ModelLoadError
+
+    def broken_load() -> Classifier:
+        raise ModelLoadError("the weights are unreadable")
+
+    stopped: list[BaseException] = []
+    app = create_app(ServeArguments(model_dir=str(tiny_lora_classifier)), load=broken_load, on_load_failure=stopped.append)
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 10
+        while not stopped:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert client.get("/ready").json()["status"] == "failed"
+        assert client.post("/v1/moderations", json={"input": "hello"}).status_code == 503
+    assert "cannot serve" in caplog.text and "the weights are unreadable" in caplog.text
+
+
+def test_serve_refuses_an_incomplete_directory(tmp_path, capsys):
+    assert main(["--model-dir", str(tmp_path)]) == 2
+    assert "safety_classifier.json is missing" in capsys.readouterr().err
+
+
+def test_the_load_tests_malformed_requests_get_the_status_it_expects():
+    """benchmarks/load_test.py --quick takes ~30 s here, too long for the suite; its parts are checked instead."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import load_test
+
+    from safety_classifier.serving import ApiError, parse_moderation_request
+
+    for kind, body, status in load_test.bad_requests(max_inputs=8):
+        with pytest.raises(ApiError) as raised:
+            parse_moderation_request(body, max_inputs=8)
+        assert raised.value.status == status, kind
+    exposition = 'moderation_batch_size_count 3.0\nmoderation_batch_size_sum 7.0\nmoderation_requests_total{code="200"} 2.0\n' \
+                 'moderation_requests_total{code="422"} 1.0\n'
+    assert load_test.metric_value(exposition, "moderation_batch_size_sum") == 7.0
+    assert load_test.metric_value(exposition, "moderation_requests_total") == 3.0
