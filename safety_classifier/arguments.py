@@ -113,7 +113,11 @@ class TopLayersArguments:
 class LoraArguments:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Dropout on the LoRA path's input; 0 by default: 0.05 made a CPU training step 23 %% "
+                          "slower (a dropped-out copy of every adapted layer's input; README, Performance)."},
+    )
     target_modules: list[str] | None = field(
         default=None, metadata={"help": "Module names to adapt; default: every linear layer inside the blocks."}
     )

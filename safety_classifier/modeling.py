@@ -209,7 +209,7 @@ def freeze_all_but_top_layers(model: nn.Module, num_layers: int) -> None:
 class LoraSettings:
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    dropout: float = 0.0
     target_modules: list[str] | None = None
 
 
