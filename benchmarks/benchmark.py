@@ -14,10 +14,11 @@ Measured:
 * LoRA r=16 training: one real epoch over the training file through the toolkit's own `Trainer`
   path (token-budget batches, the scripts' defaults), timed whole: minutes, real (non-pad)
   tokens/s and `train_mfu` (4 x non-embedding parameters per real token: the forward and the
-  activations' backward, over the measured bf16 peak); the reference's timed steps (forward +
+  activations' backward, over the measured matmul peak of the dtype the toolkit computes in:
+  bf16 where the CPU has it natively, else fp32); the reference's timed steps (forward +
   backward + AdamW, padded to 1,024) give its rate, extrapolated per row;
 * top-2 with prefix caching: one cached epoch (after the first) / one uncached epoch, same rows;
-* matmul peak (bf16, fp32) and the scoring MFU against it.
+* matmul peak (bf16, fp32; bf16 on a small product where it is emulated) and the MFUs against it.
 
 The reference is ~1024/50 times more tokens per prompt, so it runs on few rows; its per-row cost
 does not depend on the prompt (every row is 1,024 tokens), so its rates are extrapolated per row
@@ -51,7 +52,6 @@ import transformers  # noqa: E402
 from safety_classifier.cli import parse_training_plan  # noqa: E402
 from safety_classifier.console import quiet_library_noise  # noqa: E402
 from safety_classifier.embedded import EMBEDDED_ALIAS, resolve_model_reference  # noqa: E402
-from safety_classifier.training import build_training_session, load_training_splits  # noqa: E402
 from safety_classifier.inference import predict_unsafe_probabilities  # noqa: E402
 from safety_classifier.modeling import (  # noqa: E402
     LoraSettings,
@@ -65,6 +65,7 @@ from safety_classifier.prefix_cache import (  # noqa: E402
     TopLayersOnCachedPrefix,
     build_cached_dataset,
 )
+from safety_classifier.training import build_training_session, load_training_splits  # noqa: E402
 
 REFERENCE_LENGTH = 1024
 BATCH_SIZE = 8
@@ -216,9 +217,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- matmul peak --------------------------------------------------------------------------
     seconds = 0.6 if args.quick else 2.0
-    bf16_tflops = matmul_tflops(torch.bfloat16, cfg["matmul_n"], seconds)
+    bf16_native = auto_dtype == torch.bfloat16
+    # Without native bf16 (e.g. AVX2-only CPUs) torch emulates it: one 2048^3 product takes about a
+    # minute, so a 512^3 one, timed twice, shows the rate that makes `auto` pick fp32.
+    bf16_tflops = matmul_tflops(torch.bfloat16, cfg["matmul_n"] if bf16_native else 512, seconds if bf16_native else 0)
     fp32_tflops = matmul_tflops(torch.float32, cfg["matmul_n"], seconds)
-    peak = bf16_tflops if auto_dtype == torch.bfloat16 else fp32_tflops
+    # Every MFU is over the peak of the dtype the toolkit computes in.
+    peak = bf16_tflops if bf16_native else fp32_tflops
 
     # The toolkit's parts run first, so that its peak memory can be read before the reference's
     # pad-to-1,024 batches (gigabytes of activations) raise the process's high-water mark.
@@ -295,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- reference: LoRA r=16 training steps ----------------------------------------------------
     mean_real_len = float(np.minimum(lengths, REFERENCE_LENGTH).mean())
-    ref_lora = build_model("lora", model_path, tokenizer, torch.float32, lora=LoraSettings(r=16, alpha=32))
+    ref_lora = build_model("lora", model_path, tokenizer, torch.float32,
+                           lora=LoraSettings(r=16, alpha=32, dropout=0.05))  # the reference's dropout
     ref_rows = cfg["ref_train_rows"]
     ref_batches = [pad_batch(tokenizer, train_ids[i * ref_rows : (i + 1) * ref_rows], REFERENCE_LENGTH)
                    for i in range(cfg["ref_train_steps"])]
@@ -329,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
          f"{cached_s:.2f} cached (+{prefix_s:.2f} once)", f"{cached_topn_epoch_ratio:.3f}"),
         (f"top-{top_n} first cached epoch / uncached", "", f"{(cached_s + prefix_s) / uncached_s:.3f}", ""),
         ("prefix cache size", "", f"{cache_mib:.1f} MiB ({dtype_name})", ""),
-        ("matmul TFLOP/s", f"{fp32_tflops:.3f} fp32", f"{bf16_tflops:.3f} bf16", ""),
+        ("matmul TFLOP/s", f"{fp32_tflops:.3f} fp32",
+         f"{bf16_tflops:.3f} bf16" + ("" if bf16_native else f" (emulated; fp32 {fp32_tflops:.3f})"), ""),
         ("peak RSS MB", f"{peak_rss_mb():.0f} (whole process)", f"{toolkit_peak_rss_mb:.0f}", ""),
     ]
 
@@ -344,6 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cached_topn_first_epoch_ratio": round((cached_s + prefix_s) / uncached_s, 4),
         "bf16_matmul_tflops": round(bf16_tflops, 4),
         "fp32_matmul_tflops": round(fp32_tflops, 4),
+        "mfu_peak_dtype": dtype_name,
         "infer_mfu": round(infer_mfu, 4),
         "reference_infer_mfu": round(ref_mfu, 4),
         "reference_infer_prompts_per_s": round(ref_prompts_per_s, 4),

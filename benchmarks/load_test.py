@@ -29,7 +29,6 @@ import httpx
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "toxicchat" / "toxicchat0124_train.csv"
 BUILT_IN_PROMPTS = [
     "What is the capital of France?", "Tell me how to shoplift without getting caught.",
@@ -47,13 +46,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=None, help="Requests to send (default 2000; --quick: 40).")
     parser.add_argument("--concurrency", type=int, default=None, help="Requests in flight at once (default 32; --quick: 8).")
     parser.add_argument("--bad-fraction", type=float, default=0.1, help="Share of malformed requests.")
-    parser.add_argument("--data-file", default=str(DEFAULT_DATA), help="CSV with a user_input column (built-in prompts if absent).")
+    parser.add_argument("--data-file", default=str(DEFAULT_DATA),
+                        help="CSV with a user_input column (built-in prompts if absent).")
     parser.add_argument("--device", default=None, help="Passed to the server and the offline scoring.")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="Passed to the server.")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="Passed to the server.")
-    parser.add_argument("--max-inputs", type=int, default=64, help="Passed to the server; the too-many-inputs requests send one more.")
-    parser.add_argument("--tolerance", type=float, default=1e-3, help="Largest |served - offline| P(unsafe) accepted (bf16 batches differ slightly).")
+    parser.add_argument("--max-inputs", type=int, default=64,
+                        help="Passed to the server; the too-many-inputs requests send one more.")
+    parser.add_argument("--tolerance", type=float, default=1e-3,
+                        help="Largest |served - offline| P(unsafe) accepted (bf16 batches differ slightly).")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="Seconds to wait for the server's /ready.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="A tiny smoke run: 40 requests at concurrency 8.")
@@ -88,19 +90,6 @@ def bad_requests(max_inputs: int) -> list[tuple[str, bytes, int]]:
     ]
 
 
-def quiet_libraries() -> None:
-    """Keep the output to the table and the JSON line: no load reports, progress bars or deprecation notes."""
-    import logging
-    import warnings
-
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -120,8 +109,7 @@ def start_server(args: argparse.Namespace, port: int, log) -> subprocess.Popen:
                         ("--max-wait-ms", args.max_wait_ms)):
         if value is not None:
             command += [flag, str(value)]
-    return subprocess.Popen(command, stdout=log, stderr=log, cwd=REPO_ROOT,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    return subprocess.Popen(command, stdout=log, stderr=log, cwd=REPO_ROOT)
 
 
 def wait_until_ready(url: str, process: subprocess.Popen, timeout: float) -> float:
@@ -209,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     good, bad = results[:len(prompts)], results[len(prompts):]
 
     # Offline, as infer.py scores: all the prompts in one call, same device and dtype.
+    from safety_classifier.console import quiet_library_noise
     from safety_classifier.inference import load_classifier
 
-    quiet_libraries()
+    quiet_library_noise()
 
     classifier = load_classifier(args.model_dir, device=args.device, dtype=args.dtype)
     classifier.unsafe_probabilities(prompts[:8], show_progress=False)  # warm-up, as the server's

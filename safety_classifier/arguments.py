@@ -46,11 +46,15 @@ class DataArguments:
 class RunArguments:
     output_dir: str | None = field(default=None, metadata={"help": "Where the classifier lands; runs/<strategy> if unset."})
     epochs: float = field(default=2.0, metadata={"help": "Training epochs."})
-    learning_rate: float | None = field(default=None, metadata={"help": "Peak learning rate; a per-strategy default if unset."})
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Peak learning rate; unset: 2.5e-4 top-N, 1e-3 LoRA/QLoRA, for token-budget batches "
+                          "(with --batch-size 8: 5e-5 and 2e-4)."},
+    )
     head_learning_rate: float = field(
-        default=1e-3,
+        default=5e-3,
         metadata={"help": "Peak learning rate of the classification head, which starts from random weights and so "
-                          "needs a larger one than the pretrained weights."},
+                          "needs a larger one than the pretrained weights (with --batch-size 8: 1e-3)."},
     )
     batch_size: int | None = field(
         default=None,

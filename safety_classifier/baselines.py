@@ -12,7 +12,7 @@ rows choose their checkpoint; the test split is never looked at here.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

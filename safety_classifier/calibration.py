@@ -96,7 +96,8 @@ def fit_calibration(margins: ArrayLike, labels: ArrayLike, method: str = "platt"
     if not (scale > 0 and math.isfinite(scale) and math.isfinite(bias)):
         # A non-increasing map would rank safe above unsafe: the validation scores carry no usable
         # ranking, so keep the raw scores rather than invert them.
-        warnings.warn(f"{method} calibration gave a slope of {scale:.3g} on validation; no calibration applied")
+        warnings.warn(f"{method} calibration gave a slope of {scale:.3g} on validation; no calibration applied",
+                      stacklevel=2)
         return IDENTITY
     return Calibration(method, scale, bias)
 
@@ -258,4 +259,5 @@ def choose_threshold(labels: ArrayLike, probabilities: ArrayLike, *, target_prec
 def describe_rule(rule: dict) -> str:
     if rule["rule"] == "max_f1":
         return "max F1 on validation"
-    return f"highest {'recall' if rule['rule'] == 'precision' else 'precision'} at {rule['rule']} >= {rule['target']} on validation"
+    other = "recall" if rule["rule"] == "precision" else "precision"
+    return f"highest {other} at {rule['rule']} >= {rule['target']} on validation"

@@ -16,7 +16,6 @@ import re
 import warnings
 
 import datasets
-
 from transformers import ProgressCallback
 from transformers.utils import logging as transformers_logging
 

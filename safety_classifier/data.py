@@ -36,7 +36,7 @@ class LabelledSplit:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, indices: np.ndarray) -> "LabelledSplit":
+    def subset(self, indices: np.ndarray) -> LabelledSplit:
         return LabelledSplit(
             self.name,
             [self.texts[i] for i in indices],

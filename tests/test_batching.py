@@ -10,11 +10,10 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 from accelerate import Accelerator, skip_first_batches
+from conftest import REPO_ROOT
 from torch.utils.data import DataLoader
 
-from conftest import REPO_ROOT
 from safety_classifier.batching import TokenBudgetBatchSampler
 
 

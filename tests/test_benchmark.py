@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT, SHARED_DATA
 
 REQUIRED_KEYS = ("infer_prompts_per_s", "infer_speedup_vs_pad1024", "train_tokens_per_s", "train_speedup_vs_pad1024",

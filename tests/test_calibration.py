@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO_ROOT, fast_training_flags
 from scipy.special import expit
 
-from conftest import REPO_ROOT, fast_training_flags
 from safety_classifier.artifacts import FORMAT_VERSION, METADATA_FILE
 from safety_classifier.calibration import (
     IDENTITY,
@@ -268,8 +268,8 @@ def test_a_directory_saved_before_calibration_scores_as_before(calibrated_run, t
     classifier = load_classifier(old, dtype="fp32")
     assert classifier.calibration == IDENTITY
     with torch.inference_mode():
-        softmax = [torch.softmax(classifier.model(**classifier.tokenizer([text], return_tensors="pt")).logits.float(), -1)[0, 1].item()
-                   for text in texts]
+        logits = [classifier.model(**classifier.tokenizer([text], return_tensors="pt")).logits.float() for text in texts]
+        softmax = [torch.softmax(row, -1)[0, 1].item() for row in logits]
     np.testing.assert_allclose(classifier.unsafe_probabilities(texts, show_progress=False), softmax, rtol=0, atol=1e-6)
     assert infer_main(["--model-dir", str(old), "--dtype", "fp32", "--json", "--examples", *texts]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -6,10 +6,9 @@ import json
 import sys
 
 import numpy as np
-import pytest
 import torch
-
 from conftest import REPO_ROOT, synthetic_rows
+
 from safety_classifier.baselines import C_GRID, fit_logistic_probe, fit_tfidf_logistic_regression, frozen_features
 from safety_classifier.modeling import build_model, load_tokenizer
 
@@ -81,8 +80,20 @@ def test_the_table_shows_each_rows_file_and_names_the_missing_rows(tmp_path):
     validation = table.split("Validation split")[1].splitlines()
     assert validation[2] == ("| Method | AUPRC after epoch 1 | AUPRC after epoch 2 | Saved classifier: AUPRC "
                              "| Saved classifier: F1 at its threshold |")
-    assert validation[4:] == ["| method tfidf-logreg | — | — | 0.760 | 0.600 |",
-                              "| method lora-r16 | 0.650 | 0.710 | 0.710 | 0.600 |"], "baselines have no epochs"
+    assert validation[4:7] == ["| method tfidf-logreg | — | — | 0.760 | 0.600 |",
+                               "| method lora-r16 | 0.650 | 0.710 | 0.710 | 0.600 |", ""], "baselines have no epochs"
+
+
+def test_the_guard_model_table_puts_our_f1_among_the_published_ones_best_first():
+    rows = [_row("lora-r16", 0.7)]
+    rows[0]["test"]["f1"] = 0.79
+    lines = report.guard_model_table(rows)
+    body = [line for line in lines if line.startswith("| ") and not line.startswith("| Model")]
+    assert len(body) == len(report.PUBLISHED_GUARD_F1) + 1
+    assert body[0] == "| Qwen3Guard-8B (loose) (published) | no | 82.8 |"
+    assert body[1] == "| method lora-r16, B (this toolkit) | yes | 79.0 |", "ours, between 82.8 and 78.8"
+    assert body[2] == "| GuardReasoner-8B (published) | no | 78.8 |"
+    assert "were not trained on ToxicChat" in lines[0]
 
 
 def test_the_readme_table_is_the_one_generated_from_results():

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import synthetic_rows
+
 from safety_classifier.data import load_splits, read_table
 from safety_classifier.errors import DataError
 
@@ -124,7 +124,8 @@ def test_max_train_samples_draws_a_stratified_subset(tmp_path):
 
 
 def test_extra_columns_are_kept_for_reporting(tmp_path):
-    splits = splits_of(write_csv(tmp_path, synthetic_rows(50, 6)), test_file=str(write_csv(tmp_path, synthetic_rows(20, 7), "t.csv")))
+    test_file = str(write_csv(tmp_path, synthetic_rows(20, 7), "t.csv"))
+    splits = splits_of(write_csv(tmp_path, synthetic_rows(50, 6)), test_file=test_file)
     assert list(splits.test.extra.columns) == ["jailbreaking"]
     assert len(splits.test.extra) == 20
 

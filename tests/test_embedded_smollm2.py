@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import SHARED_DATA
 from transformers import AutoModelForSequenceClassification
 
-from conftest import SHARED_DATA
 from safety_classifier.cli import infer_main, train_main
 from safety_classifier.embedded import EMBEDDED_ALIAS, materialise_embedded_model
 from safety_classifier.metrics import METRIC_KEYS

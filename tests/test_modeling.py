@@ -111,8 +111,10 @@ def test_scores_come_back_in_input_order_whatever_the_batching(tiny_phi3):
     tokenizer = load_tokenizer(path)
     model = build_model("top_layers", path, tokenizer, torch.float32, num_layers=0)
     prompts = PROMPTS * 3 + ["", "   ", None]
-    one_batch = predict_unsafe_probabilities(model, tokenizer, prompts, max_length=64, max_batch_tokens=100_000, show_progress=False)
-    tiny_batches = predict_unsafe_probabilities(model, tokenizer, prompts, max_length=64, max_batch_tokens=16, show_progress=False)
+    one_batch = predict_unsafe_probabilities(model, tokenizer, prompts, max_length=64, max_batch_tokens=100_000,
+                                             show_progress=False)
+    tiny_batches = predict_unsafe_probabilities(model, tokenizer, prompts, max_length=64, max_batch_tokens=16,
+                                                show_progress=False)
     reversed_scores = predict_unsafe_probabilities(model, tokenizer, prompts[::-1], max_length=64, show_progress=False)
     np.testing.assert_allclose(one_batch, tiny_batches, atol=1e-6)
     np.testing.assert_allclose(one_batch, reversed_scores[::-1], atol=1e-6)
@@ -140,8 +142,9 @@ def test_class_weighted_loss_is_the_weighted_cross_entropy():
     per_row = -torch.log_softmax(logits, -1)[torch.arange(3), batch_labels]
     row_weights = weights[batch_labels]
     loss = weighted_cross_entropy(weights)
-    assert loss({"logits": logits}, batch_labels).item() == pytest.approx((row_weights * per_row).sum().item() / row_weights.sum().item())
-    assert loss({"logits": logits}, batch_labels, num_items_in_batch=6).item() == pytest.approx((row_weights * per_row).sum().item() / 6)
+    weighted_sum = (row_weights * per_row).sum().item()
+    assert loss({"logits": logits}, batch_labels).item() == pytest.approx(weighted_sum / row_weights.sum().item())
+    assert loss({"logits": logits}, batch_labels, num_items_in_batch=6).item() == pytest.approx(weighted_sum / 6)
     unweighted = weighted_cross_entropy(torch.ones(2))({"logits": logits}, batch_labels)
     assert unweighted.item() == pytest.approx(per_row.mean().item())
 

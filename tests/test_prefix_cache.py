@@ -181,9 +181,9 @@ def test_the_wrapper_trains_with_the_transformers_trainer(tiny_phi3, tmp_path):
 @pytest.mark.parametrize("num_layers", ["0", "1"])
 def test_train_full_layers_with_the_cache_equals_training_without_it(tiny_phi3, toy_files, tmp_path, capsys, num_layers):
     """The whole recipe (Trainer, 2 epochs, best checkpoint, reload, scoring) with and without the cache."""
+    from conftest import fast_training_flags
     from safetensors.torch import load_file
 
-    from conftest import fast_training_flags
     from safety_classifier.cli import train_main
 
     runs = {}

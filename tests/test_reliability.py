@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT, fast_training_flags, synthetic_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, fast_training_flags, synthetic_rows
 from safety_classifier import training
 from safety_classifier.artifacts import METADATA_FILE
 from safety_classifier.cli import infer_main, parse_training_plan, train_main
@@ -73,7 +73,8 @@ def run_killed_after_its_first_checkpoint(strategy: str, flags: list[str]) -> su
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_same_result(tiny_phi3, toy_files, tmp_path, uninterrupted, capsys):
+def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_same_result(tiny_phi3, toy_files, tmp_path,
+                                                                            uninterrupted, capsys):
     output_dir = tmp_path / "killed"
     flags = fast_training_flags(tiny_phi3, toy_files, output_dir, *RESUMABLE)
     killed = run_killed_after_its_first_checkpoint("lora", flags)

@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from fastapi.testclient import TestClient
 
-from conftest import REPO_ROOT
 from safety_classifier.inference import Classifier, load_classifier
 from safety_classifier.serving import WARM_UP_TEXTS, Batcher, ServeArguments, ServiceMetrics, create_app, main
 

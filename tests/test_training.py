@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO_ROOT, fast_training_flags
 from transformers import AutoModelForSequenceClassification
 
-from conftest import REPO_ROOT, fast_training_flags
 from safety_classifier.artifacts import METADATA_FILE
 from safety_classifier.cli import infer_main, train_main
 from safety_classifier.inference import load_classifier
@@ -146,8 +146,8 @@ def test_saved_classifiers_load_with_the_ecosystems_own_calls(trained):
     with torch.no_grad():
         adapter_logits = adapter(**encoded).logits
     adapter_scores = calibrated_probability(adapter_logits, trained["lora"])
-    np.testing.assert_allclose(load_classifier(trained["lora"], dtype="fp32").unsafe_probabilities(batch_text, show_progress=False),
-                               adapter_scores, atol=1e-5)
+    packaged = load_classifier(trained["lora"], dtype="fp32").unsafe_probabilities(batch_text, show_progress=False)
+    np.testing.assert_allclose(packaged, adapter_scores, atol=1e-5)
 
     merged = trained["lora"] / "merged"
     merged_model = AutoModelForSequenceClassification.from_pretrained(merged, dtype=torch.float32)
