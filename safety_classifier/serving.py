@@ -4,9 +4,11 @@ Applications that already call the hosted moderation API point their client's ba
 
 Design: each request is parsed and checked on the event loop, its texts are counted in tokens
 (on a tokenizer thread of their own), and a `Batcher` task gathers the requests waiting in its
-queue into one batch, up to a token budget or a few milliseconds after the oldest arrived. The
-batch is scored by `Classifier.unsafe_probabilities` on one model thread, so the event loop is
-never blocked by the model and a batch within the budget is one forward pass. Probabilities are
+queue into one batch, up to a budget of real tokens or a few milliseconds after the oldest
+arrived. The batch is scored by one `Classifier.unsafe_probabilities` call on one model thread,
+which sorts its texts by length and runs them in forward passes of at most `max_batch_tokens`
+padded tokens, as `infer.py` does: the event loop is never blocked by the model, and a prompt
+of 500 tokens is not padded together with 30 of 15. Probabilities are
 those of `infer.py` for the same texts: the same method, tokenization and empty-prompt rule.
 """
 
@@ -40,7 +42,8 @@ from .inference import Classifier, default_batch_tokens, encode_prompts, normali
 logger = logging.getLogger("safety_classifier.serving")
 
 BINARY_CATEGORIES = ("unsafe",)
-MAX_BATCH_ROWS = 256  # the row cap of `token_budget_batches`: a gathered batch above it would be split
+MAX_BATCH_ROWS = 256  # the row cap of `token_budget_batches`
+GATHERED_FORWARD_PASSES = 4  # default real-token budget of a gathered batch, in forward passes' budgets
 WARM_UP_TEXTS = ("What is the capital of France?", "Tell me how to shoplift from a supermarket without being seen.")
 
 
@@ -63,6 +66,11 @@ class ServeArguments:
         default=None,
         metadata={"help": "Token budget of one batch (rows x longest row): requests are gathered up to it; "
                           "2048 on CPU, 16384 on GPU."},
+    )
+    max_gather_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Real tokens of the requests gathered into one scoring call (sorted by length there and "
+                          "run in passes of --max-batch-tokens); default 4 x --max-batch-tokens."},
     )
     max_wait_ms: float = field(
         default=5.0, metadata={"help": "How long the oldest waiting request may wait for others to share its batch."}
@@ -160,18 +168,22 @@ class Batcher:
     """Gathers concurrent requests into batches scored on one model thread.
 
     Requests wait in a deque; the batching task takes the oldest, then every request that is
-    already waiting or arrives until `max_wait_ms` after the oldest arrived, while rows x longest
-    row stays within `max_batch_tokens` (the budget `unsafe_probabilities` batches by, so a
-    gathered batch is one forward pass). While a batch is on the model thread the next one
-    waits in the deque. A batch whose scoring raises fails its own requests only.
+    already waiting or arrives until `max_wait_ms` after the oldest arrived, while their real
+    tokens stay within `max_gather_tokens` (and their texts within 256). One
+    `unsafe_probabilities` call scores the batch: it sorts the texts by length and pads each
+    forward pass of at most `max_batch_tokens` to its own longest text, so requests of any mix of
+    lengths share a call without padding short prompts to long ones. While a batch is on the
+    model thread the next one waits in the deque. A batch whose scoring raises fails its own
+    requests only.
     """
 
     def __init__(self, classifier: Classifier, *, max_batch_tokens: int | None = None, max_wait_ms: float = 5.0,
-                 metrics: ServiceMetrics | None = None) -> None:
+                 max_gather_tokens: int | None = None, metrics: ServiceMetrics | None = None) -> None:
         self.classifier = classifier
         self.names = category_names(classifier)
         device = next(classifier.model.parameters()).device if hasattr(classifier.model, "parameters") else None
         self.max_batch_tokens = max_batch_tokens or (default_batch_tokens(device) if device is not None else 2048)
+        self.max_gather_tokens = max_gather_tokens or GATHERED_FORWARD_PASSES * self.max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.metrics = metrics or ServiceMetrics()
         self.batches = 0
@@ -247,11 +259,12 @@ class Batcher:
 
     def _fits(self, batch: list[_Job], job: _Job) -> bool:
         rows = sum(len(j.texts) for j in batch) + len(job.texts)
-        longest = max(max(j.lengths, default=0) for j in [*batch, job])
-        return rows <= MAX_BATCH_ROWS and rows * longest <= self.max_batch_tokens
+        tokens = sum(sum(j.lengths) for j in batch) + sum(job.lengths)
+        return rows <= MAX_BATCH_ROWS and tokens <= self.max_gather_tokens
 
     def _full(self, batch: list[_Job]) -> bool:
-        return sum(len(j.texts) for j in batch) >= MAX_BATCH_ROWS
+        return (sum(len(j.texts) for j in batch) >= MAX_BATCH_ROWS
+                or sum(sum(j.lengths) for j in batch) >= self.max_gather_tokens)
 
     async def _score(self, batch: list[_Job]) -> None:
         texts = [text for job in batch for text in job.texts]
@@ -387,7 +400,7 @@ def create_app(args: ServeArguments, load: Callable[[], Classifier] | None = Non
             if args.threshold is not None:
                 classifier.threshold = args.threshold
             batcher = Batcher(classifier, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-                              metrics=metrics)
+                              max_gather_tokens=args.max_gather_tokens, metrics=metrics)
             await batcher.start()
             state["batcher"] = batcher
             await batcher.warm_up()

@@ -156,3 +156,23 @@ def test_two_gloo_processes_get_distinct_batches_and_the_same_number_of_steps(tm
         assert not set(per_rank[0]) & set(per_rank[1]), "a row went to both ranks"
         assert sorted(per_rank[0] + per_rank[1]) == list(range(203)), "every row once an epoch"
     assert ranks[0]["batches"]["0"] != ranks[0]["batches"]["1"]
+
+
+def test_validation_runs_in_length_sorted_batches_within_the_budget(tiny_phi3, toy_files, tmp_path):
+    """The Trainer's own evaluation loader pads each row to the longest of 32 shuffled rows; ours
+    cuts length-sorted rows at the training budget and covers every validation row once."""
+    from conftest import fast_training_flags
+
+    from safety_classifier.cli import parse_training_plan
+    from safety_classifier.training import build_training_session, load_training_splits, row_lengths
+
+    flags = [flag for flag in fast_training_flags(tiny_phi3, toy_files, tmp_path / "run") if flag not in ("--batch-size", "8")]
+    plan = parse_training_plan("lora", [*flags, "--max-batch-tokens", "64", "--lora-r", "4"])
+    trainer = build_training_session(plan, load_training_splits(plan)).trainer
+    lengths = row_lengths(trainer.eval_dataset)
+    batches = [batch["input_ids"] for batch in trainer.get_eval_dataloader()]
+    assert sum(len(batch) for batch in batches) == len(lengths)
+    assert sorted(int(m.sum()) for b in trainer.get_eval_dataloader() for m in b["attention_mask"]) == sorted(lengths)
+    for batch in batches:
+        assert batch.shape[0] == 1 or batch.numel() <= 64, batch.shape
+    assert [batch.shape[1] for batch in batches] == sorted((batch.shape[1] for batch in batches), reverse=True)

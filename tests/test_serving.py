@@ -203,11 +203,11 @@ def test_concurrent_requests_are_scored_in_one_batch(offline):
     np.testing.assert_allclose(scores, offline.unsafe_probabilities(texts, show_progress=False), rtol=0, atol=ATOL)
 
 
-def test_the_token_budget_splits_what_does_not_fit_in_one_batch(offline):
+def test_the_gather_budget_splits_what_does_not_fit_in_one_batch(offline):
     longest = max(len(ids) for ids in offline.tokenizer(TEXTS)["input_ids"])
 
     async def submit_together() -> int:
-        batcher = Batcher(offline, max_batch_tokens=2 * longest, max_wait_ms=200)
+        batcher = Batcher(offline, max_batch_tokens=2 * longest, max_gather_tokens=longest, max_wait_ms=200)
         await batcher.start()
         await asyncio.gather(*(batcher.submit([text]) for text in TEXTS))
         await batcher.close()
