@@ -42,7 +42,7 @@ from .inference import Classifier, default_batch_tokens, encode_prompts, normali
 logger = logging.getLogger("safety_classifier.serving")
 
 BINARY_CATEGORIES = ("unsafe",)
-MAX_BATCH_ROWS = 256  # the row cap of `token_budget_batches`
+MAX_BATCH_ROWS = 256  # texts gathered into one scoring call at most (also `token_budget_batches`' row cap)
 GATHERED_FORWARD_PASSES = 4  # default real-token budget of a gathered batch, in forward passes' budgets
 WARM_UP_TEXTS = ("What is the capital of France?", "Tell me how to shoplift from a supermarket without being seen.")
 
@@ -64,8 +64,7 @@ class ServeArguments:
     )
     max_batch_tokens: int | None = field(
         default=None,
-        metadata={"help": "Token budget of one batch (rows x longest row): requests are gathered up to it; "
-                          "2048 on CPU, 16384 on GPU."},
+        metadata={"help": "Padded tokens (rows x longest row) of one forward pass; 2048 on CPU, 16384 on GPU."},
     )
     max_gather_tokens: int | None = field(
         default=None,
