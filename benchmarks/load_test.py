@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -135,6 +136,38 @@ def metric_value(text: str, name: str) -> float:
     return total
 
 
+class RssSampler:
+    """The server's resident size once a second while the requests run, in a thread of this process."""
+
+    def __init__(self, pid: int, interval_s: float = 1.0):
+        self.pid, self.interval_s = pid, interval_s
+        self.values: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.values.append(rss_mb(self.pid))
+            except Exception:  # the server went away; its exit is checked elsewhere
+                return
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def by_tenth(self) -> list[float]:
+        """The sample at the end of each tenth of the run (fewer for a run of under 10 samples)."""
+        if not self.values:
+            return []
+        picks = sorted({min(len(self.values) - 1, round(len(self.values) * k / 10) - 1) for k in range(1, 11)})
+        return [round(self.values[i], 1) for i in picks if i >= 0]
+
+
 async def send_all(url: str, requests: list[tuple[str, bytes]], concurrency: int) -> list[dict]:
     """Each request once, `concurrency` at a time: status, latency and body of each, in request order."""
     results: list[dict] = [{} for _ in requests]
@@ -179,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             rss_start = rss_mb(server.pid)
             before = httpx.get(f"{url}/metrics", timeout=10).text
             started = time.perf_counter()
-            shuffled = asyncio.run(send_all(url, [plan[i] for i in order], args.concurrency))
+            with RssSampler(server.pid) as sampler:
+                shuffled = asyncio.run(send_all(url, [plan[i] for i in order], args.concurrency))
             wall = time.perf_counter() - started
             after = httpx.get(f"{url}/metrics", timeout=10).text
             rss_end = rss_mb(server.pid)
@@ -238,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         "status_counts": dict(sorted(statuses.items())),
         "batches": int(batches), "mean_batch_size": round(batched_texts / batches, 2) if batches else 0.0,
         "server_rss_mb_start": round(rss_start, 1), "server_rss_mb_end": round(rss_end, 1),
+        "server_rss_mb_peak": round(max(sampler.values, default=rss_end), 1),
+        "server_rss_growth": round(rss_end / rss_start - 1, 4),
+        "server_rss_mb_by_tenth": sampler.by_tenth(),
         "server_ready_s": round(ready_s, 1), "server_exit_code": server_exit,
         "offline_prompts_per_s": round(offline_pps, 2), "served_vs_offline_ratio": round(served_pps / offline_pps, 3),
         "max_abs_score_difference": float(max(differences, default=0.0)), "tolerance": args.tolerance,
@@ -254,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                                      f"{figures['latency_ms_p99']:.1f} ms")),
         ("status counts", ", ".join(f"{k}: {v}" for k, v in figures["status_counts"].items())),
         ("batches, mean batch size", f"{int(batches)}, {figures['mean_batch_size']}"),
-        ("server RSS start / end", f"{rss_start:.0f} / {rss_end:.0f} MiB"),
+        ("server RSS start / peak / end", (f"{rss_start:.0f} / {figures['server_rss_mb_peak']:.0f} / {rss_end:.0f} MiB "
+                                           f"({100 * figures['server_rss_growth']:+.1f} %)")),
+        ("server RSS by tenth of the run", " ".join(f"{value:.0f}" for value in figures["server_rss_mb_by_tenth"])),
         ("max |served - offline|", f"{figures['max_abs_score_difference']:.2e} (tolerance {args.tolerance})"),
         ("checks", "passed" if checks_passed else (
          f"FAILED: {good_not_200} good not 200, {bad_not_4xx} bad not the expected 4xx, {score_mismatches} scores "

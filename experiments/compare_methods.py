@@ -67,7 +67,13 @@ FINE_TUNED_ROWS = {
                   ["--lora-r", "16", "--lora-alpha", "32", "--gradient-checkpointing", "false"]),
     "qlora-r32": ("QLoRA r=32 (NF4)", "train_qlora.py",
                   ["--lora-r", "32", "--lora-alpha", "64", "--gradient-checkpointing", "false"]),
+    # ToxicChat plus the AILuminate category file (its own 25 % validation share, stratified by
+    # category): a category head beside the safe/unsafe decision (README, Categories).
+    "lora-r16-categories": ("LoRA r=16 + AILuminate categories", "train_lora.py",
+                            ["--lora-r", "16", "--lora-alpha", "32", "--extra-train-sources",
+                             "{ailuminate},text=prompt_text,category=category,validation=0.25"]),
 }
+AILUMINATE_FILE = "ailuminate/ailuminate_en_dev.csv"  # beside toxicchat/ in the shared data directory
 BASELINE_ROWS = {
     "tfidf-logreg": "Baseline: TF-IDF word+char n-grams, logistic regression",
     "frozen-probe": "Baseline: logistic-regression probe on frozen features",
@@ -123,6 +129,10 @@ def run_fine_tuned(row: str, files: dict[str, Path], epochs: float) -> dict:
     method, script, options = FINE_TUNED_ROWS[row]
     run_dir = RUNS_DIR / row
     relative = lambda path: os.path.relpath(path, REPO_ROOT)  # noqa: E731 (the command runs in the repository root)
+    ailuminate = files["train"].parent.parent / AILUMINATE_FILE
+    if any("{ailuminate}" in option for option in options) and not ailuminate.is_file():
+        raise RowFailed(f"{row}: needs {ailuminate} (see ../shared/data/README.md)")
+    options = [option.replace("{ailuminate}", relative(ailuminate)) for option in options]
     command = [
         "python3", script, "--train-file", relative(files["train"]), "--test-file", relative(files["test"]),
         "--max-length", str(MAX_LENGTH), "--epochs", f"{epochs:g}", "--seed", str(SEED),

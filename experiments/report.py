@@ -71,7 +71,57 @@ def results_table(rows: list[dict]) -> str:
         lines += ["", f"Not run yet: {', '.join(f'`{row}`' for row in missing)}."]
     lines += ["", *validation_table(rows)]
     lines += ["", *guard_model_table(rows)]
+    lines += category_tables(rows)
     return "\n".join(lines)
+
+
+# Goals of the categories issue, on the category validation split.
+GOAL_CATEGORY_MACRO_F1, GOAL_BINARY_RECALL, GOAL_AUPRC_DROP, GOAL_EXTRA_TIME = 0.80, 0.90, 0.01, 0.30
+
+
+def category_tables(rows: list[dict], baseline_row: str = "lora-r16") -> list[str]:
+    """For each row with a category head: per-category metrics on the category validation split,
+    the binary decision's recall on those rows, and the row against the same recipe without them."""
+    lines = []
+    by_name = {row["row"]: row for row in rows}
+    for row in rows:
+        categories = row["validation"].get("categories")
+        if not categories:
+            continue
+        lines += ["", f"Categories of **{row['method']}** on the category validation split ({categories['n']} "
+                      f"AILuminate prompts held out, stratified by category; thresholds chosen on the same rows): "
+                      f"precision, recall and F1 at each category's threshold, AUPRC, and the safe/unsafe decision's "
+                      f"recall on the category's rows at the stored threshold.", "",
+                  "| Category | Precision | Recall | F1 | AUPRC | Threshold | Rows | Unsafe recall |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        recall = categories["binary_recall_per_category"]
+        for code, entry in categories["per_category"].items():
+            auprc = f"{entry['auprc']:.3f}" if entry["auprc"] is not None else "—"
+            lines.append(f"| {code} {entry['name']} | {entry['precision']:.3f} | {entry['recall']:.3f} | "
+                         f"{entry['f1']:.3f} | {auprc} | {entry['threshold']:.3f} | {entry['n_positive']} | "
+                         f"{recall.get(code, float('nan')):.3f} |")
+        macro = categories["macro"]
+        lines.append(f"| **macro average** | {macro['precision']:.3f} | {macro['recall']:.3f} | **{macro['f1']:.3f}** | "
+                     f"{macro['auprc']:.3f} | | {categories['n']} | {categories['binary_recall']:.3f} |")
+        outside_contextual = [value for code, value in recall.items() if code != "S5"]
+        pooled = sum(outside_contextual) / len(outside_contextual) if outside_contextual else float("nan")
+        goals = [f"macro F1 {macro['f1']:.3f} (goal >= {GOAL_CATEGORY_MACRO_F1})",
+                 f"unsafe recall on S1-S4 and S6-S12, mean over categories, {pooled:.3f} (goal >= {GOAL_BINARY_RECALL})",
+                 f"top-scored category right on {categories['top1_accuracy']:.3f} of the rows"]
+        baseline = by_name.get(baseline_row)
+        main_source = next(iter(row["validation"].get("sources", {}).values()), None)
+        if baseline is not None and main_source is not None:
+            goals.append(f"validation AUPRC on its ToxicChat rows (the 280 the other rows are measured on; the "
+                         f"epochs above count the category rows too) {main_source['auprc']:.3f} against "
+                         f"{baseline['validation']['auprc']:.3f}")
+        if baseline is not None:
+            extra = row["training_seconds"] / baseline["training_seconds"] - 1
+            goals += [f"ToxicChat test AUPRC {row['test']['auprc']:.3f} against {baseline['test']['auprc']:.3f} for "
+                      f"{baseline['method']} trained on ToxicChat alone (goal: at most {GOAL_AUPRC_DROP} lower)",
+                      f"training time {_minutes(row['training_seconds'])} against {_minutes(baseline['training_seconds'])}"
+                      f" ({100 * extra:+.0f} %; goal <= +{100 * GOAL_EXTRA_TIME:.0f} %)"]
+        lines += ["", "; ".join(goals) + "."]
+    return lines
 
 
 def validation_table(rows: list[dict]) -> list[str]:
@@ -208,7 +258,45 @@ def draw_figures(rows: list[dict], test_file: Path, results_dir: Path = RESULTS_
     plt.close(figure)
     written.append(figures_dir / "validation_auprc.png")
     written.append(draw_reliability_diagram(rows, scores, figures_dir))
+    written += [draw_category_figure(row, figures_dir) for row in rows if row["validation"].get("categories")]
     return written
+
+
+def draw_category_figure(row: dict, figures_dir: Path = FIGURES_DIR) -> Path:
+    """`categories.png`: per-category precision / recall / F1 bars, and the confusion between
+    categories (true category x highest-scoring category) on the category validation split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    categories = row["validation"]["categories"]
+    codes = list(categories["per_category"])
+    figure, (bars, heat) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    positions = np.arange(len(codes))
+    for offset, key, colour in ((-0.27, "precision", "tab:blue"), (0, "recall", "tab:orange"), (0.27, "f1", "tab:green")):
+        bars.bar(positions + offset, [categories["per_category"][code][key] for code in codes], width=0.27,
+                 color=colour, label=key)
+    bars.axhline(GOAL_CATEGORY_MACRO_F1, color="grey", ls=":", lw=1, label=f"macro-F1 goal {GOAL_CATEGORY_MACRO_F1}")
+    bars.set_xticks(positions, [f"{code}\n{categories['per_category'][code]['name'][:14]}" for code in codes], fontsize=6)
+    bars.set(ylim=(0, 1.05), ylabel="on the category validation split",
+             title=f"{row['method']}: per category (macro F1 {categories['macro']['f1']:.3f})")
+    bars.legend(fontsize=7, loc="lower right")
+    bars.grid(axis="y", alpha=0.3)
+    confusion = np.asarray(categories["confusion"]["rows_true_columns_top_scored"])
+    heat.imshow(confusion, cmap="Blues")
+    for (i, j), value in np.ndenumerate(confusion):
+        if value:
+            heat.text(j, i, str(value), ha="center", va="center", fontsize=6,
+                      color="white" if value > confusion.max() / 2 else "black")
+    heat.set_xticks(positions, codes, fontsize=6, rotation=90)
+    heat.set_yticks(positions, codes, fontsize=6)
+    heat.set(xlabel="highest-scoring category", ylabel="true category", title="Confusion between categories")
+    figure.tight_layout()
+    path = figures_dir / "categories.png"
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+    return path
 
 
 def draw_reliability_diagram(rows: list[dict], scores: dict[str, pd.DataFrame], figures_dir: Path = FIGURES_DIR) -> Path:

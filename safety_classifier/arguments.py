@@ -40,6 +40,31 @@ class DataArguments:
         default=0.1, metadata={"help": "Stratified share of train held out for validation when no file is given."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on a stratified subset this size."})
+    extra_train_sources: list[str] | None = field(
+        default=None,
+        metadata={"help": "Further training sources, each 'FILE,text=COLUMN[,label=COLUMN][,category=COLUMN]"
+                          "[,weight=W][,validation=F]'; a category column adds a category head (README, Categories)."},
+    )
+    taxonomy: str | None = field(
+        default=None,
+        metadata={"help": "JSON {code: name} or CSV (code,name) naming the categories; codes outside it are refused. "
+                          "Default: the project's S1-S12 names, other codes named by themselves."},
+    )
+    category_rows_binary: Literal["unsafe", "unsafe_except_contextual", "unlabelled"] = field(
+        default="unsafe",
+        metadata={"help": "The safe/unsafe label of a category row without a label column: unsafe; unsafe except "
+                          "--contextual-categories (no binary label); or none (no binary loss)."},
+    )
+    contextual_categories: list[str] = field(
+        default_factory=lambda: ["S5"],
+        metadata={"help": "Categories a safe assistant may answer with care (S5 Specialized Advice), for "
+                          "--category-rows-binary unsafe_except_contextual."},
+    )
+    safe_rows_category_negatives: bool = field(
+        default=True,
+        metadata={"help": "Safe rows of the main source teach every category 0 (--no-safe-rows-category-negatives: "
+                          "they add no category loss)."},
+    )
 
 
 @dataclass
@@ -64,8 +89,10 @@ class RunArguments:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     warmup_fraction: float = field(default=0.05, metadata={"help": "Share of the steps spent warming up the learning rate."})
     seed: int = field(default=42, metadata={"help": "Seed for the split, the head's initialisation and data order."})
-    class_weights: bool = field(
-        default=True, metadata={"help": "Weight the cross-entropy by inverse class frequency (--no-class-weights: off)."}
+    class_weights: Literal["balanced", "sqrt", "none"] = field(
+        default="balanced",
+        metadata={"help": "Cross-entropy weights of the two classes: balanced (inverse frequency), sqrt (its square "
+                          "root, half-way), none."},
     )
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "true/false: recompute activations to save memory; on by default for QLoRA only."}
@@ -124,6 +151,10 @@ class LoraArguments:
     )
     target_modules: list[str] | None = field(
         default=None, metadata={"help": "Module names to adapt; default: every linear layer inside the blocks."}
+    )
+    use_rslora: bool = field(
+        default=False,
+        metadata={"help": "Rank-stabilised LoRA: scale the adapters by alpha / sqrt(r) instead of alpha / r."},
     )
 
 

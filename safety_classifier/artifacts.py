@@ -4,7 +4,8 @@ Layout (OUTPUT_DIR):
 - adapters (LoRA, QLoRA): `adapter_config.json`, `adapter_model.safetensors` (LoRA weights and
   the head); full weights (top-N, merged): `config.json`, `model.safetensors`;
 - the tokenizer files;
-- `safety_classifier.json`: threshold, calibration, labels, base-model reference, training arguments.
+- `safety_classifier.json`: threshold, calibration, labels (and categories with their thresholds),
+  base-model reference, training arguments.
   It is written last, by an atomic rename, and is the mark of a complete directory.
 """
 
@@ -21,13 +22,15 @@ from transformers import PreTrainedTokenizerBase
 
 from .embedded import EMBEDDED_ALIAS, resolve_model_reference
 from .errors import ModelLoadError
+from .labels import LabelSchema
 from .modeling import load_sequence_classifier, load_tokenizer, resolve_dtype
 
 METADATA_FILE = "safety_classifier.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """2: a stored `calibration` of P(unsafe), to which the threshold applies. A toolkit that reads only 1
 would ignore it and compare raw scores with a calibrated threshold, so it must refuse; this one
-reads 1 (no calibration: softmax[:, 1], as before) and 2."""
+reads 1 (no calibration: softmax[:, 1], as before) and 2. 3: `categories` (a category head); a
+binary classifier is still written as 2, so that toolkits reading 2 keep loading it."""
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -47,7 +50,8 @@ def portable_base_reference(model_reference: str) -> str:
 
 
 def write_metadata(directory: Path, metadata: dict) -> None:
-    write_json_atomically(directory / METADATA_FILE, {**metadata, "format_version": FORMAT_VERSION})
+    version = FORMAT_VERSION if metadata.get("categories") else 2
+    write_json_atomically(directory / METADATA_FILE, {**metadata, "format_version": version})
 
 
 def save_classifier_files(
@@ -122,6 +126,7 @@ def load_classifier_model(
     tokenizer = load_tokenizer(str(directory), trust_remote_code=trust_remote_code)
     torch_dtype = resolve_dtype(dtype, device)
     quantized = metadata.get("quantization") == "nf4"
+    schema = LabelSchema.from_metadata(metadata)
     if metadata["adapter"]:
         from peft import PeftModel
 
@@ -138,10 +143,11 @@ def load_classifier_model(
                 f"the base model {base_path} of {directory} is not on this machine; pass --base-model "
                 f"with a hub id or a local copy of it"
             )
-        model = load_sequence_classifier(base_path, tokenizer, torch_dtype, trust_remote_code, quantize_4bit=quantized)
+        model = load_sequence_classifier(base_path, tokenizer, torch_dtype, trust_remote_code, quantize_4bit=quantized,
+                                         schema=schema)
         model = PeftModel.from_pretrained(model, directory)
     else:
-        model = load_sequence_classifier(str(directory), tokenizer, torch_dtype, trust_remote_code)
+        model = load_sequence_classifier(str(directory), tokenizer, torch_dtype, trust_remote_code, schema=schema)
     if not quantized:
         model.to(device)
     model.eval()

@@ -136,7 +136,10 @@ def _infer(args: InferenceArguments) -> int:
         else:
             preview = result["text"].replace("\n", " ")
             preview = preview[:77] + "..." if len(preview) > 80 else preview
-            print(f"{result['label']:<7} {result['unsafe_probability']:.4f}  {preview}")
+            # A classifier with a category head adds the flagged categories after the verdict ("-": none).
+            flagged = ([",".join(code for code, on in result["categories"].items() if on) or "-"]
+                       if "categories" in result else [])
+            print(f"{result['label']:<7} {result['unsafe_probability']:.4f}  " + "  ".join([*flagged, preview]))
     if labels is not None:
         scores = [result["unsafe_probability"] for result in results]
         metrics = classification_metrics(labels, scores, classifier.threshold)

@@ -20,18 +20,26 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from .errors import DataError
+from .labels import BINARY, LabelSchema
 
 SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet", ".txt")
 
 
 @dataclass
 class LabelledSplit:
-    """Prompts and 0/1 labels of one split, plus the source's other columns (e.g. `jailbreaking`)."""
+    """Prompts and 0/1 labels of one split, plus the source's other columns (e.g. `jailbreaking`).
+
+    With several training sources (`sources.py`), a label may be MISSING_TARGET (-1: the row has
+    no binary label), `categories` holds each row's multi-hot category targets (a row without a
+    category label: MISSING_TARGET throughout), and `sources` names each row's source.
+    """
 
     name: str
     texts: list[str]
     labels: np.ndarray
     extra: pd.DataFrame
+    categories: np.ndarray | None = None
+    sources: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -42,7 +50,14 @@ class LabelledSplit:
             [self.texts[i] for i in indices],
             self.labels[indices],
             self.extra.iloc[indices].reset_index(drop=True),
+            None if self.categories is None else self.categories[indices],
+            None if self.sources is None else self.sources[indices],
         )
+
+    @property
+    def binary_rows(self) -> np.ndarray:
+        """Indices of the rows with a binary label (all of them for a single binary source)."""
+        return np.flatnonzero(self.labels >= 0)
 
 
 @dataclass
@@ -50,6 +65,8 @@ class Splits:
     train: LabelledSplit
     validation: LabelledSplit
     test: LabelledSplit | None
+    schema: LabelSchema = BINARY
+    """What the head predicts: safe/unsafe, and the categories when a source has them."""
 
 
 def read_table(path: str | Path) -> pd.DataFrame:

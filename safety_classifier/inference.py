@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import expit
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -15,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from .artifacts import METADATA_FILE, load_classifier_model, read_metadata
 from .calibration import IDENTITY, Calibration
 from .errors import ModelLoadError
+from .labels import LabelSchema, split_logits
 from .modeling import ID2LABEL, default_device
 
 EMPTY_PROMPT_PROBABILITY = 0.0
@@ -75,6 +77,53 @@ def padded_batches(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[Seque
         yield batch, tokenizer.pad({"input_ids": [input_ids[i] for i in batch]}, return_tensors="pt")
 
 
+def predict_logits(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[object],
+    *,
+    max_length: int,
+    max_batch_tokens: int | None = None,
+    show_progress: bool = True,
+    description: str = "scoring",
+) -> np.ndarray:
+    """(texts x outputs) logits, in the order of `texts` whatever order batches ran in; the rows of
+    empty prompts are NaN (they get no forward pass).
+
+    The one batched forward pass behind every score: scoring, calibration, baselines' inputs.
+    """
+    prompts = [normalise_prompt(text) for text in texts]
+    scored = np.asarray([i for i, prompt in enumerate(prompts) if prompt.strip()], dtype=np.int64)
+    if not len(scored):
+        return np.full((len(prompts), int(getattr(model.config, "num_labels", 2))), np.nan)
+    input_ids = tokenizer([prompts[i] for i in scored], truncation=True, max_length=max_length)["input_ids"]
+    device = next(model.parameters()).device
+    max_batch_tokens = max_batch_tokens or default_batch_tokens(device)
+    logits = None
+    model.eval()
+    with torch.inference_mode(), tqdm(total=len(scored), desc=description, unit="prompt", disable=not show_progress) as bar:
+        for batch, padded in padded_batches(tokenizer, input_ids, max_batch_tokens):
+            output = model(input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device))
+            batch_logits = output.logits.double().cpu().numpy()
+            if logits is None:
+                logits = np.full((len(prompts), batch_logits.shape[1]), np.nan)
+            logits[scored[batch]] = batch_logits
+            bar.update(len(batch))
+    return logits
+
+
+def margins_of(logits: np.ndarray) -> np.ndarray:
+    """logit(unsafe) - logit(safe) per row; empty prompts (NaN rows) get -inf, P(unsafe) 0.0."""
+    margins, _ = split_logits(logits)
+    return np.where(np.isnan(margins), EMPTY_PROMPT_MARGIN, margins)
+
+
+def category_scores_of(logits: np.ndarray) -> np.ndarray:
+    """sigmoid of each category output; empty prompts score 0.0 in every category."""
+    _, category_logits = split_logits(logits)
+    return np.nan_to_num(expit(category_logits), nan=EMPTY_PROMPT_PROBABILITY)
+
+
 def predict_logit_margins(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -85,28 +134,12 @@ def predict_logit_margins(
     show_progress: bool = True,
     description: str = "scoring",
 ) -> np.ndarray:
-    """logit(unsafe) - logit(safe) for each text, in the order of `texts` whatever order batches ran in.
-
-    The one batched forward pass behind every score: sigmoid(margin) is softmax[:, 1], and a
-    `Calibration` maps margins to calibrated P(unsafe). Empty prompts get -inf (P(unsafe) 0.0).
-    """
-    prompts = [normalise_prompt(text) for text in texts]
-    margins = np.full(len(prompts), EMPTY_PROMPT_MARGIN, dtype=np.float64)
-    scored = [i for i, prompt in enumerate(prompts) if prompt.strip()]
-    if not scored:
-        return margins
-    input_ids = tokenizer([prompts[i] for i in scored], truncation=True, max_length=max_length)["input_ids"]
-    device = next(model.parameters()).device
-    max_batch_tokens = max_batch_tokens or default_batch_tokens(device)
-    model.eval()
-    with torch.inference_mode(), tqdm(total=len(scored), desc=description, unit="prompt", disable=not show_progress) as bar:
-        for batch, padded in padded_batches(tokenizer, input_ids, max_batch_tokens):
-            logits = model(
-                input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device)
-            ).logits.double()
-            margins[np.asarray(scored)[batch]] = (logits[:, 1] - logits[:, 0]).cpu().numpy()
-            bar.update(len(batch))
-    return margins
+    """logit(unsafe) - logit(safe) for each text: sigmoid(margin) is softmax[:, 1], and a
+    `Calibration` maps margins to calibrated P(unsafe). Empty prompts get -inf (P(unsafe) 0.0)."""
+    return margins_of(predict_logits(
+        model, tokenizer, texts, max_length=max_length, max_batch_tokens=max_batch_tokens,
+        show_progress=show_progress, description=description,
+    ))
 
 
 def predict_unsafe_probabilities(
@@ -129,7 +162,8 @@ def predict_unsafe_probabilities(
 
 @dataclass
 class Classifier:
-    """A loaded classifier: model, tokenizer, the decision threshold and the calibration chosen on validation."""
+    """A loaded classifier: model, tokenizer, the decision threshold and the calibration chosen on
+    validation; with a category head, each category's threshold too (`metadata["categories"]`)."""
 
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
@@ -143,28 +177,59 @@ class Classifier:
     def __post_init__(self) -> None:
         if self.calibration is None:
             self.calibration = Calibration.from_metadata(self.metadata)
+        self.schema = LabelSchema.from_metadata(self.metadata)
+        self.category_thresholds = np.asarray(
+            [float(entry.get("threshold", 0.5)) for entry in self.metadata.get("categories") or []], dtype=np.float64)
 
-    def logit_margins(self, texts: Sequence[object], *, max_batch_tokens: int | None = None,
-                      show_progress: bool = True, description: str = "scoring") -> np.ndarray:
-        """Uncalibrated scores: logit(unsafe) - logit(safe) per text."""
-        return predict_logit_margins(
+    @property
+    def category_codes(self) -> list[str]:
+        """The categories this classifier names (S1, S2, ...); none for a binary one."""
+        return self.schema.codes
+
+    def logits(self, texts: Sequence[object], *, max_batch_tokens: int | None = None,
+               show_progress: bool = True, description: str = "scoring") -> np.ndarray:
+        return predict_logits(
             self.model, self.tokenizer, texts, max_length=self.max_length,
             max_batch_tokens=max_batch_tokens, show_progress=show_progress, description=description,
         )
 
-    def unsafe_probabilities(self, texts: Sequence[object], *, max_batch_tokens: int | None = None,
-                             show_progress: bool = True, description: str = "scoring") -> np.ndarray:
+    def logit_margins(self, texts: Sequence[object], **kwargs) -> np.ndarray:
+        """Uncalibrated scores: logit(unsafe) - logit(safe) per text."""
+        return margins_of(self.logits(texts, **kwargs))
+
+    def unsafe_probabilities(self, texts: Sequence[object], **kwargs) -> np.ndarray:
         """Calibrated P(unsafe) per text; the stored threshold applies to these."""
-        return self.calibration.probabilities(self.logit_margins(
-            texts, max_batch_tokens=max_batch_tokens, show_progress=show_progress, description=description,
-        ))
+        return self.calibration.probabilities(self.logit_margins(texts, **kwargs))
+
+    def scores(self, texts: Sequence[object], **kwargs) -> np.ndarray:
+        """(texts x (1 + categories)): calibrated P(unsafe), then each category's score, from one pass."""
+        logits = self.logits(texts, **kwargs)
+        unsafe = self.calibration.probabilities(margins_of(logits))[:, None]
+        if not self.schema.has_categories:
+            return unsafe
+        return np.concatenate([unsafe, category_scores_of(logits)], axis=1)
 
     def label(self, unsafe_probability: float) -> str:
         return ID2LABEL[int(unsafe_probability >= self.threshold)]
 
+    def verdict(self, row: Sequence[float]) -> dict:
+        """The answer for one row of `scores`: label and P(unsafe); with a category head, `categories`
+        (a category is flagged when the prompt is unsafe and its score reaches the category's own
+        threshold, so a safe verdict never names a harm) and `category_scores`, the OpenAI
+        moderation API's field names."""
+        unsafe_probability = float(row[0])
+        result = {"label": self.label(unsafe_probability), "unsafe_probability": unsafe_probability}
+        if self.schema.has_categories:
+            unsafe = result["label"] == "unsafe"
+            category_scores = [float(score) for score in row[1:]]
+            result["categories"] = {code: bool(unsafe and score >= threshold) for code, score, threshold
+                                    in zip(self.category_codes, category_scores, self.category_thresholds)}
+            result["category_scores"] = dict(zip(self.category_codes, category_scores))
+        return result
+
     def classify(self, texts: Sequence[object], **kwargs) -> Iterable[dict]:
-        for text, probability in zip(texts, self.unsafe_probabilities(texts, **kwargs)):
-            yield {"text": normalise_prompt(text), "label": self.label(probability), "unsafe_probability": float(probability)}
+        for text, row in zip(texts, self.scores(texts, **kwargs)):
+            yield {"text": normalise_prompt(text), **self.verdict(row)}
 
 
 def load_classifier(

@@ -1,7 +1,8 @@
 """Building the classifier: backbone + linear head on the last non-pad token, for each strategy.
 
 All three strategies start from `AutoModelForSequenceClassification`, which reads the hidden
-state of the last non-pad token of each row and projects it to the two classes.
+state of the last non-pad token of each row and projects it to the two classes (and, with a
+category head, to one output per category: `labels.py`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from .errors import ModelLoadError
+from .labels import BINARY, LabelSchema
 
-ID2LABEL = {0: "safe", 1: "unsafe"}
-LABEL2ID = {label: index for index, label in ID2LABEL.items()}
+ID2LABEL = BINARY.id2label
 HEAD_NAMES = ("score", "classifier")
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "norm_f", "final_layer_norm")
 STRATEGIES = ("top_layers", "lora", "qlora")
@@ -89,8 +90,9 @@ def load_sequence_classifier(
     dtype: torch.dtype,
     trust_remote_code: bool = False,
     quantize_4bit: bool = False,
+    schema: LabelSchema = BINARY,
 ) -> nn.Module:
-    """The backbone with a fresh 2-class head, labels named, pad token id set."""
+    """The backbone with a fresh head of `schema.num_labels` outputs, labels named, pad token id set."""
     kwargs = {}
     if quantize_4bit:
         from accelerate import PartialState
@@ -101,9 +103,9 @@ def load_sequence_classifier(
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             model_path,
-            num_labels=len(ID2LABEL),
-            id2label=ID2LABEL,
-            label2id=LABEL2ID,
+            num_labels=schema.num_labels,
+            id2label=schema.id2label,
+            label2id=schema.label2id,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=_has_safetensors(model_path),
@@ -211,6 +213,7 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: list[str] | None = None
+    rslora: bool = False
 
 
 def add_lora_adapters(model: nn.Module, settings: LoraSettings) -> nn.Module:
@@ -223,6 +226,7 @@ def add_lora_adapters(model: nn.Module, settings: LoraSettings) -> nn.Module:
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=targets,
+        use_rslora=settings.rslora,
         modules_to_save=[find_head_name(model)],
     )
     try:
@@ -241,12 +245,14 @@ def build_model(
     lora: LoraSettings | None = None,
     gradient_checkpointing: bool = False,
     trust_remote_code: bool = False,
+    schema: LabelSchema = BINARY,
 ) -> nn.Module:
     """The trainable classifier for one strategy: top_layers, lora or qlora."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
     quantize = strategy == "qlora"
-    model = load_sequence_classifier(model_path, tokenizer, dtype, trust_remote_code, quantize_4bit=quantize)
+    model = load_sequence_classifier(model_path, tokenizer, dtype, trust_remote_code, quantize_4bit=quantize,
+                                     schema=schema)
     if strategy == "top_layers":
         freeze_all_but_top_layers(model, num_layers)
     else:

@@ -304,16 +304,17 @@ class TopLayersOnCachedPrefix(nn.Module):
 class CachedPrefixDataset(torch.utils.data.Dataset):
     """Cached states and labels (and, optionally, the token ids they came from).
 
-    Items are dicts: `hidden_states` ([seq, hidden]), `labels` (int) and, with ids, `input_ids`
+    Items are dicts: `hidden_states` ([seq, hidden]), `labels` (an int; with a category head, a
+    list of floats: the binary label, then the category targets) and, with ids, `input_ids`
     (used for pooling like the model does, and by `Trainer`'s group_by_length sampler).
     """
 
-    def __init__(self, states: Sequence[torch.Tensor], labels: Sequence[int],
+    def __init__(self, states: Sequence[torch.Tensor], labels: Sequence[int] | Sequence[Sequence[float]],
                  input_ids: Sequence[Sequence[int]] | None = None):
         if len(states) != len(labels) or (input_ids is not None and len(input_ids) != len(states)):
             raise ValueError("states, labels and input_ids must have one entry per row")
         self.states = list(states)
-        self.labels = [int(label) for label in labels]
+        self.labels = [[float(v) for v in label] if isinstance(label, (list, tuple)) else int(label) for label in labels]
         self.input_ids = [list(ids) for ids in input_ids] if input_ids is not None else None
 
     def __len__(self) -> int:
@@ -356,7 +357,9 @@ class CachedPrefixCollator:
                 ids[row, :length] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
             batch["input_ids"] = ids
         if "labels" in features[0]:
-            batch["labels"] = torch.as_tensor([int(feature["labels"]) for feature in features], dtype=torch.long)
+            labels = [feature["labels"] for feature in features]
+            batch["labels"] = (torch.as_tensor(labels, dtype=torch.float32) if isinstance(labels[0], list)
+                               else torch.as_tensor([int(label) for label in labels], dtype=torch.long))
         return batch
 
 
@@ -364,7 +367,7 @@ def build_cached_dataset(
     model: nn.Module,
     tokenizer,
     texts: Sequence[object],
-    labels: Sequence[int],
+    labels: Sequence[int] | Sequence[Sequence[float]],
     num_layers: int,
     max_length: int,
     max_batch_tokens: int | None = None,

@@ -5,7 +5,7 @@ Applications that already call the hosted moderation API point their client's ba
 Design: each request is parsed and checked on the event loop, its texts are counted in tokens
 (on a tokenizer thread of their own), and a `Batcher` task gathers the requests waiting in its
 queue into one batch, up to a budget of real tokens or a few milliseconds after the oldest
-arrived. The batch is scored by one `Classifier.unsafe_probabilities` call on one model thread,
+arrived. The batch is scored by one `Classifier.scores` call on one model thread,
 which sorts its texts by length and runs them in forward passes of at most `max_batch_tokens`
 padded tokens, as `infer.py` does: the event loop is never blocked by the model, and a prompt
 of 500 tokens is not padded together with 30 of 15. Probabilities are
@@ -35,13 +35,15 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers.utils import logging as transformers_logging
 
+from .console import quiet_library_noise
 from .errors import SafetyClassifierError
 from .inference import Classifier, default_batch_tokens, encode_prompts, normalise_prompt
 
 logger = logging.getLogger("safety_classifier.serving")
 
-BINARY_CATEGORIES = ("unsafe",)
+BINARY_CATEGORY = "unsafe"
 MAX_BATCH_ROWS = 256  # texts gathered into one scoring call at most (also `token_budget_batches`' row cap)
 GATHERED_FORWARD_PASSES = 4  # default real-token budget of a gathered batch, in forward passes' budgets
 WARM_UP_TEXTS = ("What is the capital of France?", "Tell me how to shoplift from a supermarket without being seen.")
@@ -85,31 +87,23 @@ class ServeArguments:
 # --------------------------------------------------------------------------------------------- scoring
 
 
-def category_names(classifier: Classifier) -> tuple[str, ...]:
-    """The categories the service reports, in order. The only place that knows them: a classifier
-    with a category head supplies `category_names()` (e.g. S1-S12); the binary one has "unsafe"."""
-    names = getattr(classifier, "category_names", None)
-    return tuple(names()) if callable(names) else BINARY_CATEGORIES
+def score_texts(classifier: Classifier, texts: Sequence[str], max_batch_tokens: int | None) -> np.ndarray:
+    """`Classifier.scores` (P(unsafe), then the categories' scores), so that whatever the
+    classifier applies (its calibration, the empty-prompt rule) applies here too."""
+    return np.asarray(classifier.scores(texts, max_batch_tokens=max_batch_tokens, show_progress=False), dtype=np.float64)
 
 
-def category_probabilities(classifier: Classifier, texts: Sequence[str], max_batch_tokens: int | None) -> np.ndarray:
-    """(texts x categories) probabilities, always through the classifier's own methods so that
-    whatever it applies (a calibration, the empty-prompt rule) applies here too."""
-    scorer = getattr(classifier, "category_probabilities", None)
-    if callable(scorer):
-        return np.asarray(scorer(texts, max_batch_tokens=max_batch_tokens, show_progress=False), dtype=np.float64)
-    probabilities = classifier.unsafe_probabilities(texts, max_batch_tokens=max_batch_tokens, show_progress=False)
-    return np.asarray(probabilities, dtype=np.float64).reshape(-1, 1)
-
-
-def moderation_result(names: Sequence[str], scores: Sequence[float], threshold: float) -> dict[str, Any]:
-    """One OpenAI moderation result; a category is flagged at score >= threshold, as `Classifier.label` does."""
-    flags = {name: bool(score >= threshold) for name, score in zip(names, scores)}
+def moderation_result(verdict: dict) -> dict[str, Any]:
+    """One OpenAI moderation result from `Classifier.verdict`: `flagged` is the classifier's own
+    decision; the categories are the classifier's (S1-S12) or, for a binary one, just "unsafe"."""
+    flagged = verdict["label"] == "unsafe"
+    flags = verdict.get("categories", {BINARY_CATEGORY: flagged})
+    scores = verdict.get("category_scores", {BINARY_CATEGORY: verdict["unsafe_probability"]})
     return {
-        "flagged": any(flags.values()),
+        "flagged": flagged,
         "categories": flags,
-        "category_scores": {name: float(score) for name, score in zip(names, scores)},
-        "category_applied_input_types": {name: ["text"] for name in names},
+        "category_scores": scores,
+        "category_applied_input_types": {name: ["text"] for name in flags},
     }
 
 
@@ -169,7 +163,7 @@ class Batcher:
     Requests wait in a deque; the batching task takes the oldest, then every request that is
     already waiting or arrives until `max_wait_ms` after the oldest arrived, while their real
     tokens stay within `max_gather_tokens` (and their texts within 256). One
-    `unsafe_probabilities` call scores the batch: it sorts the texts by length and pads each
+    `scores` call scores the batch: it sorts the texts by length and pads each
     forward pass of at most `max_batch_tokens` to its own longest text, so requests of any mix of
     lengths share a call without padding short prompts to long ones. While a batch is on the
     model thread the next one waits in the deque. A batch whose scoring raises fails its own
@@ -179,7 +173,7 @@ class Batcher:
     def __init__(self, classifier: Classifier, *, max_batch_tokens: int | None = None, max_wait_ms: float = 5.0,
                  max_gather_tokens: int | None = None, metrics: ServiceMetrics | None = None) -> None:
         self.classifier = classifier
-        self.names = category_names(classifier)
+        self.names = tuple(classifier.category_codes) or (BINARY_CATEGORY,)
         device = next(classifier.model.parameters()).device if hasattr(classifier.model, "parameters") else None
         self.max_batch_tokens = max_batch_tokens or (default_batch_tokens(device) if device is not None else 2048)
         self.max_gather_tokens = max_gather_tokens or GATHERED_FORWARD_PASSES * self.max_batch_tokens
@@ -202,10 +196,19 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="moderation-batcher")
 
     async def warm_up(self) -> None:
-        """One pass on the model thread before the service says it is ready (first-call costs)."""
-        await asyncio.get_running_loop().run_in_executor(
-            self._model_thread, category_probabilities, self.classifier, list(WARM_UP_TEXTS), self.max_batch_tokens
-        )
+        """Passes on the model thread before the service says it is ready: first-call costs, then the
+        largest forward passes the budget allows (one row of the full max length; many short rows),
+        so that the memory the allocator keeps for them is taken now, not during the first minutes
+        of traffic, and the resident size stays flat from here on."""
+        loop = asyncio.get_running_loop()
+        for texts in [list(WARM_UP_TEXTS), *self._largest_passes()]:
+            await loop.run_in_executor(self._model_thread, score_texts, self.classifier, texts, self.max_batch_tokens)
+
+    def _largest_passes(self) -> list[list[str]]:
+        longest = min(self.classifier.max_length, self.max_batch_tokens)
+        short = 8
+        return [[" ".join(["moderation"] * longest)],
+                [" ".join(["moderation"] * (short - 1))] * min(MAX_BATCH_ROWS, self.max_batch_tokens // short)]
 
     async def submit(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         """Moderation results for `texts`, in order, once the batch they join has been scored."""
@@ -222,7 +225,7 @@ class Batcher:
             probabilities = await job.future
         finally:
             self.metrics.queued.dec()
-        return [moderation_result(self.names, row, self.classifier.threshold) for row in probabilities]
+        return [moderation_result(self.classifier.verdict(row)) for row in probabilities]
 
     def _token_lengths(self, texts: list[str]) -> list[int]:
         scored = [text for text in texts if text.strip()]
@@ -270,9 +273,9 @@ class Batcher:
         started = time.perf_counter()
         try:
             probabilities = await asyncio.get_running_loop().run_in_executor(
-                self._model_thread, category_probabilities, self.classifier, texts, self.max_batch_tokens
+                self._model_thread, score_texts, self.classifier, texts, self.max_batch_tokens
             )
-            if probabilities.shape != (len(texts), len(self.names)):
+            if probabilities.shape != (len(texts), 1 + len(self.classifier.category_codes)):
                 raise RuntimeError(f"the classifier returned {probabilities.shape} scores for {len(texts)} texts")
         except Exception as error:  # one bad batch must not stop the service
             self.metrics.batch_failures.inc()
@@ -502,17 +505,13 @@ def _configure_logging(level: str) -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").disabled = True
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "no 4-bit CPU kernel" notes, irrelevant here
+    quiet_library_noise()  # what the scripts silence (load report of a new head, kernel notes, progress bars)
+    # A service's log is read by operators: the libraries' deprecation notes are for developers.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     for module in ("transformers", "peft", "torch"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except Exception as error:  # noqa: BLE001 - cosmetics only
-        logger.debug("could not quieten transformers: %r", error)
+    transformers_logging.set_verbosity_error()
 
 
 def serve(args: ServeArguments) -> int:

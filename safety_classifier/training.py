@@ -27,6 +27,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from scipy.special import expit
+from sklearn.metrics import average_precision_score
+from sklearn.utils.class_weight import compute_class_weight
 from torch.utils.data import DataLoader
 from transformers import (
     DataCollatorWithPadding,
@@ -59,11 +62,19 @@ from .calibration import (
     expected_calibration_error,
     fit_calibration,
 )
+from .categories import (
+    category_loss_sum,
+    category_metrics,
+    category_rows,
+    choose_category_thresholds,
+    format_category_table,
+)
 from .console import EpochSummaryProgress
 from .data import LabelledSplit, Splits, load_splits
 from .embedded import resolve_model_reference
-from .errors import ResumeMismatchError, ThresholdTargetError, TrainingDivergedError
-from .inference import default_batch_tokens, predict_logit_margins, token_budget_batches
+from .errors import DataError, ResumeMismatchError, ThresholdTargetError, TrainingDivergedError
+from .inference import category_scores_of, default_batch_tokens, margins_of, predict_logits, token_budget_batches
+from .labels import BINARY_LABELS, MISSING_TARGET, LabelSchema, split_logits
 from .metrics import classification_metrics, f1_maximising_threshold, format_metrics_table
 from .modeling import (
     LoraSettings,
@@ -81,6 +92,7 @@ from .prefix_cache import (
     TopLayersOnCachedPrefix,
     build_cached_dataset,
 )
+from .sources import add_sources
 
 # Chosen with 8-row batches (315 steps an epoch on ToxicChat): 5e-5 top-N, 2e-4 LoRA/QLoRA, 1e-3
 # the head (`--head-learning-rate`, now 5e-3). Token-budget batches hold ~38 rows (67 steps an
@@ -91,10 +103,23 @@ from .prefix_cache import (
 DEFAULT_LEARNING_RATES = {"top_layers": 2.5e-4, "lora": 1e-3, "qlora": 1e-3}
 
 
-def balanced_class_weights(labels: np.ndarray) -> torch.Tensor:
-    """n / (2 n_c): each class contributes equally, and the mean weight over the data is 1."""
-    counts = np.bincount(labels, minlength=2).astype(np.float64)
-    return torch.tensor(len(labels) / (2.0 * counts), dtype=torch.float32)
+def class_weights_for(labels: np.ndarray, scheme: str = "balanced") -> torch.Tensor:
+    """The loss weights of (safe, unsafe) over the rows with a binary label.
+
+    balanced: n / (2 n_c), each class contributes equally (scikit-learn's "balanced"); sqrt: the
+    square roots of those, rescaled so that the mean weight over the rows stays 1 (half-way to no
+    weighting, in log terms); none: 1 and 1.
+    """
+    labels = labels[labels >= 0]
+    if scheme == "none":
+        return torch.ones(2, dtype=torch.float32)
+    weights = compute_class_weight("balanced", classes=np.arange(2), y=labels)
+    if scheme == "sqrt":
+        weights = np.sqrt(weights)
+        weights /= weights[labels].mean()
+    elif scheme != "balanced":
+        raise ValueError(f"class weights must be balanced, sqrt or none, not {scheme!r}")
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 def weighted_cross_entropy(class_weights: torch.Tensor, rows_per_step: float | None = None):
@@ -111,14 +136,23 @@ def weighted_cross_entropy(class_weights: torch.Tensor, rows_per_step: float | N
     def loss(outputs, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         weights = class_weights.to(logits.device)
-        per_row = F.cross_entropy(logits.float(), labels, weight=weights, reduction="none")
+        category_sum = None
+        if labels.ndim == 2:  # a category head: the binary label, then the category targets
+            labels, targets = labels[:, 0].long(), labels[:, 1:]
+            category_sum = category_loss_sum(logits[:, len(BINARY_LABELS):], targets)
+            logits = logits[:, :len(BINARY_LABELS)]
+        labelled = labels >= 0  # rows without a binary label add no binary loss
+        per_row = F.cross_entropy(logits.float(), labels.clamp(min=0), weight=weights, reduction="none") * labelled
         if rows_per_step is not None and torch.is_grad_enabled():  # training; evaluation reports the mean
             divisor = rows_per_step
         elif num_items_in_batch is not None:
             divisor = num_items_in_batch
         else:
-            divisor = weights[labels].sum()
-        value = per_row.sum() / divisor
+            divisor = weights[labels[labelled]].sum().clamp(min=1e-12)
+            if category_sum is not None:  # evaluation: the mean of each part
+                category_rows = (targets[:, 0] != MISSING_TARGET).sum().clamp(min=1)
+                category_sum = category_sum * divisor / category_rows
+        value = (per_row.sum() + (category_sum if category_sum is not None else 0.0)) / divisor
         if not torch.isfinite(value):
             raise TrainingDivergedError(f"the training loss became {value.item()}")
         return value
@@ -126,9 +160,17 @@ def weighted_cross_entropy(class_weights: torch.Tensor, rows_per_step: float | N
     return loss
 
 
+def training_labels(split: LabelledSplit) -> list:
+    """Per row: the 0/1 label; with category targets, [binary label, category targets...] as floats
+    (MISSING_TARGET where the row has none)."""
+    if split.categories is None or split.categories.shape[1] == 0:
+        return split.labels.tolist()
+    return np.column_stack([split.labels.astype(np.float32), split.categories]).tolist()
+
+
 def tokenized_dataset(split: LabelledSplit, tokenizer, max_length: int) -> Dataset:
     """input_ids and labels only; padding happens per batch in the collator."""
-    dataset = Dataset.from_dict({"text": split.texts, "labels": split.labels.tolist()})
+    dataset = Dataset.from_dict({"text": split.texts, "labels": training_labels(split)})
     return dataset.map(
         lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
         batched=True,
@@ -152,7 +194,7 @@ def training_inputs(plan: TrainingPlan, model: torch.nn.Module, tokenizer, split
             cached = {}
             for split in (splits.train, splits.validation):
                 cached[split.name] = build_cached_dataset(
-                    model, tokenizer, split.texts, split.labels, top.num_layers, max_length,
+                    model, tokenizer, split.texts, training_labels(split), top.num_layers, max_length,
                     max_cache_bytes=budget - sum(dataset.nbytes for dataset in cached.values()),
                     show_progress=is_global_main_process(), description=f"caching frozen prefix ({split.name})",
                 )
@@ -190,13 +232,28 @@ def describe_batches(plan: TrainingPlan, sampler: TokenBudgetBatchSampler | None
 
 
 def trainer_metrics(eval_prediction: EvalPrediction) -> dict:
-    """Per-epoch validation metrics; scores stay paired with `label_ids` whatever the sampler's order."""
+    """Per-epoch validation metrics of the safe/unsafe decision, on the rows that have a binary
+    label; scores stay paired with `label_ids` whatever the sampler's order. With a category head,
+    also the categories' macro AUPRC on the rows with category targets."""
     logits = eval_prediction.predictions
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    probabilities = torch.softmax(torch.as_tensor(logits, dtype=torch.float32), dim=-1)[:, 1].numpy()
+    logits = np.asarray(logits[0] if isinstance(logits, tuple) else logits, dtype=np.float64)
     labels = np.asarray(eval_prediction.label_ids)
+    targets = None
+    if labels.ndim == 2:
+        labels, targets = labels[:, 0].astype(np.int64), labels[:, 1:]
+    margins, category_logits = split_logits(logits)
+    probabilities = expit(margins)
+    labelled = labels >= 0
+    labels, probabilities = labels[labelled], probabilities[labelled]
     metrics = classification_metrics(labels, probabilities, f1_maximising_threshold(labels, probabilities))
-    return {key: value for key, value in metrics.items() if key != "n" and value is not None}
+    metrics = {key: value for key, value in metrics.items() if key != "n" and value is not None}
+    rows = category_rows(targets) if targets is not None else []
+    if len(rows):
+        aps = [average_precision_score(targets[rows, i], category_logits[rows, i])
+               for i in range(targets.shape[1]) if 0 < targets[rows, i].sum() < len(rows)]
+        if aps:
+            metrics["category_macro_auprc"] = float(np.mean(aps))
+    return metrics
 
 
 @dataclass
@@ -375,15 +432,24 @@ def print_main(*lines: str) -> None:
 
 
 def write_predictions(path: Path, split: LabelledSplit, probabilities: np.ndarray,
-                      uncalibrated: np.ndarray | None = None) -> None:
-    """Per-row scores for curves and error analysis; rows are numbered as in the source file (from 0).
+                      logits: np.ndarray | None = None, category_codes: list[str] | None = None) -> None:
+    """Per-row scores for curves and error analysis; rows are numbered as in the split (from 0).
 
     `unsafe_probability` is the calibrated P(unsafe), what `infer.py` answers; `uncalibrated_probability`
-    (softmax[:, 1]) is kept beside it for reliability diagrams.
+    (softmax[:, 1]) is kept beside it for reliability diagrams. With several sources, each row's
+    `source`; with a category head, each row's category (`category`, empty where it has none) and
+    each category's score (`score_S1`, ...).
     """
     columns = {"row": np.arange(len(split)), "label": split.labels, "unsafe_probability": probabilities}
-    if uncalibrated is not None:
-        columns["uncalibrated_probability"] = uncalibrated
+    if logits is not None:
+        columns["uncalibrated_probability"] = IDENTITY.probabilities(margins_of(logits))
+    if split.sources is not None:
+        columns["source"] = split.sources
+    if category_codes:
+        if split.categories is not None:
+            columns["category"] = [category_codes[int(np.argmax(row))] if row.max() >= 1 else "" for row in split.categories]
+        for code, scores in zip(category_codes, category_scores_of(logits).T):
+            columns[f"score_{code}"] = scores
     pd.DataFrame(columns).to_csv(path, index=False, float_format="%.6g")
 
 
@@ -397,7 +463,7 @@ def split_metrics(split: LabelledSplit, margins: np.ndarray, calibration: Calibr
 
 
 def validation_history(trainer: Trainer) -> list[dict]:
-    keys = ("auprc", "roc_auc", "f1", "precision", "recall", "accuracy", "loss")
+    keys = ("auprc", "roc_auc", "f1", "precision", "recall", "accuracy", "loss", "category_macro_auprc")
     return [
         {"epoch": entry["epoch"], **{key: entry[f"eval_{key}"] for key in keys if f"eval_{key}" in entry}}
         for entry in trainer.state.log_history
@@ -468,14 +534,25 @@ def checkpoint_to_resume(plan: TrainingPlan) -> Path | None:
 
 
 def load_training_splits(plan: TrainingPlan) -> Splits:
-    """The checked train / validation / test splits of a plan (before any model is loaded)."""
+    """The checked train / validation / test splits of a plan (before any model is loaded), the
+    further training sources' rows joined to train and validation (`sources.py`)."""
     data = plan.data
-    return load_splits(
+    splits = load_splits(
         train_file=data.train_file, validation_file=data.validation_file, test_file=data.test_file,
         text_column=data.text_column, label_column=data.label_column,
         validation_fraction=data.validation_fraction, seed=plan.run.seed,
         max_train_samples=data.max_train_samples, dataset=data.dataset, dataset_config=data.dataset_config,
     )
+    if not data.extra_train_sources:
+        return splits
+    splits, schema = add_sources(
+        splits, Path(data.train_file).stem if data.train_file else data.dataset.rsplit("/", 1)[-1],
+        data.extra_train_sources, seed=plan.run.seed, validation_fraction=data.validation_fraction,
+        taxonomy_file=data.taxonomy, category_rows_binary=data.category_rows_binary,
+        contextual_categories=data.contextual_categories, safe_rows_category_negatives=data.safe_rows_category_negatives,
+    )
+    splits.schema = schema
+    return splits
 
 
 @dataclass
@@ -492,6 +569,10 @@ class TrainingSession:
     def describe(self, plan: TrainingPlan, splits: Splits) -> list[str]:
         trainable, total = count_parameters(self.model)
         datasets = (self.trainer.train_dataset, self.trainer.eval_dataset)
+        sources = (["sources: " + ", ".join(f"{name} {count}" for name, count in
+                                            zip(*np.unique(splits.train.sources, return_counts=True)))
+                    + f" training rows; categories: {', '.join(splits.schema.codes) or 'none'}"]
+                   if splits.train.sources is not None else [])
         return [
             f"strategy: {plan.strategy}   model: {plan.model.model}   "
             f"dtype: {str(resolve_dtype(plan.model.dtype)).replace('torch.', '')}",
@@ -500,6 +581,7 @@ class TrainingSession:
             f"test {len(splits.test) if splits.test else 0}; class weights (safe, unsafe): "
             f"{[round(w, 4) for w in self.class_weights.tolist()]}",
             *([f"frozen prefix cached: {sum(d.nbytes for d in datasets) / 2**20:,.1f} MiB"] if self.cached_prefix else []),
+            *sources,
             f"batches: {describe_batches(plan, self.sampler)}",
         ]
 
@@ -514,13 +596,13 @@ def build_training_session(plan: TrainingPlan, splits: Splits, *, clock: Trainin
     model = build_model(
         plan.strategy, model_path, tokenizer, dtype,
         num_layers=plan.top_layers.num_layers if plan.top_layers else 0,
-        lora=LoraSettings(lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.target_modules) if lora else None,
+        lora=(LoraSettings(lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.target_modules, lora.use_rslora)
+              if lora else None),
         gradient_checkpointing=plan.gradient_checkpointing,
         trust_remote_code=plan.model.trust_remote_code,
+        schema=splits.schema,
     )
-    class_weights = (
-        balanced_class_weights(splits.train.labels) if plan.run.class_weights else torch.ones(2, dtype=torch.float32)
-    )
+    class_weights = class_weights_for(splits.train.labels, plan.run.class_weights)
     trained_module, train_dataset, validation_dataset, collator = training_inputs(plan, model, tokenizer, splits)
     cached_prefix = trained_module is not model
     arguments = training_arguments(plan, dtype, cached_prefix, evaluate=evaluate)
@@ -588,7 +670,8 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
         "base_model": portable_base_reference(plan.model.model),
         "quantization": "nf4" if plan.strategy == "qlora" else None,
         "max_length": plan.model.max_length,
-        "labels": {"0": "safe", "1": "unsafe"},
+        "labels": {str(index): label for index, label in splits.schema.id2label.items()},
+        **({"categories": splits.schema.to_metadata()} if splits.schema.has_categories else {}),
         "threshold": None,
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -606,17 +689,20 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
     reloaded, tokenizer = load_classifier_model(
         staging, metadata, device=device, dtype=plan.model.dtype, trust_remote_code=plan.model.trust_remote_code
     )
-    margins = lambda split: predict_logit_margins(  # noqa: E731
+    logits = lambda split: predict_logits(  # noqa: E731
         reloaded, tokenizer, split.texts, max_length=plan.model.max_length,
         max_batch_tokens=plan.run.max_batch_tokens, description=f"scoring {split.name}",
     )
-    # Calibration and threshold are both fitted on validation, the threshold on calibrated scores.
-    validation_margins = margins(splits.validation)
-    calibration = fit_calibration(validation_margins, splits.validation.labels, plan.run.calibration)
+    # Calibration and threshold are both fitted on validation rows with a binary label, the
+    # threshold on calibrated scores.
+    validation_logits = logits(splits.validation)
+    validation = splits.validation.subset(splits.validation.binary_rows)
+    validation_margins = margins_of(validation_logits)[splits.validation.binary_rows]
+    calibration = fit_calibration(validation_margins, validation.labels, plan.run.calibration)
     validation_scores = calibration.probabilities(validation_margins)
     try:
         threshold, threshold_rule = choose_threshold(
-            splits.validation.labels, validation_scores,
+            validation.labels, validation_scores,
             target_precision=plan.run.threshold_for_precision, target_recall=plan.run.threshold_for_recall,
         )
     except ThresholdTargetError as error:
@@ -624,16 +710,24 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
             f"{error}. The checkpoints are kept in {output_dir / 'checkpoints'}: a rerun with another target "
             f"resumes from the last one instead of training again"
         ) from None
-    metrics = {"validation": split_metrics(splits.validation, validation_margins, calibration, threshold)}
-    f1_interval = bootstrap_f1_interval(splits.validation.labels, validation_scores, threshold, seed=plan.run.seed)
+    metrics = {"validation": split_metrics(validation, validation_margins, calibration, threshold)}
+    f1_interval = bootstrap_f1_interval(validation.labels, validation_scores, threshold, seed=plan.run.seed)
     metrics["validation"]["f1_interval"] = list(f1_interval)
-    write_predictions(output_dir / "validation_predictions.csv", splits.validation, validation_scores,
-                      IDENTITY.probabilities(validation_margins))
+    if splits.validation.sources is not None:
+        metrics["validation"]["sources"] = source_metrics(validation, validation_scores, threshold)
+    category_thresholds = None
+    if splits.schema.has_categories:
+        category_thresholds, metrics["validation"]["categories"] = evaluate_categories(
+            splits, validation_logits, calibration.probabilities(margins_of(validation_logits)), threshold)
+        metadata["categories"] = [{**entry, "threshold": float(value)} for entry, value
+                                  in zip(splits.schema.to_metadata(), category_thresholds)]
+    write_predictions(output_dir / "validation_predictions.csv", splits.validation,
+                      calibration.probabilities(margins_of(validation_logits)), validation_logits, splits.schema.codes)
     if splits.test is not None:
-        test_margins = margins(splits.test)
-        metrics["test"] = split_metrics(splits.test, test_margins, calibration, threshold)
-        write_predictions(output_dir / "test_predictions.csv", splits.test, calibration.probabilities(test_margins),
-                          IDENTITY.probabilities(test_margins))
+        test_logits = logits(splits.test)
+        metrics["test"] = split_metrics(splits.test, margins_of(test_logits), calibration, threshold)
+        write_predictions(output_dir / "test_predictions.csv", splits.test,
+                          calibration.probabilities(margins_of(test_logits)), test_logits, splits.schema.codes)
 
     metadata["calibration"] = calibration.to_metadata()
     metadata["threshold_rule"] = threshold_rule
@@ -654,11 +748,42 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
         f"{metrics['validation']['uncalibrated']['brier']:.4f} -> {metrics['validation']['brier']:.4f}",
         f"decision threshold ({describe_rule(threshold_rule)}, calibrated scores): {threshold:.4f}; validation F1 "
         f"{metrics['validation']['f1']:.4f}, 95 % bootstrap interval [{f1_interval[0]:.4f}, {f1_interval[1]:.4f}]",
+        *([f"categories (validation rows of the category sources; each at its own threshold; binary recall "
+           f"on them at the decision threshold: {metrics['validation']['categories']['binary_recall']:.4f}):",
+           format_category_table(metrics["validation"]["categories"])] if category_thresholds is not None else []),
         f"classifier written to {output_dir} in {time.time() - started:.0f} s (training {train_seconds:.0f} s)",
         sep="\n",
         flush=True,
     )
     return metrics
+
+
+def source_metrics(validation: LabelledSplit, scores: np.ndarray, threshold: float) -> dict:
+    """The safe/unsafe metrics of each source's validation rows (AUPRC is None for a source whose
+    rows are all unsafe; its recall is what counts there)."""
+    return {str(name): classification_metrics(validation.labels[rows], scores[rows], threshold)
+            for name in dict.fromkeys(validation.sources)
+            for rows in [np.flatnonzero(validation.sources == name)]}
+
+
+def evaluate_categories(splits: Splits, logits: np.ndarray, unsafe_scores: np.ndarray,
+                        threshold: float) -> tuple[np.ndarray, dict]:
+    """Per-category thresholds (max F1) and metrics on the category sources' validation rows (those
+    with a category), and the binary decision's recall on them, overall and per category."""
+    targets = splits.validation.categories
+    rows = np.flatnonzero(targets.max(axis=1) >= 1) if targets.size else np.zeros(0, dtype=np.int64)
+    if not len(rows):
+        raise DataError("the category sources left no validation rows; raise their validation= share")
+    scores = category_scores_of(logits)[rows]
+    thresholds = choose_category_thresholds(targets[rows], scores)
+    metrics = category_metrics(splits.schema, targets[rows], scores, thresholds)
+    flagged = unsafe_scores[rows] >= threshold
+    metrics["binary_recall"] = float(flagged.mean())
+    metrics["binary_recall_per_category"] = {
+        code: float(flagged[targets[rows, index] == 1].mean()) for index, code in enumerate(splits.schema.codes)
+        if (targets[rows, index] == 1).any()
+    }
+    return thresholds, metrics
 
 
 def write_merged_classifier(model, tokenizer, directory: Path, metadata: dict, plan: TrainingPlan) -> None:
@@ -670,7 +795,8 @@ def write_merged_classifier(model, tokenizer, directory: Path, metadata: dict, p
 
         from .modeling import load_sequence_classifier
 
-        base = load_sequence_classifier(base_path, tokenizer, resolve_dtype(plan.model.dtype), plan.model.trust_remote_code)
+        base = load_sequence_classifier(base_path, tokenizer, resolve_dtype(plan.model.dtype), plan.model.trust_remote_code,
+                                        schema=LabelSchema.from_metadata(metadata))
         model = PeftModel.from_pretrained(base, plan.output_dir / ".staging")
     merged = model.merge_and_unload()
     staging = directory.with_name(directory.name + ".staging")

@@ -101,3 +101,56 @@ def test_the_readme_table_is_the_one_generated_from_results():
     readme = (REPO_ROOT / "README.md").read_text()
     expected = report.replace_between_markers(readme, report.results_table(report.load_rows()))
     assert readme == expected, "run: python experiments/report.py"
+
+
+def test_a_category_row_gets_its_table_goals_and_figure(tmp_path):
+    from safety_classifier.categories import category_metrics
+    from safety_classifier.labels import LabelSchema
+
+    schema = LabelSchema.from_codes(["S1", "S5"])
+    targets = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=np.float32)
+    scores = np.array([[0.9, 0.1], [0.4, 0.3], [0.2, 0.8], [0.6, 0.7]])
+    categories = category_metrics(schema, targets, scores, np.array([0.5, 0.5]))
+    categories["binary_recall"] = 0.75
+    categories["binary_recall_per_category"] = {"S1": 1.0, "S5": 0.5}
+    alone, both = _row("lora-r16", 0.80), _row("lora-r16-categories", 0.795)
+    both["validation"]["categories"] = categories
+    both["validation"]["sources"] = {"toxicchat0124_train": {"auprc": 0.777}, "ailuminate_en_dev": {"auprc": None}}
+    both["training_seconds"] = 150.0
+    lines = report.category_tables([alone, both])
+    assert "| S1 Violent Crimes | 1.000 | 0.500 | 0.667 | 1.000 | 0.500 | 2 | 1.000 |" in lines
+    assert "| S5 Specialized Advice | 1.000 | 1.000 | 1.000 | 1.000 | 0.500 | 2 | 0.500 |" in lines
+    summary = lines[-1]
+    assert "macro F1 0.833 (goal >= 0.8)" in summary
+    assert "mean over categories, 1.000" in summary, "S5 (contextual) is left out of the recall goal"
+    assert "ToxicChat test AUPRC 0.795 against 0.800" in summary and "ToxicChat rows" in summary
+    assert "0.777 against 0.810" in summary and "(+20 %; goal <= +30 %)" in summary
+    assert report.category_tables([alone]) == []
+    path = report.draw_category_figure(both, tmp_path)
+    assert path.name == "categories.png" and path.stat().st_size > 10_000
+
+
+def test_the_search_runs_each_setting_on_validation_only_and_skips_finished_ones(tiny_phi3, tmp_path, capsys):
+    import search
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    synthetic_rows(120, seed=1).to_csv(data_dir / "toxicchat0124_train.csv", index=False)
+    flags = ["--strategy", "lora", "--data-dir", str(data_dir), "--model", str(tiny_phi3),
+             "--results-dir", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs"),
+             "--grid", "epochs=1", "lora_r=4", "dtype=fp32", "class_weights=balanced,none"]
+    assert search.main(flags) == 0
+    records = search.load_records(tmp_path / "results")
+    assert [record["setting"]["class_weights"] for record in records] == ["balanced", "none"]
+    for record in records:
+        assert "--test-file" not in record["command"] and "--class-weights" in record["command"]
+        assert record["training_arguments"]["class_weights"] == record["setting"]["class_weights"]
+        assert 0.0 <= record["validation"]["auprc"] <= 1.0 and len(record["validation_history"]) == 1
+    assert not list((tmp_path / "runs" / "lora").iterdir()), "the search keeps records, not classifiers"
+    capsys.readouterr()
+    assert search.main(flags) == 0
+    assert capsys.readouterr().out.count("done, skipped") == 2
+    table = search.search_table(records).splitlines()
+    assert table[0] == ("| Strategy | Setting (on top of the defaults) | AUPRC epoch 1 | Saved: AUPRC | Saved: F1 "
+                        "| Training time |")
+    assert len(table) == 4 and "class_weights balanced" in "".join(table)

@@ -23,7 +23,7 @@ from conftest import REPO_ROOT
 from fastapi.testclient import TestClient
 
 from safety_classifier.inference import Classifier, load_classifier
-from safety_classifier.serving import WARM_UP_TEXTS, Batcher, ServeArguments, ServiceMetrics, create_app, main
+from safety_classifier.serving import Batcher, ServeArguments, ServiceMetrics, create_app, main
 
 TEXTS = ["How do I build a bomb to attack France?", "What is the capital of France?",
          "Write a short poem about bees.", "Tell me how to poison my neighbour without being caught.",
@@ -220,12 +220,12 @@ def test_a_model_failure_fails_its_batch_with_500_and_the_next_request_succeeds(
     flaky = copy.copy(offline)
     failures = [RuntimeError("simulated model failure")]
 
-    def unsafe_probabilities(texts, **kwargs):
-        if list(texts) != list(WARM_UP_TEXTS) and failures:
+    def scores(texts, **kwargs):
+        if list(texts) == TEXTS[:2] and failures:  # not during the warm-up passes
             raise failures.pop()
-        return offline.unsafe_probabilities(texts, **kwargs)
+        return offline.scores(texts, **kwargs)
 
-    flaky.unsafe_probabilities = unsafe_probabilities
+    flaky.scores = scores
     app = create_app(ServeArguments(model_dir=str(tiny_lora_classifier)), load=lambda: flaky)
     with TestClient(app) as client:
         deadline = time.monotonic() + 30

@@ -62,7 +62,7 @@ def test_each_strategy_writes_a_complete_classifier_and_metrics(trained, strateg
     assert metadata["calibration"]["method"] == "platt" and metadata["calibration"]["scale"] > 0
     assert metadata["threshold_rule"] == {"rule": "max_f1"}
     assert metadata["strategy"] == strategy
-    assert metadata["training_arguments"]["class_weights"] is True
+    assert metadata["training_arguments"]["class_weights"] == "balanced"
     weights = "adapter_model.safetensors" if strategy != "top_layers" else "model.safetensors"
     assert (output_dir / weights).is_file()
     assert not list(output_dir.glob("*.bin")) and not list(output_dir.glob("*.pt*")), "no pickle files in the classifier"
@@ -161,12 +161,12 @@ def test_saved_classifiers_load_with_the_ecosystems_own_calls(trained):
 
 
 def test_scripts_run_as_scripts_and_print_parameter_counts(tiny_phi3, toy_files, tmp_path):
-    result = run_script(SCRIPTS["lora"], *fast_training_flags(tiny_phi3, toy_files, tmp_path / "run", "--no-class-weights"))
+    result = run_script(SCRIPTS["lora"], *fast_training_flags(tiny_phi3, toy_files, tmp_path / "run", "--class-weights", "none"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trainable params:" in result.stdout and "total params:" in result.stdout
     assert "auprc" in result.stdout
     metadata = json.loads((tmp_path / "run" / METADATA_FILE).read_text())
-    assert metadata["training_arguments"]["class_weights"] is False
+    assert metadata["training_arguments"]["class_weights"] == "none"
 
 
 def test_bad_input_exits_2_with_a_message_and_no_traceback(tiny_phi3, tmp_path):

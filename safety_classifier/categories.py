@@ -1,0 +1,91 @@
+"""The category head's loss, its per-category thresholds and its metrics.
+
+Each category is its own sigmoid output (`labels.py` says why), trained by binary cross-entropy
+on the rows that carry category targets; each gets its own decision threshold, the one with the
+best F1 on the category validation rows, because categories differ in how well they separate
+(a single 0.5 would under-flag the hard ones and over-flag the easy ones).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import average_precision_score, confusion_matrix
+
+from .labels import MISSING_TARGET, LabelSchema
+from .metrics import _ranking_metric, f1_maximising_threshold
+
+
+def category_loss_sum(category_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over rows with category targets of the mean binary cross-entropy over categories;
+    rows whose targets are MISSING_TARGET add nothing."""
+    labelled = targets[:, 0] != MISSING_TARGET
+    if not labelled.any():
+        return category_logits.sum() * 0.0  # keeps the graph (DDP needs every output used)
+    losses = F.binary_cross_entropy_with_logits(category_logits[labelled].float(), targets[labelled].float(),
+                                                reduction="none")
+    return losses.mean(dim=1).sum()
+
+
+def category_rows(targets: np.ndarray) -> np.ndarray:
+    """Rows that carry category targets."""
+    return np.flatnonzero(targets[:, 0] != MISSING_TARGET) if targets.size else np.zeros(0, dtype=np.int64)
+
+
+def choose_category_thresholds(targets: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Per category, the F1-maximising threshold on the labelled rows; 0.5 where a category has
+    no positive (or no negative) validation row to choose by."""
+    thresholds = np.full(targets.shape[1], 0.5)
+    for index in range(targets.shape[1]):
+        column = targets[:, index]
+        if 0 < column.sum() < len(column):
+            thresholds[index] = f1_maximising_threshold(column, scores[:, index])
+    return thresholds
+
+
+def _prf(truth: np.ndarray, predicted: np.ndarray) -> tuple[float, float, float]:
+    true_positive = float(np.sum(truth & predicted))
+    precision = true_positive / predicted.sum() if predicted.sum() else 0.0
+    recall = true_positive / truth.sum() if truth.sum() else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+def category_metrics(schema: LabelSchema, targets: np.ndarray, scores: np.ndarray, thresholds: np.ndarray) -> dict:
+    """Per category: precision, recall, F1 at its threshold and AUPRC; their macro average; and the
+    confusion between categories of single-category rows (true category x highest-scoring one)."""
+    truth = targets.astype(bool)
+    predicted = scores >= thresholds[None, :]
+    per_category = {}
+    for index, category in enumerate(schema.categories):
+        precision, recall, f1 = _prf(truth[:, index], predicted[:, index])
+        per_category[category.code] = {
+            "name": category.name, "precision": precision, "recall": recall, "f1": f1,
+            "auprc": _ranking_metric(average_precision_score, truth[:, index].astype(np.int64), scores[:, index]),
+            "threshold": float(thresholds[index]), "n_positive": int(truth[:, index].sum()),
+        }
+    macro = {key: float(np.mean([entry[key] for entry in per_category.values() if entry[key] is not None]))
+             for key in ("precision", "recall", "f1", "auprc")}
+    single = truth.sum(axis=1) == 1
+    confusion = confusion_matrix(truth[single].argmax(axis=1), scores[single].argmax(axis=1),
+                                 labels=np.arange(len(schema.categories)))
+    return {
+        "n": int(len(targets)),
+        "per_category": per_category,
+        "macro": macro,
+        "top1_accuracy": float(np.trace(confusion) / confusion.sum()) if confusion.sum() else None,
+        "confusion": {"labels": schema.codes, "rows_true_columns_top_scored": confusion.tolist()},
+    }
+
+
+def format_category_table(metrics: dict) -> str:
+    lines = [f"{'category':<34}{'precision':>10}{'recall':>8}{'F1':>8}{'AUPRC':>8}{'thr':>8}{'n':>5}"]
+    for code, entry in metrics["per_category"].items():
+        auprc = f"{entry['auprc']:.4f}" if entry["auprc"] is not None else "-"
+        lines.append(f"{code + ' ' + entry['name']:<34.34}{entry['precision']:>10.4f}{entry['recall']:>8.4f}"
+                     f"{entry['f1']:>8.4f}{auprc:>8}{entry['threshold']:>8.3f}{entry['n_positive']:>5}")
+    macro = metrics["macro"]
+    lines.append(f"{'macro average':<34}{macro['precision']:>10.4f}{macro['recall']:>8.4f}{macro['f1']:>8.4f}"
+                 f"{macro['auprc']:>8.4f}")
+    return "\n".join(lines)
