@@ -75,6 +75,7 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+TOXICCHAT_SOURCE = "toxicchat0124_train"  # the name metrics.json gives the main source's validation rows
 # Goals of the categories issue, on the category validation split.
 GOAL_CATEGORY_MACRO_F1, GOAL_BINARY_RECALL, GOAL_AUPRC_DROP, GOAL_EXTRA_TIME = 0.80, 0.90, 0.01, 0.30
 
@@ -95,7 +96,8 @@ def category_tables(rows: list[dict], baseline_row: str = "lora-r16") -> list[st
                   "| Category | Precision | Recall | F1 | AUPRC | Threshold | Rows | Unsafe recall |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         recall = categories["binary_recall_per_category"]
-        for code, entry in categories["per_category"].items():
+        for code in category_order(categories):
+            entry = categories["per_category"][code]
             auprc = f"{entry['auprc']:.3f}" if entry["auprc"] is not None else "—"
             lines.append(f"| {code} {entry['name']} | {entry['precision']:.3f} | {entry['recall']:.3f} | "
                          f"{entry['f1']:.3f} | {auprc} | {entry['threshold']:.3f} | {entry['n_positive']} | "
@@ -109,7 +111,7 @@ def category_tables(rows: list[dict], baseline_row: str = "lora-r16") -> list[st
                  f"unsafe recall on S1-S4 and S6-S12, mean over categories, {pooled:.3f} (goal >= {GOAL_BINARY_RECALL})",
                  f"top-scored category right on {categories['top1_accuracy']:.3f} of the rows"]
         baseline = by_name.get(baseline_row)
-        main_source = next(iter(row["validation"].get("sources", {}).values()), None)
+        main_source = row["validation"].get("sources", {}).get(TOXICCHAT_SOURCE)
         if baseline is not None and main_source is not None:
             goals.append(f"validation AUPRC on its ToxicChat rows (the 280 the other rows are measured on; the "
                          f"epochs above count the category rows too) {main_source['auprc']:.3f} against "
@@ -136,7 +138,8 @@ def validation_table(rows: list[dict]) -> list[str]:
         by_epoch = [f"{entry['auprc']:.3f}" for entry in row["validation_history"]]
         by_epoch += ["—"] * (epochs - len(by_epoch))
         validation = row["validation"]
-        lines.append("| " + " | ".join([row["method"], *by_epoch, f"{validation['auprc']:.3f}",
+        method = row["method"] + (" (all its validation rows: ToxicChat and category)" if "sources" in validation else "")
+        lines.append("| " + " | ".join([method, *by_epoch, f"{validation['auprc']:.3f}",
                                         f"{validation['f1']:.3f}"]) + " |")
     return lines
 
@@ -262,6 +265,11 @@ def draw_figures(rows: list[dict], test_file: Path, results_dir: Path = RESULTS_
     return written
 
 
+def category_order(categories: dict) -> list[str]:
+    """The head's order (S1, S2, ... S12), which the confusion matrix keeps; metrics.json's keys are sorted as text."""
+    return list(categories["confusion"]["labels"])
+
+
 def draw_category_figure(row: dict, figures_dir: Path = FIGURES_DIR) -> Path:
     """`categories.png`: per-category precision / recall / F1 bars, and the confusion between
     categories (true category x highest-scoring category) on the category validation split."""
@@ -271,17 +279,18 @@ def draw_category_figure(row: dict, figures_dir: Path = FIGURES_DIR) -> Path:
     import matplotlib.pyplot as plt
 
     categories = row["validation"]["categories"]
-    codes = list(categories["per_category"])
+    codes = category_order(categories)
     figure, (bars, heat) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
     positions = np.arange(len(codes))
     for offset, key, colour in ((-0.27, "precision", "tab:blue"), (0, "recall", "tab:orange"), (0.27, "f1", "tab:green")):
         bars.bar(positions + offset, [categories["per_category"][code][key] for code in codes], width=0.27,
                  color=colour, label=key)
     bars.axhline(GOAL_CATEGORY_MACRO_F1, color="grey", ls=":", lw=1, label=f"macro-F1 goal {GOAL_CATEGORY_MACRO_F1}")
-    bars.set_xticks(positions, [f"{code}\n{categories['per_category'][code]['name'][:14]}" for code in codes], fontsize=6)
-    bars.set(ylim=(0, 1.05), ylabel="on the category validation split",
+    bars.set_xticks(positions, [f"{code} {categories['per_category'][code]['name']}" for code in codes], fontsize=7,
+                    rotation=35, ha="right")
+    bars.set(ylim=(0, 1.22), ylabel="on the category validation split",
              title=f"{row['method']}: per category (macro F1 {categories['macro']['f1']:.3f})")
-    bars.legend(fontsize=7, loc="lower right")
+    bars.legend(fontsize=7, loc="upper right", ncol=4)
     bars.grid(axis="y", alpha=0.3)
     confusion = np.asarray(categories["confusion"]["rows_true_columns_top_scored"])
     heat.imshow(confusion, cmap="Blues")
