@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     score_texts = [score_texts[i] for i in rng.permutation(len(score_texts))[: cfg["score_n"]]]
     train_index = rng.permutation(len(train))[: cfg["train_pool"]]
     train_texts = train["user_input"].astype(str).iloc[train_index].tolist()
-    train_labels = train["toxicity"].astype(int).iloc[train_index].to_numpy()
+    train_labels = train["toxicity"].astype(int).iloc[train_index].to_numpy().copy()  # writable: torch warns on read-only arrays
 
     model_path = resolve_model_reference(args.model)
     tokenizer = load_tokenizer(model_path)
