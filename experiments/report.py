@@ -188,12 +188,12 @@ def guard_model_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def replace_between_markers(text: str, body: str) -> str:
-    if TABLE_BEGIN not in text or TABLE_END not in text:
-        raise SystemExit(f"error: {README} lacks the markers {TABLE_BEGIN!r} ... {TABLE_END!r}")
-    head, rest = text.split(TABLE_BEGIN, 1)
-    _, tail = rest.split(TABLE_END, 1)
-    return f"{head}{TABLE_BEGIN}\n{body}\n{TABLE_END}{tail}"
+def replace_between_markers(text: str, body: str, begin: str = TABLE_BEGIN, end: str = TABLE_END) -> str:
+    if begin not in text or end not in text:
+        raise SystemExit(f"error: {README} lacks the markers {begin!r} ... {end!r}")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body}\n{end}{tail}"
 
 
 def draw_figures(rows: list[dict], test_file: Path, results_dir: Path = RESULTS_DIR,

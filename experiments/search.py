@@ -117,12 +117,9 @@ def search_table(records: list[dict]) -> str:
 
 
 def write_readme_table(records: list[dict]) -> None:
-    text = README.read_text()
-    if TABLE_BEGIN not in text or TABLE_END not in text:
-        raise SystemExit(f"error: README.md lacks the markers {TABLE_BEGIN!r} ... {TABLE_END!r}")
-    head, rest = text.split(TABLE_BEGIN, 1)
-    _, tail = rest.split(TABLE_END, 1)
-    README.write_text(f"{head}{TABLE_BEGIN}\n{search_table(records)}\n{TABLE_END}{tail}")
+    from report import replace_between_markers
+
+    README.write_text(replace_between_markers(README.read_text(), search_table(records), TABLE_BEGIN, TABLE_END))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -716,18 +716,21 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
     if splits.validation.sources is not None:
         metrics["validation"]["sources"] = source_metrics(validation, validation_scores, threshold)
     category_thresholds = None
+    # Every validation row's calibrated score (those without a binary label too: category rows under a contextual policy).
+    all_validation_scores = calibration.probabilities(margins_of(validation_logits))
     if splits.schema.has_categories:
         category_thresholds, metrics["validation"]["categories"] = evaluate_categories(
-            splits, validation_logits, calibration.probabilities(margins_of(validation_logits)), threshold)
+            splits, validation_logits, all_validation_scores, threshold)
         metadata["categories"] = [{**entry, "threshold": float(value)} for entry, value
                                   in zip(splits.schema.to_metadata(), category_thresholds)]
-    write_predictions(output_dir / "validation_predictions.csv", splits.validation,
-                      calibration.probabilities(margins_of(validation_logits)), validation_logits, splits.schema.codes)
+    write_predictions(output_dir / "validation_predictions.csv", splits.validation, all_validation_scores,
+                      validation_logits, splits.schema.codes)
     if splits.test is not None:
         test_logits = logits(splits.test)
-        metrics["test"] = split_metrics(splits.test, margins_of(test_logits), calibration, threshold)
-        write_predictions(output_dir / "test_predictions.csv", splits.test,
-                          calibration.probabilities(margins_of(test_logits)), test_logits, splits.schema.codes)
+        test_margins = margins_of(test_logits)
+        metrics["test"] = split_metrics(splits.test, test_margins, calibration, threshold)
+        write_predictions(output_dir / "test_predictions.csv", splits.test, calibration.probabilities(test_margins),
+                          test_logits, splits.schema.codes)
 
     metadata["calibration"] = calibration.to_metadata()
     metadata["threshold_rule"] = threshold_rule
