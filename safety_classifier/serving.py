@@ -196,19 +196,22 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="moderation-batcher")
 
     async def warm_up(self) -> None:
-        """Passes on the model thread before the service says it is ready: first-call costs, then the
-        largest forward passes the budget allows (one row of the full max length; many short rows),
-        so that the memory the allocator keeps for them is taken now, not during the first minutes
-        of traffic, and the resident size stays flat from here on."""
+        """Passes on the model thread before the service says it is ready: first-call costs, then a
+        full forward pass at each length from the max length down to 8 tokens (halving), so that
+        the memory the allocator keeps for every shape of batch traffic brings is taken now, not
+        during the first minutes of traffic, and the resident size stays flat from here on."""
         loop = asyncio.get_running_loop()
-        for texts in [list(WARM_UP_TEXTS), *self._largest_passes()]:
+        for texts in [list(WARM_UP_TEXTS), *self._full_passes()]:
             await loop.run_in_executor(self._model_thread, score_texts, self.classifier, texts, self.max_batch_tokens)
 
-    def _largest_passes(self) -> list[list[str]]:
-        longest = min(self.classifier.max_length, self.max_batch_tokens)
-        short = 8
-        return [[" ".join(["moderation"] * longest)],
-                [" ".join(["moderation"] * (short - 1))] * min(MAX_BATCH_ROWS, self.max_batch_tokens // short)]
+    def _full_passes(self) -> list[list[str]]:
+        """Texts of (about) `length` tokens, as many as fill one forward pass, for each length."""
+        passes, length = [], min(self.classifier.max_length, self.max_batch_tokens)
+        while length >= 8:
+            rows = min(MAX_BATCH_ROWS, self.max_batch_tokens // length)
+            passes.append([" ".join(["moderation"] * (length - 1))] * rows)
+            length //= 2
+        return passes
 
     async def submit(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         """Moderation results for `texts`, in order, once the batch they join has been scored."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from safety_classifier.inference import predict_unsafe_probabilities, token_budget_batches
+from safety_classifier.inference import predict_unsafe_probabilities, scoring_batches, token_budget_batches
 from safety_classifier.modeling import (
     LoraSettings,
     build_model,
@@ -132,6 +132,43 @@ def test_token_budget_batches_cover_every_row_once_within_budget():
     maxima = [lengths[b].max() for b in batches]
     assert maxima == sorted(maxima, reverse=True)
 
+
+
+def padded_cost(lengths: np.ndarray, batches: list[np.ndarray], overhead: float) -> float:
+    return sum(overhead + len(batch) * lengths[batch].max() for batch in batches)
+
+
+def test_scoring_batches_are_the_cheapest_split_within_budget():
+    rng = np.random.default_rng(0)
+    for lengths in (np.array([400, 30, 30, 30]), np.array([5, 300, 17, 17, 1, 64, 64, 2, 900, 33]),
+                    rng.integers(1, 512, 300), np.array([7])):
+        batches = scoring_batches(lengths, max_batch_tokens=2048, pass_overhead_tokens=64)
+        assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+        for batch in batches:
+            assert len(batch) == 1 or lengths[batch].max() * len(batch) <= 2048
+        greedy = token_budget_batches(lengths, max_batch_tokens=2048)
+        assert padded_cost(lengths, batches, 64) <= padded_cost(lengths, greedy, 64)
+    # A long prompt gathered with short ones gets a pass of its own instead of padding them to 400.
+    lengths = np.array([30, 400, 30, 30])
+    assert [sorted(b.tolist()) for b in scoring_batches(lengths, 2048, pass_overhead_tokens=64)] == [[1], [0, 2, 3]]
+    # No grouping of these five rows at all (not only of neighbours in length order) is cheaper.
+    lengths = np.array([30, 400, 29, 120, 31])
+
+    def groupings(rows: list[int]):
+        if not rows:
+            yield []
+            return
+        first, rest = rows[0], rows[1:]
+        for grouping in groupings(rest):
+            yield [[first], *grouping]
+            for i in range(len(grouping)):
+                yield [*grouping[:i], [first, *grouping[i]], *grouping[i + 1:]]
+
+    cheapest = min(padded_cost(lengths, [np.array(g) for g in grouping], 64)
+                   for grouping in groupings(list(range(5)))
+                   if all(len(g) * lengths[g].max() <= 512 or len(g) == 1 for g in grouping))
+    chosen = scoring_batches(lengths, 512, pass_overhead_tokens=64)
+    assert padded_cost(lengths, chosen, 64) == cheapest
 
 def test_class_weighted_loss_is_the_weighted_cross_entropy():
     labels = np.array([0] * 9 + [1])
