@@ -30,6 +30,7 @@ import httpx
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CPU_COUNT = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "toxicchat" / "toxicchat0124_train.csv"
 BUILT_IN_PROMPTS = [
     "What is the capital of France?", "Tell me how to shoplift without getting caught.",
@@ -113,6 +114,14 @@ def start_server(args: argparse.Namespace, port: int, log) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=log, stderr=log, cwd=REPO_ROOT)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
 def wait_until_ready(url: str, process: subprocess.Popen, timeout: float) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
@@ -183,11 +192,24 @@ async def send_all(url: str, requests: list[tuple[str, bytes]], concurrency: int
                 status, payload = response.status_code, response.json()
             except (httpx.HTTPError, ValueError) as error:
                 status, payload = None, {"transport_error": repr(error)}
-            results[index] = {"kind": kind, "status": status, "latency": time.perf_counter() - started, "body": payload}
+            finished = time.perf_counter()
+            results[index] = {"kind": kind, "status": status, "latency": finished - started, "finished": finished,
+                              "body": payload}
 
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     return results
+
+
+def prompts_per_s_by_tenth(results: list[dict], started: float, wall: float) -> list[float]:
+    """Good prompts answered 200 per second in each tenth of the run's wall time: a throughput
+    that falls as the run goes on shows here, where the run's average hides it."""
+    tenth = wall / 10
+    counts = np.zeros(10)
+    for result in results:
+        if result.get("kind") == "good" and result.get("status") == 200:
+            counts[min(9, int((result["finished"] - started) / tenth))] += 1
+    return [round(float(count / tenth), 2) for count in counts]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,10 +233,13 @@ def main(argv: list[str] | None = None) -> int:
             ready_s = wait_until_ready(url, server, args.ready_timeout)
             rss_start = rss_mb(server.pid)
             before = httpx.get(f"{url}/metrics", timeout=10).text
+            server_cpu_start, client_cpu_start = cpu_seconds(server.pid), cpu_seconds(os.getpid())
             started = time.perf_counter()
             with RssSampler(server.pid) as sampler:
                 shuffled = asyncio.run(send_all(url, [plan[i] for i in order], args.concurrency))
             wall = time.perf_counter() - started
+            server_cpu = cpu_seconds(server.pid) - server_cpu_start
+            client_cpu = cpu_seconds(os.getpid()) - client_cpu_start
             after = httpx.get(f"{url}/metrics", timeout=10).text
             rss_end = rss_mb(server.pid)
         finally:
@@ -271,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         "latency_ms_p99": round(float(np.percentile(latencies_ms, 99)), 2),
         "status_counts": dict(sorted(statuses.items())),
         "batches": int(batches), "mean_batch_size": round(batched_texts / batches, 2) if batches else 0.0,
+        "prompts_per_s_by_tenth": prompts_per_s_by_tenth(results, started, wall),
+        "server_cpu_share": round(server_cpu / (wall * CPU_COUNT), 3),
+        "load_generator_cpu_share": round(client_cpu / (wall * CPU_COUNT), 3),
         "server_rss_mb_start": round(rss_start, 1), "server_rss_mb_end": round(rss_end, 1),
         "server_rss_mb_peak": round(max(sampler.values, default=rss_end), 1),
         "server_rss_growth": round(rss_end / rss_start - 1, 4),
@@ -286,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("requests (good + bad)", f"{len(plan)} ({len(good)} + {len(bad)}) at concurrency {args.concurrency}"),
         ("served prompts/s", f"{served_pps:.1f} ({len(plan) / wall:.1f} requests/s, {wall:.1f} s)"),
+        ("served prompts/s by tenth", " ".join(f"{value:.1f}" for value in figures["prompts_per_s_by_tenth"])),
         ("offline prompts/s (one call)", f"{offline_pps:.1f}; served/offline {served_pps / offline_pps:.2f}"),
+        ("CPU time: server, load gen.", (f"{100 * figures['server_cpu_share']:.0f} %, "
+                                         f"{100 * figures['load_generator_cpu_share']:.0f} % of {CPU_COUNT} cores' time")),
         ("latency p50 / p95 / p99", (f"{figures['latency_ms_p50']:.1f} / {figures['latency_ms_p95']:.1f} / "
                                      f"{figures['latency_ms_p99']:.1f} ms")),
         ("status counts", ", ".join(f"{k}: {v}" for k, v in figures["status_counts"].items())),

@@ -297,3 +297,7 @@ def test_the_load_tests_malformed_requests_get_the_status_it_expects():
                  'moderation_requests_total{code="422"} 1.0\n'
     assert load_test.metric_value(exposition, "moderation_batch_size_sum") == 7.0
     assert load_test.metric_value(exposition, "moderation_requests_total") == 3.0
+    # Throughput by tenth of the run counts good requests answered 200, by when they finished.
+    results = [{"kind": "good", "status": 200, "finished": 100.0 + t} for t in (0.5, 0.5, 9.9, 10.0)]
+    results += [{"kind": "good", "status": 500, "finished": 101.0}, {"kind": "wrong_type", "status": 422, "finished": 101.0}]
+    assert load_test.prompts_per_s_by_tenth(results, started=100.0, wall=10.0) == [2.0] + [0.0] * 8 + [2.0]
