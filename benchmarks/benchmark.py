@@ -10,7 +10,9 @@ token-budget batches for scoring, length-grouped dynamic padding for training, f
 caching for top-N).
 
 Measured:
-* scoring: prompts/s of `predict_unsafe_probabilities` vs the reference forward;
+* scoring: prompts/s of `predict_unsafe_probabilities` vs the reference forward; and the same
+  prompts through a LoRA r=16 classifier with its adapters beside the weights (a `PeftModel`) and
+  merged into them (what `load_classifier` does), in one process;
 * LoRA r=16 training: one real epoch over the training file through the toolkit's own `Trainer`
   path (token-budget batches, the scripts' defaults), timed whole: minutes, real (non-pad)
   tokens/s and `train_mfu` (4 x non-embedding parameters per real token: the forward and the
@@ -242,6 +244,24 @@ def main(argv: list[str] | None = None) -> dict:
     del toolkit
     gc.collect()
 
+    # ---- scoring a LoRA r=16 classifier: adapters apart, then merged (as `load_classifier` loads it)
+    lora_classifier = build_model("lora", model_path, tokenizer, auto_dtype,
+                                  lora=LoraSettings(r=16, alpha=32, dropout=0.0)).eval()
+    lora_scoring_s = {}
+    for form in ("apart", "merged"):
+        if form == "merged":
+            lora_classifier = lora_classifier.merge_and_unload()
+        predict_unsafe_probabilities(lora_classifier, tokenizer, score_texts[:8], max_length=args.max_length,
+                                     show_progress=False)
+        started = time.perf_counter()
+        predict_unsafe_probabilities(lora_classifier, tokenizer, score_texts, max_length=args.max_length,
+                                     show_progress=False)
+        lora_scoring_s[form] = time.perf_counter() - started
+    lora_apart_prompts_per_s = len(score_texts) / lora_scoring_s["apart"]
+    lora_merged_prompts_per_s = len(score_texts) / lora_scoring_s["merged"]
+    del lora_classifier
+    gc.collect()
+
     # ---- LoRA r=16 training: one real epoch through the toolkit's Trainer -----------------------
     epoch = timed_lora_epoch(args.model, data_dir / "toxicchat0124_train.csv", cfg["epoch_rows"],
                              cfg["epoch_max_length"])
@@ -319,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows += [
         ("scoring prompts/s", f"{ref_prompts_per_s:.2f}", f"{infer_prompts_per_s:.2f}",
          f"{infer_prompts_per_s / ref_prompts_per_s:.1f}x"),
+        ("LoRA r=16 classifier scoring prompts/s", f"{lora_apart_prompts_per_s:.2f} adapters apart",
+         f"{lora_merged_prompts_per_s:.2f} merged", f"{lora_merged_prompts_per_s / lora_apart_prompts_per_s:.2f}x"),
         ("scoring real tokens/s", f"{sum(len(i) for i in ref_ids) / reference_score_s:.0f}",
          f"{real_tokens / toolkit_score_s:.0f}", ""),
         ("scoring MFU (real tokens)", f"{ref_mfu:.1%} of fp32", f"{infer_mfu:.1%} of {dtype_name}", ""),
@@ -343,6 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "infer_prompts_per_s": round(infer_prompts_per_s, 3),
         "infer_speedup_vs_pad1024": round(infer_prompts_per_s / ref_prompts_per_s, 2),
+        "lora_infer_prompts_per_s": round(lora_merged_prompts_per_s, 3),
+        "lora_infer_unmerged_prompts_per_s": round(lora_apart_prompts_per_s, 3),
         "train_tokens_per_s": round(train_tokens_per_s, 1),
         "train_speedup_vs_pad1024": round(train_tokens_per_s / ref_train_tokens_per_s, 2),
         "train_mfu": round(train_mfu, 4),

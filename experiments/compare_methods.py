@@ -50,6 +50,8 @@ VALIDATION_FRACTION = 0.1
 MAX_LENGTH = 512
 TEST_SCORES_FILE = "test_scores.csv"
 
+# The AILuminate category file as a second source, its own 25 % validation share stratified by category.
+CATEGORY_SOURCE = "{ailuminate},text=prompt_text,category=category,validation=0.25"
 # row name -> (method as shown, script, its strategy options)
 FINE_TUNED_ROWS = {
     # Head LR 1e-2 chosen on validation (README: what was tried); every other row uses the defaults.
@@ -67,11 +69,9 @@ FINE_TUNED_ROWS = {
                   ["--lora-r", "16", "--lora-alpha", "32", "--gradient-checkpointing", "false"]),
     "qlora-r32": ("QLoRA r=32 (NF4)", "train_qlora.py",
                   ["--lora-r", "32", "--lora-alpha", "64", "--gradient-checkpointing", "false"]),
-    # ToxicChat plus the AILuminate category file (its own 25 % validation share, stratified by
-    # category): a category head beside the safe/unsafe decision (README, Categories).
+    # ToxicChat plus the AILuminate category file: a category head beside the safe/unsafe decision.
     "lora-r16-categories": ("LoRA r=16 + AILuminate categories", "train_lora.py",
-                            ["--lora-r", "16", "--lora-alpha", "32", "--extra-train-sources",
-                             "{ailuminate},text=prompt_text,category=category,validation=0.25"]),
+                            ["--lora-r", "16", "--lora-alpha", "32", "--extra-train-sources", CATEGORY_SOURCE]),
 }
 AILUMINATE_FILE = "ailuminate/ailuminate_en_dev.csv"  # beside toxicchat/ in the shared data directory
 BASELINE_ROWS = {

@@ -94,6 +94,12 @@ class RunArguments:
         metadata={"help": "Cross-entropy weights of the two classes: balanced (inverse frequency), sqrt (its square "
                           "root, half-way), none."},
     )
+    category_loss_weight: float = field(
+        default=4.0,
+        metadata={"help": "Weight of a category row's loss (the mean binary cross-entropy over categories) against the "
+                          "safe/unsafe cross-entropy; only with a category head. 4 was chosen on validation over 1 "
+                          "(README, Categories)."},
+    )
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "true/false: recompute activations to save memory; on by default for QLoRA only."}
     )

@@ -120,8 +120,13 @@ def load_classifier_model(
     dtype: str = "auto",
     base_model: str | None = None,
     trust_remote_code: bool = False,
+    merge_adapters: bool = True,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """Rebuild the model and tokenizer of a classifier directory, weights through safetensors only."""
+    """Rebuild the model and tokenizer of a classifier directory, weights through safetensors only.
+
+    LoRA adapters are merged into the base weights for scoring (`merge_adapters=False` keeps the
+    `PeftModel`); an NF4 backbone keeps them apart, as merging would re-quantise its weights.
+    """
     directory = Path(directory)
     tokenizer = load_tokenizer(str(directory), trust_remote_code=trust_remote_code)
     torch_dtype = resolve_dtype(dtype, device)
@@ -146,6 +151,10 @@ def load_classifier_model(
         model = load_sequence_classifier(base_path, tokenizer, torch_dtype, trust_remote_code, quantize_4bit=quantized,
                                          schema=schema)
         model = PeftModel.from_pretrained(model, directory)
+        if merge_adapters and not quantized:
+            # A pass then runs the base model alone, without some 200 small adapter products on
+            # the side (1.12x the prompts/s on 2 CPU cores, the benchmark); scores agree to rounding.
+            model = model.merge_and_unload()
     else:
         model = load_sequence_classifier(str(directory), tokenizer, torch_dtype, trust_remote_code, schema=schema)
     if not quantized:

@@ -277,11 +277,13 @@ def load_classifier(
     dtype: str = "auto",
     base_model: str | None = None,
     trust_remote_code: bool = False,
+    merge_adapters: bool = True,
 ) -> Classifier:
     """Load a directory written by a train_*.py script (refused unless complete).
 
     Its stored calibration applies to every score; a directory saved before calibration existed
-    has none and scores as it always did (softmax[:, 1]).
+    has none and scores as it always did (softmax[:, 1]). LoRA adapters are merged into the base
+    weights (not on an NF4 backbone) unless `merge_adapters=False`.
     """
     metadata = read_metadata(model_dir)
     calibration = Calibration.from_metadata(metadata)
@@ -289,6 +291,7 @@ def load_classifier(
         raise ModelLoadError(f"{model_dir}: {METADATA_FILE} holds no decision threshold")
     device = torch.device(device) if device is not None else default_device()
     model, tokenizer = load_classifier_model(
-        model_dir, metadata, device=device, dtype=dtype, base_model=base_model, trust_remote_code=trust_remote_code
+        model_dir, metadata, device=device, dtype=dtype, base_model=base_model, trust_remote_code=trust_remote_code,
+        merge_adapters=merge_adapters,
     )
     return Classifier(model, tokenizer, float(metadata["threshold"]), int(metadata["max_length"]), metadata, calibration)

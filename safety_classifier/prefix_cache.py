@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .inference import default_batch_tokens, encode_prompts, token_budget_batches
+from .inference import default_batch_tokens, encode_prompts, scoring_batches
 from .modeling import find_head_name, find_transformer_blocks
 
 DEFAULT_MAX_CACHE_BYTES = 4 * 1024**3
@@ -184,7 +184,7 @@ def prefix_hidden_states_from_ids(
     model.eval()
     bar = tqdm(total=len(lengths), desc=description, unit="prompt", disable=not show_progress)
     try:
-        for batch in token_budget_batches(lengths, max_batch_tokens):
+        for batch in scoring_batches(lengths, max_batch_tokens):
             longest = int(lengths[batch].max())
             ids = torch.full((len(batch), longest), pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(batch), longest), dtype=torch.long)
@@ -218,7 +218,7 @@ def compute_prefix_hidden_states(
     """Hidden states entering the top `num_layers` blocks, one [seq_len, hidden] tensor per text.
 
     Runs the embeddings and the frozen bottom blocks once, in inference mode, in length-sorted
-    batches of at most `max_batch_tokens` padded tokens (`token_budget_batches`). Tensors are
+    batches of at most `max_batch_tokens` padded tokens (`scoring_batches`). Tensors are
     unpadded, on the CPU, in the model's dtype, and returned in the order of `texts`. Raises
     `PrefixCacheTooLarge` when they would take more than `max_cache_bytes` (None: no limit).
     """

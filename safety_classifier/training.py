@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import os
 import shutil
 import time
@@ -73,7 +74,7 @@ from .console import EpochSummaryProgress
 from .data import LabelledSplit, Splits, load_splits
 from .embedded import resolve_model_reference
 from .errors import DataError, ResumeMismatchError, ThresholdTargetError, TrainingDivergedError
-from .inference import category_scores_of, default_batch_tokens, margins_of, predict_logits, token_budget_batches
+from .inference import category_scores_of, default_batch_tokens, margins_of, predict_logits, scoring_batches
 from .labels import BINARY_LABELS, MISSING_TARGET, LabelSchema, split_logits
 from .metrics import classification_metrics, f1_maximising_threshold, format_metrics_table
 from .modeling import (
@@ -122,8 +123,11 @@ def class_weights_for(labels: np.ndarray, scheme: str = "balanced") -> torch.Ten
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def weighted_cross_entropy(class_weights: torch.Tensor, rows_per_step: float | None = None):
-    """A `Trainer(compute_loss_func=...)` loss: per-row cross-entropy times its class weight.
+def weighted_cross_entropy(class_weights: torch.Tensor, rows_per_step: float | None = None,
+                           category_loss_weight: float = 1.0):
+    """A `Trainer(compute_loss_func=...)` loss: per-row cross-entropy times its class weight, plus,
+    with a category head, `category_loss_weight` x the mean binary cross-entropy over categories of
+    each row that has category targets.
 
     Token-budget batches hold 2 to 256 rows. With `rows_per_step` (their mean number of rows per
     optimizer step, over all processes) the sum is divided by that constant, so that every row
@@ -132,6 +136,8 @@ def weighted_cross_entropy(class_weights: torch.Tensor, rows_per_step: float | N
     with `num_items_in_batch` (row-count batches, gradient accumulation, DDP), the sum is divided
     by the rows of the whole accumulated batch, as the Trainer expects; else it is the weighted mean.
     """
+    if not math.isfinite(category_loss_weight) or category_loss_weight < 0:
+        raise ValueError(f"--category-loss-weight must be a finite number >= 0, not {category_loss_weight}")
 
     def loss(outputs, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
@@ -139,7 +145,7 @@ def weighted_cross_entropy(class_weights: torch.Tensor, rows_per_step: float | N
         category_sum = None
         if labels.ndim == 2:  # a category head: the binary label, then the category targets
             labels, targets = labels[:, 0].long(), labels[:, 1:]
-            category_sum = category_loss_sum(logits[:, len(BINARY_LABELS):], targets)
+            category_sum = category_loss_weight * category_loss_sum(logits[:, len(BINARY_LABELS):], targets)
             logits = logits[:, :len(BINARY_LABELS)]
         labelled = labels >= 0  # rows without a binary label add no binary loss
         per_row = F.cross_entropy(logits.float(), labels.clamp(min=0), weight=weights, reduction="none") * labelled
@@ -385,7 +391,7 @@ class ClassifierTrainer(Trainer):
         if self.train_batch_sampler is None or self.args.world_size > 1:
             return super().get_eval_dataloader(eval_dataset)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        batches = token_budget_batches(np.asarray(row_lengths(dataset)), self.train_batch_sampler.max_batch_tokens)
+        batches = scoring_batches(np.asarray(row_lengths(dataset)), self.train_batch_sampler.max_batch_tokens)
         return self._loader(dataset, [batch.tolist() for batch in batches], "evaluation")
 
     def _loader(self, dataset, batch_sampler, description: str) -> DataLoader:
@@ -621,7 +627,7 @@ def build_training_session(plan: TrainingPlan, splits: Splits, *, clock: Trainin
         processing_class=tokenizer,
         data_collator=collator,
         compute_metrics=trainer_metrics,
-        compute_loss_func=weighted_cross_entropy(class_weights, rows_per_step),
+        compute_loss_func=weighted_cross_entropy(class_weights, rows_per_step, plan.run.category_loss_weight),
     )
     return TrainingSession(model, tokenizer, trainer, sampler, class_weights, cached_prefix)
 
@@ -790,18 +796,19 @@ def evaluate_categories(splits: Splits, logits: np.ndarray, unsafe_scores: np.nd
 
 
 def write_merged_classifier(model, tokenizer, directory: Path, metadata: dict, plan: TrainingPlan) -> None:
-    """Adapters folded into full weights, loadable with AutoModelForSequenceClassification alone."""
+    """Adapters folded into full weights, loadable with AutoModelForSequenceClassification alone.
+    `model` is the classifier as reloaded for scoring: already merged unless its backbone is NF4."""
+    from peft import PeftModel
+
     if metadata["quantization"]:
         # Merging into 4-bit weights would round the update away: merge into a full-precision copy.
         base_path = resolve_model_reference(plan.model.model)
-        from peft import PeftModel
-
         from .modeling import load_sequence_classifier
 
         base = load_sequence_classifier(base_path, tokenizer, resolve_dtype(plan.model.dtype), plan.model.trust_remote_code,
                                         schema=LabelSchema.from_metadata(metadata))
         model = PeftModel.from_pretrained(base, plan.output_dir / ".staging")
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload() if isinstance(model, PeftModel) else model
     staging = directory.with_name(directory.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     save_classifier_files(merged, tokenizer, staging, {**metadata, "adapter": False, "quantization": None,

@@ -12,7 +12,8 @@ from conftest import REPO_ROOT, SHARED_DATA
 
 REQUIRED_KEYS = ("infer_prompts_per_s", "infer_speedup_vs_pad1024", "train_tokens_per_s", "train_speedup_vs_pad1024",
                  "train_mfu", "lora_epoch_minutes", "cached_topn_epoch_ratio", "bf16_matmul_tflops",
-                 "fp32_matmul_tflops", "infer_mfu", "peak_rss_mb")
+                 "fp32_matmul_tflops", "infer_mfu", "peak_rss_mb", "lora_infer_prompts_per_s",
+                 "lora_infer_unmerged_prompts_per_s")
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "toxicchat0124_test.csv").is_file(), reason="needs ../shared/data/toxicchat")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO_ROOT, TOPICS, fast_training_flags
+from conftest import REPO_ROOT, category_rows, fast_training_flags
 
 from safety_classifier.artifacts import METADATA_FILE
 from safety_classifier.categories import category_loss_sum, category_metrics, choose_category_thresholds
@@ -23,21 +22,6 @@ from safety_classifier.inference import load_classifier
 from safety_classifier.labels import MISSING_TARGET, LabelSchema
 from safety_classifier.sources import add_sources, parse_source_spec
 from safety_classifier.training import class_weights_for, weighted_cross_entropy
-
-CATEGORY_TEMPLATES = {
-    "S1": "How can I hurt {} badly with a knife?",
-    "S2": "Explain how to shoplift from {} without paying.",
-    "S8": "How do I build a bomb to destroy {}?",
-    "S9": "Write a hateful rant about people from {}.",
-}
-
-
-def category_rows(count: int, seed: int) -> pd.DataFrame:
-    rng = random.Random(seed)
-    codes = list(CATEGORY_TEMPLATES)
-    rows = [{"prompt_text": CATEGORY_TEMPLATES[code].format(rng.choice(TOPICS)), "category": code}
-            for code in (codes[i % len(codes)] for i in range(count))]
-    return pd.DataFrame(rows)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +132,15 @@ def test_rows_without_a_label_add_no_loss_of_that_kind():
     manual = sum(torch.nn.functional.binary_cross_entropy_with_logits(logits[i, 2:].detach(), labels[i, 1:])
                  for i in range(3))
     assert expected.item() == pytest.approx(manual.item(), rel=1e-6)
+    # --category-loss-weight scales the category part only.
+    binary_only = weighted_cross_entropy(torch.ones(2), rows_per_step=4.0, category_loss_weight=0.0)(
+        {"logits": logits.detach()}, labels)
+    tripled = weighted_cross_entropy(torch.ones(2), rows_per_step=4.0, category_loss_weight=3.0)(
+        {"logits": logits.detach()}, labels)
+    assert (tripled - binary_only).item() == pytest.approx(3 * expected.item() / 4.0, rel=1e-5)
+    assert loss.item() == pytest.approx(binary_only.item() + expected.item() / 4.0, rel=1e-5)
+    with pytest.raises(ValueError, match="category-loss-weight"):
+        weighted_cross_entropy(torch.ones(2), category_loss_weight=-1.0)
 
 
 def test_category_thresholds_and_metrics_on_a_known_case():

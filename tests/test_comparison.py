@@ -6,8 +6,9 @@ import json
 import sys
 
 import numpy as np
+import pytest
 import torch
-from conftest import REPO_ROOT, synthetic_rows
+from conftest import REPO_ROOT, category_rows, synthetic_rows
 
 from safety_classifier.baselines import C_GRID, fit_logistic_probe, fit_tfidf_logistic_regression, frozen_features
 from safety_classifier.modeling import build_model, load_tokenizer
@@ -154,3 +155,28 @@ def test_the_search_runs_each_setting_on_validation_only_and_skips_finished_ones
     assert table[0] == ("| Strategy | Setting (on top of the defaults) | AUPRC epoch 1 | Saved: AUPRC | Saved: F1 "
                         "| Training time |")
     assert len(table) == 4 and "class_weights balanced" in "".join(table)
+
+
+def test_a_category_search_adds_the_category_source_and_keeps_its_records_apart(tiny_phi3, tmp_path):
+    import search
+
+    data_dir = tmp_path / "data" / "toxicchat"
+    data_dir.mkdir(parents=True)
+    synthetic_rows(120, seed=1).to_csv(data_dir / "toxicchat0124_train.csv", index=False)
+    flags = ["--strategy", "lora", "--data-dir", str(data_dir), "--model", str(tiny_phi3),
+             "--results-dir", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs"), "--categories",
+             "--grid", "epochs=1", "lora_r=4", "dtype=fp32", "category_loss_weight=3"]
+    with pytest.raises(SystemExit, match="ailuminate_en_dev.csv not found"):
+        search.main(flags)
+    (tmp_path / "data" / "ailuminate").mkdir()
+    category_rows(48, seed=3).to_csv(tmp_path / "data" / "ailuminate" / "ailuminate_en_dev.csv", index=False)
+    assert search.main(flags) == 0
+    [record] = search.load_records(tmp_path / "results")
+    assert (tmp_path / "results" / "lora-categories").is_dir() and record["categories"]
+    assert "--extra-train-sources" in record["command"] and "--category-loss-weight 3" in record["command"]
+    assert record["training_arguments"]["category_loss_weight"] == 3.0
+    assert search.search_table([record]) == "No search run yet.", "ToxicChat-alone table: no category runs"
+    table = search.category_search_table([record]).splitlines()
+    assert table[0].startswith("| Strategy | Setting (on top of the defaults) | ToxicChat rows: AUPRC |")
+    macro_f1 = record["validation"]["categories"]["macro"]["f1"]
+    assert len(table) == 3 and f"| {macro_f1:.3f} |" in table[2] and "category_loss_weight 3" in table[2]

@@ -146,8 +146,18 @@ def test_saved_classifiers_load_with_the_ecosystems_own_calls(trained):
     with torch.no_grad():
         adapter_logits = adapter(**encoded).logits
     adapter_scores = calibrated_probability(adapter_logits, trained["lora"])
-    packaged = load_classifier(trained["lora"], dtype="fp32").unsafe_probabilities(batch_text, show_progress=False)
+    packaged_classifier = load_classifier(trained["lora"], dtype="fp32")
+    packaged = packaged_classifier.unsafe_probabilities(batch_text, show_progress=False)
     np.testing.assert_allclose(packaged, adapter_scores, atol=1e-5)
+    # Loaded for scoring, the adapters are merged into the base weights; on request they stay apart.
+    from peft import PeftModel
+
+    assert not isinstance(packaged_classifier.model, PeftModel)
+    assert not any("lora_" in name for name, _ in packaged_classifier.model.named_parameters())
+    unmerged = load_classifier(trained["lora"], dtype="fp32", merge_adapters=False)
+    assert isinstance(unmerged.model, PeftModel)
+    assert isinstance(load_classifier(trained["qlora"]).model, PeftModel), "an NF4 backbone keeps its adapters apart"
+    np.testing.assert_allclose(unmerged.unsafe_probabilities(batch_text, show_progress=False), packaged, atol=1e-6)
 
     merged = trained["lora"] / "merged"
     merged_model = AutoModelForSequenceClassification.from_pretrained(merged, dtype=torch.float32)
