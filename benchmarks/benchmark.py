@@ -118,6 +118,14 @@ def non_embedding_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p is not embedding)
 
 
+def timed_scoring(model, tokenizer, texts: list[str], max_length: int) -> float:
+    """Seconds of `predict_unsafe_probabilities` over `texts`, after a warm-up call on 8 of them."""
+    predict_unsafe_probabilities(model, tokenizer, texts[:8], max_length=max_length, show_progress=False)
+    started = time.perf_counter()
+    predict_unsafe_probabilities(model, tokenizer, texts, max_length=max_length, show_progress=False)
+    return time.perf_counter() - started
+
+
 def length_grouped_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Rows sorted by length, cut into batches of `batch_size` (what group_by_length aims at)."""
     order = np.argsort(lengths, kind="stable")
@@ -235,10 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = non_embedding_parameters(toolkit)
     toolkit_ids = tokenizer(score_texts, truncation=True, max_length=args.max_length)["input_ids"]
     real_tokens = sum(len(ids) for ids in toolkit_ids)
-    predict_unsafe_probabilities(toolkit, tokenizer, score_texts[:8], max_length=args.max_length, show_progress=False)
-    started = time.perf_counter()
-    predict_unsafe_probabilities(toolkit, tokenizer, score_texts, max_length=args.max_length, show_progress=False)
-    toolkit_score_s = time.perf_counter() - started
+    toolkit_score_s = timed_scoring(toolkit, tokenizer, score_texts, args.max_length)
     infer_prompts_per_s = len(score_texts) / toolkit_score_s
     infer_mfu = 2.0 * n_params * real_tokens / toolkit_score_s / (peak * 1e12)
     del toolkit
@@ -247,18 +252,11 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- scoring a LoRA r=16 classifier: adapters apart, then merged (as `load_classifier` loads it)
     lora_classifier = build_model("lora", model_path, tokenizer, auto_dtype,
                                   lora=LoraSettings(r=16, alpha=32, dropout=0.0)).eval()
-    lora_scoring_s = {}
-    for form in ("apart", "merged"):
-        if form == "merged":
-            lora_classifier = lora_classifier.merge_and_unload()
-        predict_unsafe_probabilities(lora_classifier, tokenizer, score_texts[:8], max_length=args.max_length,
-                                     show_progress=False)
-        started = time.perf_counter()
-        predict_unsafe_probabilities(lora_classifier, tokenizer, score_texts, max_length=args.max_length,
-                                     show_progress=False)
-        lora_scoring_s[form] = time.perf_counter() - started
-    lora_apart_prompts_per_s = len(score_texts) / lora_scoring_s["apart"]
-    lora_merged_prompts_per_s = len(score_texts) / lora_scoring_s["merged"]
+    lora_apart_prompts_per_s = len(score_texts) / timed_scoring(lora_classifier, tokenizer, score_texts,
+                                                                args.max_length)
+    lora_classifier = lora_classifier.merge_and_unload()
+    lora_merged_prompts_per_s = len(score_texts) / timed_scoring(lora_classifier, tokenizer, score_texts,
+                                                                 args.max_length)
     del lora_classifier
     gc.collect()
 

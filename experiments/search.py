@@ -83,10 +83,9 @@ def command_for(strategy: str, setting: dict[str, str], train_file: Path, run_di
     return command
 
 
-def run_setting(strategy: str, setting: dict[str, str], train_file: Path, model: str | None,
-                runs_dir: Path = RUNS_DIR, category_file: Path | None = None) -> dict:
+def run_setting(strategy: str, setting: dict[str, str], train_file: Path, model: str | None, run_dir: Path,
+                category_file: Path | None = None) -> dict:
     name = setting_name(setting)
-    run_dir = runs_dir / records_dir_name(strategy, category_file is not None) / name
     command = command_for(strategy, setting, train_file, run_dir, model, category_file)
     shown = shlex.join(command)
     print(f"\n=== {strategy} {name}: {shown}", flush=True)
@@ -112,6 +111,15 @@ def load_records(search_dir: Path = SEARCH_DIR) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted(search_dir.glob("*/*.json"))]
 
 
+def setting_label(record: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in sorted(record["setting"].items())) or "defaults"
+
+
+def table_head(header: list[str]) -> list[str]:
+    """A markdown table's header and alignment lines: two text columns, then figures."""
+    return ["| " + " | ".join(header) + " |", "|---|---|" + "|".join(["---:"] * (len(header) - 2)) + "|"]
+
+
 def search_table(records: list[dict]) -> str:
     """One row per setting, best validation AUPRC first within each strategy (ToxicChat alone)."""
     records = [record for record in records if not record.get("categories")]
@@ -120,14 +128,13 @@ def search_table(records: list[dict]) -> str:
     epochs = max(len(record["validation_history"]) for record in records)
     header = ["Strategy", "Setting (on top of the defaults)", *(f"AUPRC epoch {e}" for e in range(1, epochs + 1)),
               "Saved: AUPRC", "Saved: F1", "Training time"]
-    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "|".join(["---:"] * (len(header) - 2)) + "|"]
+    lines = table_head(header)
     ordered = sorted(records, key=lambda r: (r["strategy"], -r["validation"]["auprc"]))
     for record in ordered:
         by_epoch = [f"{entry['auprc']:.3f}" for entry in record["validation_history"]]
         by_epoch += ["—"] * (epochs - len(by_epoch))
-        setting = ", ".join(f"{key} {value}" for key, value in sorted(record["setting"].items())) or "defaults"
-        lines.append("| " + " | ".join([record["strategy"], setting, *by_epoch, f"{record['validation']['auprc']:.3f}",
-                                        f"{record['validation']['f1']:.3f}",
+        lines.append("| " + " | ".join([record["strategy"], setting_label(record), *by_epoch,
+                                        f"{record['validation']['auprc']:.3f}", f"{record['validation']['f1']:.3f}",
                                         f"{record['training_seconds'] / 60:.1f} min"]) + " |")
     return "\n".join(lines)
 
@@ -140,13 +147,12 @@ def category_search_table(records: list[dict]) -> str:
         return "No category search run yet."
     header = ["Strategy", "Setting (on top of the defaults)", "ToxicChat rows: AUPRC", "ToxicChat rows: F1",
               "Category macro F1", "Top category right", "Unsafe recall, category rows", "Training time"]
-    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "|".join(["---:"] * (len(header) - 2)) + "|"]
+    lines = table_head(header)
     for record in sorted(records, key=lambda r: (r["strategy"], -r["validation"]["categories"]["macro"]["f1"])):
         validation = record["validation"]
         main, categories = validation["sources"][MAIN_SOURCE], validation["categories"]
-        setting = ", ".join(f"{key} {value}" for key, value in sorted(record["setting"].items())) or "defaults"
         lines.append("| " + " | ".join([
-            record["strategy"], setting, f"{main['auprc']:.3f}", f"{main['f1']:.3f}",
+            record["strategy"], setting_label(record), f"{main['auprc']:.3f}", f"{main['f1']:.3f}",
             f"{categories['macro']['f1']:.3f}", f"{categories['top1_accuracy']:.3f}",
             f"{categories['binary_recall']:.3f}", f"{record['training_seconds'] / 60:.1f} min"]) + " |")
     return "\n".join(lines)
@@ -200,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"\n[{position}/{len(grid)}] {name}", flush=True)
         try:
-            record = run_setting(args.strategy, setting, train_file, args.model, args.runs_dir, category_file)
+            record = run_setting(args.strategy, setting, train_file, args.model, runs_dir / name, category_file)
         except RuntimeError as error:
             print(f"error: {error}; going on with the other settings", file=sys.stderr, flush=True)
             failed.append(name)
