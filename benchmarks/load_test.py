@@ -282,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     latencies_ms = np.array([r["latency"] * 1000 for r in good if r["status"] == 200] or [0.0])
     batches = metric_value(after, "moderation_batch_size_count") - metric_value(before, "moderation_batch_size_count")
     batched_texts = metric_value(after, "moderation_batch_size_sum") - metric_value(before, "moderation_batch_size_sum")
+    model_seconds = (metric_value(after, "moderation_batch_duration_seconds_sum")
+                     - metric_value(before, "moderation_batch_duration_seconds_sum"))
     served_pps = len(prompts) / wall
     offline_pps = len(prompts) / offline_s
     statuses = Counter(str(r["status"]) if r["status"] is not None else "transport_error" for r in results)
@@ -304,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         "server_rss_growth": round(rss_end / rss_start - 1, 4),
         "server_rss_mb_by_tenth": sampler.by_tenth(),
         "server_ready_s": round(ready_s, 1), "server_exit_code": server_exit,
+        # Where a gap to offline comes from: the model thread idle between batches (busy share below 1),
+        # or batches that score fewer prompts per second of model time than the offline call.
+        "model_busy_share": round(model_seconds / wall, 3),
+        "prompts_per_model_second": round(batched_texts / model_seconds, 2) if model_seconds else 0.0,
         "offline_prompts_per_s": round(offline_pps, 2), "served_vs_offline_ratio": round(served_pps / offline_pps, 3),
         "max_abs_score_difference": float(max(differences, default=0.0)), "tolerance": args.tolerance,
         "score_mismatches": score_mismatches, "flag_mismatches": flag_mismatches,
@@ -315,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         ("requests (good + bad)", f"{len(plan)} ({len(good)} + {len(bad)}) at concurrency {args.concurrency}"),
         ("served prompts/s", f"{served_pps:.1f} ({len(plan) / wall:.1f} requests/s, {wall:.1f} s)"),
         ("served prompts/s by tenth", " ".join(f"{value:.1f}" for value in figures["prompts_per_s_by_tenth"])),
+        ("model thread busy, its rate", (f"{100 * figures['model_busy_share']:.0f} % of the run, "
+                                         f"{figures['prompts_per_model_second']:.1f} prompts per busy second")),
         ("offline prompts/s (one call)", f"{offline_pps:.1f}; served/offline {served_pps / offline_pps:.2f}"),
         ("CPU time: server, load gen.", (f"{100 * figures['server_cpu_share']:.0f} %, "
                                          f"{100 * figures['load_generator_cpu_share']:.0f} % of {CPU_COUNT} cores' time")),

@@ -138,7 +138,10 @@ def validation_table(rows: list[dict]) -> list[str]:
         by_epoch = [f"{entry['auprc']:.3f}" for entry in row["validation_history"]]
         by_epoch += ["—"] * (epochs - len(by_epoch))
         validation = row["validation"]
-        method = row["method"] + (" (all its validation rows: ToxicChat and category)" if "sources" in validation else "")
+        if "sources" in validation:
+            method = row["method"] + " (epochs: all its validation rows, ToxicChat and category; saved: its ToxicChat rows)"
+        else:
+            method = row["method"]
         lines.append("| " + " | ".join([method, *by_epoch, f"{validation['auprc']:.3f}",
                                         f"{validation['f1']:.3f}"]) + " |")
     return lines

@@ -67,6 +67,19 @@ class Splits:
     test: LabelledSplit | None
     schema: LabelSchema = BINARY
     """What the head predicts: safe/unsafe, and the categories when a source has them."""
+    main_source: str | None = None
+    """With several sources, the name of the main one (`--train-file`): the traffic the classifier is for."""
+
+    @property
+    def calibration_rows(self) -> np.ndarray:
+        """Validation rows that calibration, the decision threshold and the headline validation
+        metrics are fitted and measured on: those with a binary label from the main source. The
+        test split is the main source's too; further sources (e.g. category prompts, all unsafe)
+        would shift the base rate that P(unsafe) is fitted to away from that traffic."""
+        validation = self.validation
+        if validation.sources is None:
+            return validation.binary_rows
+        return np.flatnonzero((validation.labels >= 0) & (validation.sources == self.main_source))
 
 
 def read_table(path: str | Path) -> pd.DataFrame:

@@ -201,5 +201,6 @@ def add_sources(
     if len({part.sources[0] for part in train_parts}) < len(train_parts):
         raise DataError(f"two training sources share a file name ({', '.join(part.sources[0] for part in train_parts)}); "
                         f"per-source metrics need distinct names")
-    splits = Splits(concatenate("train", train_parts), concatenate("validation", validation_parts), main.test)
+    splits = Splits(concatenate("train", train_parts), concatenate("validation", validation_parts), main.test,
+                    main_source=main_name)
     return splits, schema

@@ -699,13 +699,16 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
         reloaded, tokenizer, split.texts, max_length=plan.model.max_length,
         max_batch_tokens=plan.run.max_batch_tokens, description=f"scoring {split.name}",
     )
-    # Calibration and threshold are both fitted on validation rows with a binary label, the
-    # threshold on calibrated scores.
+    # Calibration and threshold are both fitted on the main source's validation rows (see
+    # `Splits.calibration_rows`), the threshold on calibrated scores.
     validation_logits = logits(splits.validation)
-    validation = splits.validation.subset(splits.validation.binary_rows)
-    validation_margins = margins_of(validation_logits)[splits.validation.binary_rows]
+    all_validation_margins = margins_of(validation_logits)
+    validation = splits.validation.subset(splits.calibration_rows)
+    validation_margins = all_validation_margins[splits.calibration_rows]
     calibration = fit_calibration(validation_margins, validation.labels, plan.run.calibration)
     validation_scores = calibration.probabilities(validation_margins)
+    # Every validation row's calibrated score (those without a binary label too: category rows under a contextual policy).
+    all_validation_scores = calibration.probabilities(all_validation_margins)
     try:
         threshold, threshold_rule = choose_threshold(
             validation.labels, validation_scores,
@@ -720,10 +723,10 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
     f1_interval = bootstrap_f1_interval(validation.labels, validation_scores, threshold, seed=plan.run.seed)
     metrics["validation"]["f1_interval"] = list(f1_interval)
     if splits.validation.sources is not None:
-        metrics["validation"]["sources"] = source_metrics(validation, validation_scores, threshold)
+        labelled = splits.validation.binary_rows
+        metrics["validation"]["sources"] = source_metrics(
+            splits.validation.subset(labelled), all_validation_scores[labelled], threshold)
     category_thresholds = None
-    # Every validation row's calibrated score (those without a binary label too: category rows under a contextual policy).
-    all_validation_scores = calibration.probabilities(margins_of(validation_logits))
     if splits.schema.has_categories:
         category_thresholds, metrics["validation"]["categories"] = evaluate_categories(
             splits, validation_logits, all_validation_scores, threshold)
@@ -752,7 +755,8 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
     print(
         "",
         format_metrics_table(metrics),
-        f"calibration ({calibration.describe()}): validation ECE {metrics['validation']['uncalibrated']['ece']:.4f} "
+        f"calibration ({calibration.describe()}{f', on the {splits.main_source} rows' if splits.main_source else ''}): "
+        f"validation ECE {metrics['validation']['uncalibrated']['ece']:.4f} "
         f"uncalibrated -> {metrics['validation']['ece']:.4f}, Brier "
         f"{metrics['validation']['uncalibrated']['brier']:.4f} -> {metrics['validation']['brier']:.4f}",
         f"decision threshold ({describe_rule(threshold_rule)}, calibrated scores): {threshold:.4f}; validation F1 "

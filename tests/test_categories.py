@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,17 @@ import pandas as pd
 import pytest
 import torch
 from conftest import REPO_ROOT, category_rows, fast_training_flags
+from scipy.special import logit
 
 from safety_classifier.artifacts import METADATA_FILE
+from safety_classifier.calibration import Calibration, fit_calibration
 from safety_classifier.categories import category_loss_sum, category_metrics, choose_category_thresholds
 from safety_classifier.cli import infer_main, train_main
 from safety_classifier.data import load_splits
 from safety_classifier.errors import DataError
 from safety_classifier.inference import load_classifier
 from safety_classifier.labels import MISSING_TARGET, LabelSchema
+from safety_classifier.metrics import f1_maximising_threshold
 from safety_classifier.sources import add_sources, parse_source_spec
 from safety_classifier.training import class_weights_for, weighted_cross_entropy
 
@@ -182,6 +186,22 @@ def test_a_category_run_saves_categories_thresholds_and_per_source_metrics(categ
     predictions = pd.read_csv(category_classifier / "validation_predictions.csv", keep_default_na=False)
     assert {"source", "category", "score_S1", "score_S9"} <= set(predictions.columns)
     assert (predictions["category"] != "").sum() == 12
+
+
+def test_calibration_and_threshold_are_fitted_on_the_main_sources_validation_rows(category_classifier):
+    predictions = pd.read_csv(category_classifier / "validation_predictions.csv", keep_default_na=False)
+    main = predictions[predictions["source"] == "train"]
+    validation = json.loads((category_classifier / "metrics.json").read_text())["validation"]
+    # The all-unsafe category rows stay out of the fit and the headline metrics, but keep their own.
+    assert validation["n"] == len(main) < int((predictions["label"] >= 0).sum())
+    assert validation["sources"]["harms"]["n"] == int((predictions["source"] == "harms").sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tiny random model may give no usable slope: identity on both sides
+        refitted = fit_calibration(logit(main["uncalibrated_probability"].clip(1e-7, 1 - 1e-7)), main["label"])
+    stored = Calibration.from_metadata(json.loads((category_classifier / METADATA_FILE).read_text()))
+    assert (stored.scale, stored.bias) == pytest.approx((refitted.scale, refitted.bias), rel=1e-3, abs=1e-3)
+    assert validation["threshold"] == pytest.approx(
+        f1_maximising_threshold(main["label"], main["unsafe_probability"]), abs=1e-6)
 
 
 def test_a_category_classifier_reloads_in_a_fresh_process_with_identical_scores(category_classifier):
