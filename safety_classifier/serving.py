@@ -24,7 +24,7 @@ import time
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -75,11 +75,6 @@ class ServeArguments:
     )
     max_wait_ms: float = field(
         default=5.0, metadata={"help": "How long the oldest waiting request may wait for others to share its batch."}
-    )
-    return_wait_share: float = field(
-        default=0.05,
-        metadata={"help": "After a batch, how long to wait for the clients it answered to send their next requests, "
-                          "as a share of the batch's model time, so that they join the next batch (0: do not wait)."},
     )
     max_inputs: int = field(default=128, metadata={"help": "Most texts in one request (more: 413)."})
     max_body_bytes: int = field(default=1_048_576, metadata={"help": "Largest request body in bytes (larger: 413)."})
@@ -176,18 +171,13 @@ class Batcher:
     """
 
     def __init__(self, classifier: Classifier, *, max_batch_tokens: int | None = None, max_wait_ms: float = 5.0,
-                 max_gather_tokens: int | None = None, return_wait_share: float = 0.05,
-                 metrics: ServiceMetrics | None = None) -> None:
-        if not 0.0 <= return_wait_share <= 1.0:
-            raise ValueError(f"return_wait_share must be between 0 and 1, not {return_wait_share}")
+                 max_gather_tokens: int | None = None, metrics: ServiceMetrics | None = None) -> None:
         self.classifier = classifier
         self.names = tuple(classifier.category_codes) or (BINARY_CATEGORY,)
         device = next(classifier.model.parameters()).device if hasattr(classifier.model, "parameters") else None
         self.max_batch_tokens = max_batch_tokens or (default_batch_tokens(device) if device is not None else 2048)
         self.max_gather_tokens = max_gather_tokens or GATHERED_FORWARD_PASSES * self.max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
-        self.return_wait_share = return_wait_share
-        self._arrivals = 0  # requests queued since the service started
         self.metrics = metrics or ServiceMetrics()
         self.batches = 0
         # The model thread runs every forward pass; the tokenizer thread counts tokens with its own copy
@@ -234,7 +224,6 @@ class Batcher:
         lengths = await loop.run_in_executor(self._tokenizer_thread, self._token_lengths, texts)
         job = _Job(texts, lengths, loop.create_future(), loop.time())
         self._jobs.append(job)
-        self._arrivals += 1
         self.metrics.queued.inc()
         self._arrived.set()
         try:
@@ -250,24 +239,12 @@ class Batcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        answered, arrivals_then, return_deadline = 0, 0, 0.0
         while True:
             while not self._jobs:
                 if self._closing:
                     return
                 self._arrived.clear()
                 await self._arrived.wait()
-            # The clients the last batch answered mostly send their next request within milliseconds.
-            # Waiting for them (a bounded share of that batch's time) gives N clients one batch of N
-            # instead of two halves taking turns on the model: on 2 CPU cores, ToxicChat prompts scored
-            # 16 at a time run at 0.78 of the rate of one call over all of them, 32 at a time at 0.90.
-            while (self._arrivals - arrivals_then < answered and not self._closing and not self._full(self._jobs)
-                   and (remaining := return_deadline - loop.time()) > 0):
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-                except TimeoutError:
-                    pass
             batch = self._gather_waiting([self._jobs.popleft()])
             deadline = batch[0].enqueued + self.max_wait
             # Wait for company until the deadline, unless the batch is full or the next request does not fit.
@@ -279,10 +256,7 @@ class Batcher:
                 except TimeoutError:
                     pass
                 batch = self._gather_waiting(batch)
-            started = loop.time()
             await self._score(batch)
-            answered, arrivals_then = len(batch), self._arrivals
-            return_deadline = loop.time() + self.return_wait_share * (loop.time() - started)
 
     def _gather_waiting(self, batch: list[_Job]) -> list[_Job]:
         """Move waiting requests into `batch` in arrival order while they fit the budget."""
@@ -295,7 +269,7 @@ class Batcher:
         tokens = sum(sum(j.lengths) for j in batch) + sum(job.lengths)
         return rows <= MAX_BATCH_ROWS and tokens <= self.max_gather_tokens
 
-    def _full(self, batch: Iterable[_Job]) -> bool:
+    def _full(self, batch: list[_Job]) -> bool:
         return (sum(len(j.texts) for j in batch) >= MAX_BATCH_ROWS
                 or sum(sum(j.lengths) for j in batch) >= self.max_gather_tokens)
 
@@ -433,8 +407,7 @@ def create_app(args: ServeArguments, load: Callable[[], Classifier] | None = Non
             if args.threshold is not None:
                 classifier.threshold = args.threshold
             batcher = Batcher(classifier, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-                              max_gather_tokens=args.max_gather_tokens, return_wait_share=args.return_wait_share,
-                              metrics=metrics)
+                              max_gather_tokens=args.max_gather_tokens, metrics=metrics)
             await batcher.start()
             state["batcher"] = batcher
             await batcher.warm_up()
