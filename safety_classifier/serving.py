@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import ctypes
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -82,6 +84,11 @@ class ServeArguments:
         default=30, metadata={"help": "Seconds SIGTERM waits for requests in flight before cancelling them."}
     )
     log_level: Literal["debug", "info", "warning", "error"] = field(default="info", metadata={"help": "Logging level."})
+    malloc_arenas: int = field(
+        default=2,
+        metadata={"help": "glibc malloc arenas of the process (0: glibc's default, up to 8 per core; ignored when "
+                          "MALLOC_ARENA_MAX is set or the C library is not glibc)."},
+    )
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -504,6 +511,27 @@ def create_app(args: ServeArguments, load: Callable[[], Classifier] | None = Non
 # --------------------------------------------------------------------------------------------- entry point
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
+
+
+def limit_malloc_arenas(count: int) -> bool:
+    """Cap glibc's malloc arenas at `count`; True if applied.
+
+    glibc gives threads that allocate at once arenas of their own (up to 8 per core), and memory
+    freed in one arena is not reused by the others: with the event loop, the tokenizer thread and
+    the model thread each allocating, the process kept growing under traffic (RSS +6.9 % over
+    1,000 requests after `/ready` in three load tests; with 2 arenas it stayed flat: README,
+    *Under load*). Must run before those threads allocate.
+    """
+    if count <= 0 or "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_ARENA_MAX, count))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+
+
 def _configure_logging(level: str) -> None:
     """One line per startup and shutdown, and errors: no access log, no library chatter."""
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -531,6 +559,10 @@ def serve(args: ServeArguments) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     _configure_logging(args.log_level)
+    if args.malloc_arenas < 0:
+        print("error: --malloc-arenas must be 0 (glibc's default) or more", file=sys.stderr)
+        return 2
+    limit_malloc_arenas(args.malloc_arenas)
     server: uvicorn.Server | None = None
 
     def stop_on_failure(_: BaseException) -> None:

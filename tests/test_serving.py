@@ -301,3 +301,16 @@ def test_the_load_tests_malformed_requests_get_the_status_it_expects():
     results = [{"kind": "good", "status": 200, "finished": 100.0 + t} for t in (0.5, 0.5, 9.9, 10.0)]
     results += [{"kind": "good", "status": 500, "finished": 101.0}, {"kind": "wrong_type", "status": 422, "finished": 101.0}]
     assert load_test.prompts_per_s_by_tenth(results, started=100.0, wall=10.0) == [2.0] + [0.0] * 8 + [2.0]
+
+
+def test_malloc_arenas_are_capped_on_glibc_unless_the_environment_says_otherwise():
+    import platform
+
+    code = "from safety_classifier.serving import limit_malloc_arenas as cap; print(cap(2), cap(0))"
+    environment = {key: value for key, value in os.environ.items() if key != "MALLOC_ARENA_MAX"}
+    for extra, expected in (({}, [str(platform.libc_ver()[0] == "glibc"), "False"]),
+                            ({"MALLOC_ARENA_MAX": "4"}, ["False", "False"])):
+        result = subprocess.run([sys.executable, "-c", code], env={**environment, **extra}, capture_output=True,
+                                text=True, cwd=REPO_ROOT, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.split() == expected
