@@ -74,6 +74,7 @@ FINE_TUNED_ROWS = {
                             ["--lora-r", "16", "--lora-alpha", "32", "--extra-train-sources", CATEGORY_SOURCE]),
 }
 AILUMINATE_FILE = "ailuminate/ailuminate_en_dev.csv"  # beside toxicchat/ in the shared data directory
+TOXICCHAT_SOURCE = "toxicchat0124_train"  # the name metrics.json gives the main source's validation rows
 BASELINE_ROWS = {
     "tfidf-logreg": "Baseline: TF-IDF word+char n-grams, logistic regression",
     "frozen-probe": "Baseline: logistic-regression probe on frozen features",

@@ -19,7 +19,15 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_methods import BASELINE_ROWS, DATA_DIR, REPO_ROOT, RESULTS_DIR, ROWS, TEST_SCORES_FILE  # noqa: E402
+from compare_methods import (  # noqa: E402
+    BASELINE_ROWS,
+    DATA_DIR,
+    REPO_ROOT,
+    RESULTS_DIR,
+    ROWS,
+    TEST_SCORES_FILE,
+    TOXICCHAT_SOURCE,
+)
 
 README = REPO_ROOT / "README.md"
 FIGURES_DIR = REPO_ROOT / "screenshots"
@@ -75,7 +83,6 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-TOXICCHAT_SOURCE = "toxicchat0124_train"  # the name metrics.json gives the main source's validation rows
 # Goals of the categories issue, on the category validation split.
 GOAL_CATEGORY_MACRO_F1, GOAL_BINARY_RECALL, GOAL_AUPRC_DROP, GOAL_EXTRA_TIME = 0.80, 0.90, 0.01, 0.30
 

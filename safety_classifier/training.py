@@ -703,12 +703,13 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
     # `Splits.calibration_rows`), the threshold on calibrated scores.
     validation_logits = logits(splits.validation)
     all_validation_margins = margins_of(validation_logits)
-    validation = splits.validation.subset(splits.calibration_rows)
-    validation_margins = all_validation_margins[splits.calibration_rows]
+    calibration_rows = splits.calibration_rows
+    validation = splits.validation.subset(calibration_rows)
+    validation_margins = all_validation_margins[calibration_rows]
     calibration = fit_calibration(validation_margins, validation.labels, plan.run.calibration)
-    validation_scores = calibration.probabilities(validation_margins)
     # Every validation row's calibrated score (those without a binary label too: category rows under a contextual policy).
     all_validation_scores = calibration.probabilities(all_validation_margins)
+    validation_scores = all_validation_scores[calibration_rows]
     try:
         threshold, threshold_rule = choose_threshold(
             validation.labels, validation_scores,
