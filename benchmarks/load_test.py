@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=1e-3,
                         help="Largest |served - offline| P(unsafe) accepted (bf16 batches differ slightly).")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="Seconds to wait for the server's /ready.")
+    parser.add_argument("--ceiling-prompts", type=int, default=640,
+                        help="Prompts scored offline both in one call and in batches of the served mean batch size, "
+                             "to measure what batches that small allow (0: skip).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="A tiny smoke run: 40 requests at concurrency 8.")
     args = parser.parse_args(argv)
@@ -212,6 +215,24 @@ def prompts_per_s_by_tenth(results: list[dict], started: float, wall: float) -> 
     return [round(float(count / tenth), 2) for count in counts]
 
 
+def batch_size_ceiling(classifier, prompts: list[str], batch_size: int) -> dict:
+    """Offline prompts/s on the same prompts in one call and in consecutive batches of the served
+    mean size. Their ratio is what batches of that size allow on this machine, however good the
+    server: padded, a few prompts of mixed lengths take more passes and more padding than all of
+    them sorted by length (on CPU, packed rows avoid most of that: safety_classifier/packing.py)."""
+    started = time.perf_counter()
+    classifier.unsafe_probabilities(prompts, show_progress=False)
+    one_call_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for start in range(0, len(prompts), batch_size):
+        classifier.unsafe_probabilities(prompts[start:start + batch_size], show_progress=False)
+    batched_s = time.perf_counter() - started
+    return {"ceiling_prompts": len(prompts), "ceiling_batch_size": batch_size,
+            "ceiling_one_call_prompts_per_s": round(len(prompts) / one_call_s, 2),
+            "ceiling_batched_prompts_per_s": round(len(prompts) / batched_s, 2),
+            "batch_size_ceiling": round(one_call_s / batched_s, 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rng = random.Random(args.seed)
@@ -266,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     offline_started = time.perf_counter()
     offline = classifier.unsafe_probabilities(prompts, show_progress=False)
     offline_s = time.perf_counter() - offline_started
+    batches = metric_value(after, "moderation_batch_size_count") - metric_value(before, "moderation_batch_size_count")
+    batched_texts = metric_value(after, "moderation_batch_size_sum") - metric_value(before, "moderation_batch_size_sum")
+    ceiling = batch_size_ceiling(classifier, prompts[:args.ceiling_prompts], round(batched_texts / batches)) \
+        if batches and args.ceiling_prompts > 0 else {}
 
     good_not_200 = sum(result["status"] != 200 for result in good)
     bad_not_4xx = sum(result["status"] != expected_status[result["kind"]] for result in bad)
@@ -280,8 +305,6 @@ def main(argv: list[str] | None = None) -> int:
         flag_mismatches += int(answer["flagged"] != bool(probability >= classifier.threshold) and not near_threshold)
     score_mismatches = int(sum(difference > args.tolerance for difference in differences))
     latencies_ms = np.array([r["latency"] * 1000 for r in good if r["status"] == 200] or [0.0])
-    batches = metric_value(after, "moderation_batch_size_count") - metric_value(before, "moderation_batch_size_count")
-    batched_texts = metric_value(after, "moderation_batch_size_sum") - metric_value(before, "moderation_batch_size_sum")
     model_seconds = (metric_value(after, "moderation_batch_duration_seconds_sum")
                      - metric_value(before, "moderation_batch_duration_seconds_sum"))
     served_pps = len(prompts) / wall
@@ -311,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_busy_share": round(model_seconds / wall, 3),
         "prompts_per_model_second": round(batched_texts / model_seconds, 2) if model_seconds else 0.0,
         "offline_prompts_per_s": round(offline_pps, 2), "served_vs_offline_ratio": round(served_pps / offline_pps, 3),
+        **ceiling,
         "max_abs_score_difference": float(max(differences, default=0.0)), "tolerance": args.tolerance,
         "score_mismatches": score_mismatches, "flag_mismatches": flag_mismatches,
         "good_not_200": good_not_200, "bad_not_expected_4xx": bad_not_4xx, "checks_passed": checks_passed,
@@ -324,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         ("model thread busy, its rate", (f"{100 * figures['model_busy_share']:.0f} % of the run, "
                                          f"{figures['prompts_per_model_second']:.1f} prompts per busy second")),
         ("offline prompts/s (one call)", f"{offline_pps:.1f}; served/offline {served_pps / offline_pps:.2f}"),
+        *([("offline in served-size batches", (
+            f"{ceiling['ceiling_batched_prompts_per_s']:.1f} prompts/s in batches of {ceiling['ceiling_batch_size']} "
+            f"against {ceiling['ceiling_one_call_prompts_per_s']:.1f} in one call on {ceiling['ceiling_prompts']} "
+            f"prompts: {ceiling['batch_size_ceiling']:.2f}"))] if ceiling else []),
         ("CPU time: server, load gen.", (f"{100 * figures['server_cpu_share']:.0f} %, "
                                          f"{100 * figures['load_generator_cpu_share']:.0f} % of {CPU_COUNT} cores' time")),
         ("latency p50 / p95 / p99", (f"{figures['latency_ms_p50']:.1f} / {figures['latency_ms_p95']:.1f} / "

@@ -18,6 +18,14 @@ from .calibration import IDENTITY, Calibration
 from .errors import ModelLoadError
 from .labels import LabelSchema, split_logits
 from .modeling import ID2LABEL, default_device
+from .packing import (
+    MAX_PACK_TOKENS,
+    PACKED_TOKEN_COST,
+    enable_packed_scoring,
+    pack_rows,
+    packed_forward,
+    uses_packed_attention,
+)
 
 EMPTY_PROMPT_PROBABILITY = 0.0
 """Empty and whitespace-only prompts have nothing to moderate: they score 0.0 (safe) without a forward pass."""
@@ -115,6 +123,22 @@ def padded_batches(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[Seque
         yield batch, tokenizer.pad({"input_ids": [input_ids[i] for i in batch]}, return_tensors="pt")
 
 
+def packs_if_cheaper(lengths: np.ndarray, max_batch_tokens: int) -> list[np.ndarray] | None:
+    """Packs of the rows (`packing.pack_rows`) if they cost less than `scoring_batches`, else None.
+
+    Cost, as in `scoring_batches`: padded tokens plus a pass overhead per forward pass; a packed
+    token costs `PACKED_TOKEN_COST` padded ones (its attention runs span by span, and its
+    element-wise work on a longer row leaves the cache). Thousands of prompts sorted by length
+    (a file) pad little and stay padded; a few prompts of mixed lengths (a served batch) pack.
+    """
+    overhead = max_batch_tokens * PASS_OVERHEAD_SHARE
+    batches = scoring_batches(lengths, max_batch_tokens)
+    padded_cost = sum(len(batch) * int(lengths[batch].max()) for batch in batches) + overhead * len(batches)
+    packs = pack_rows(lengths, min(max_batch_tokens, MAX_PACK_TOKENS))
+    packed_cost = PACKED_TOKEN_COST * int(lengths.sum()) + overhead * len(packs)
+    return packs if packed_cost < padded_cost else None
+
+
 def predict_logits(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -128,7 +152,9 @@ def predict_logits(
     """(texts x outputs) logits, in the order of `texts` whatever order batches ran in; the rows of
     empty prompts are NaN (they get no forward pass).
 
-    The one batched forward pass behind every score: scoring, calibration, baselines' inputs.
+    The one batched forward pass behind every score: scoring, calibration, baselines' inputs. A
+    model switched to packed attention (`packing.enable_packed_scoring`, done by `load_classifier`
+    on CPU) scores packed rows where that is cheaper (`packs_if_cheaper`); else `padded_batches`.
     """
     prompts = [normalise_prompt(text) for text in texts]
     scored = np.asarray([i for i, prompt in enumerate(prompts) if prompt.strip()], dtype=np.int64)
@@ -137,12 +163,19 @@ def predict_logits(
     input_ids = tokenizer([prompts[i] for i in scored], truncation=True, max_length=max_length)["input_ids"]
     device = next(model.parameters()).device
     max_batch_tokens = max_batch_tokens or default_batch_tokens(device)
+    packs = (packs_if_cheaper(np.asarray([len(ids) for ids in input_ids]), max_batch_tokens)
+             if uses_packed_attention(model) else None)
+    if packs is not None:
+        batches = packed_forward(model, input_ids, packs)
+    else:
+        batches = ((batch, model(input_ids=padded["input_ids"].to(device),
+                                 attention_mask=padded["attention_mask"].to(device)).logits)
+                   for batch, padded in padded_batches(tokenizer, input_ids, max_batch_tokens))
     logits = None
     model.eval()
     with torch.inference_mode(), tqdm(total=len(scored), desc=description, unit="prompt", disable=not show_progress) as bar:
-        for batch, padded in padded_batches(tokenizer, input_ids, max_batch_tokens):
-            output = model(input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device))
-            batch_logits = output.logits.double().cpu().numpy()
+        for batch, batch_logits in batches:
+            batch_logits = batch_logits.double().cpu().numpy()
             if logits is None:
                 logits = np.full((len(prompts), batch_logits.shape[1]), np.nan)
             logits[scored[batch]] = batch_logits
@@ -278,12 +311,14 @@ def load_classifier(
     base_model: str | None = None,
     trust_remote_code: bool = False,
     merge_adapters: bool = True,
+    pack_prompts: bool = True,
 ) -> Classifier:
     """Load a directory written by a train_*.py script (refused unless complete).
 
     Its stored calibration applies to every score; a directory saved before calibration existed
     has none and scores as it always did (softmax[:, 1]). LoRA adapters are merged into the base
-    weights (not on an NF4 backbone) unless `merge_adapters=False`.
+    weights (not on an NF4 backbone) unless `merge_adapters=False`. On CPU, prompts are scored
+    packed (`packing.py`) where the model supports it, unless `pack_prompts=False`.
     """
     metadata = read_metadata(model_dir)
     calibration = Calibration.from_metadata(metadata)
@@ -294,4 +329,6 @@ def load_classifier(
         model_dir, metadata, device=device, dtype=dtype, base_model=base_model, trust_remote_code=trust_remote_code,
         merge_adapters=merge_adapters,
     )
+    if pack_prompts:
+        enable_packed_scoring(model, tokenizer)
     return Classifier(model, tokenizer, float(metadata["threshold"]), int(metadata["max_length"]), metadata, calibration)

@@ -214,13 +214,16 @@ class Batcher:
             await loop.run_in_executor(self._model_thread, score_texts, self.classifier, texts, self.max_batch_tokens)
 
     def _full_passes(self) -> list[list[str]]:
-        """Texts of (about) `length` tokens, as many as fill one forward pass, for each length."""
-        passes, length = [], min(self.classifier.max_length, self.max_batch_tokens)
+        """Texts of (about) `length` tokens, as many as fill one forward pass, for each length; then
+        texts of every one of those lengths together, which a CPU model scores as one packed row
+        (`packing.py`), the shape of served batches there."""
+        passes, length, mixed = [], min(self.classifier.max_length, self.max_batch_tokens), []
         while length >= 8:
             rows = min(MAX_BATCH_ROWS, self.max_batch_tokens // length)
             passes.append([" ".join(["moderation"] * (length - 1))] * rows)
+            mixed.append(passes[-1][0])
             length //= 2
-        return passes
+        return passes + [mixed]
 
     async def submit(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         """Moderation results for `texts`, in order, once the batch they join has been scored."""

@@ -166,17 +166,22 @@ def weighted_cross_entropy(class_weights: torch.Tensor, rows_per_step: float | N
     return loss
 
 
-def training_labels(split: LabelledSplit) -> list:
+def training_labels(split: LabelledSplit, binary_rows: np.ndarray | None = None) -> list:
     """Per row: the 0/1 label; with category targets, [binary label, category targets...] as floats
-    (MISSING_TARGET where the row has none)."""
+    (MISSING_TARGET where the row has none). With `binary_rows`, the other rows' binary label is -1:
+    no binary loss, and not in the epochs' validation metrics."""
+    labels = split.labels
+    if binary_rows is not None:
+        labels = np.full_like(split.labels, -1)
+        labels[binary_rows] = split.labels[binary_rows]
     if split.categories is None or split.categories.shape[1] == 0:
-        return split.labels.tolist()
-    return np.column_stack([split.labels.astype(np.float32), split.categories]).tolist()
+        return labels.tolist()
+    return np.column_stack([labels.astype(np.float32), split.categories]).tolist()
 
 
-def tokenized_dataset(split: LabelledSplit, tokenizer, max_length: int) -> Dataset:
-    """input_ids and labels only; padding happens per batch in the collator."""
-    dataset = Dataset.from_dict({"text": split.texts, "labels": training_labels(split)})
+def tokenized_dataset(split: LabelledSplit, tokenizer, max_length: int, labels: list | None = None) -> Dataset:
+    """input_ids and labels (default: `training_labels(split)`) only; padding happens per batch in the collator."""
+    dataset = Dataset.from_dict({"text": split.texts, "labels": training_labels(split) if labels is None else labels})
     return dataset.map(
         lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
         batched=True,
@@ -193,14 +198,17 @@ def training_inputs(plan: TrainingPlan, model: torch.nn.Module, tokenizer, split
     the cached states (`prefix_cache.py`). Otherwise: token ids, padded per batch.
     """
     max_length = plan.model.max_length
+    # The epochs' validation AUPRC (which picks the checkpoint kept) counts the binary labels of the
+    # rows calibration is fitted on, the main source's: all-unsafe category prompts would inflate it.
+    labels = [training_labels(splits.train), training_labels(splits.validation, splits.calibration_rows)]
     top = plan.top_layers
     if plan.strategy == "top_layers" and top is not None and top.cache_prefix:
         budget = top.prefix_cache_max_mb * 2**20
         try:
             cached = {}
-            for split in (splits.train, splits.validation):
+            for split, split_labels in zip((splits.train, splits.validation), labels):
                 cached[split.name] = build_cached_dataset(
-                    model, tokenizer, split.texts, training_labels(split), top.num_layers, max_length,
+                    model, tokenizer, split.texts, split_labels, top.num_layers, max_length,
                     max_cache_bytes=budget - sum(dataset.nbytes for dataset in cached.values()),
                     show_progress=is_global_main_process(), description=f"caching frozen prefix ({split.name})",
                 )
@@ -211,8 +219,8 @@ def training_inputs(plan: TrainingPlan, model: torch.nn.Module, tokenizer, split
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             return (TopLayersOnCachedPrefix(model, top.num_layers), cached[splits.train.name],
                     cached[splits.validation.name], CachedPrefixCollator(tokenizer.pad_token_id))
-    return (model, tokenized_dataset(splits.train, tokenizer, max_length),
-            tokenized_dataset(splits.validation, tokenizer, max_length), DataCollatorWithPadding(tokenizer))
+    return (model, tokenized_dataset(splits.train, tokenizer, max_length, labels[0]),
+            tokenized_dataset(splits.validation, tokenizer, max_length, labels[1]), DataCollatorWithPadding(tokenizer))
 
 
 def row_lengths(dataset) -> list[int]:

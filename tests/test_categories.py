@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, category_rows, fast_training_flags
 from scipy.special import logit
+from sklearn.metrics import average_precision_score
 
 from safety_classifier.artifacts import METADATA_FILE
 from safety_classifier.calibration import Calibration, fit_calibration
@@ -25,7 +26,7 @@ from safety_classifier.inference import load_classifier
 from safety_classifier.labels import MISSING_TARGET, LabelSchema
 from safety_classifier.metrics import f1_maximising_threshold
 from safety_classifier.sources import add_sources, parse_source_spec
-from safety_classifier.training import class_weights_for, weighted_cross_entropy
+from safety_classifier.training import class_weights_for, training_labels, weighted_cross_entropy
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,13 @@ def test_sources_with_different_columns_join_with_masks_where_a_row_has_no_label
     held_out = splits.validation.categories[splits.validation.sources == "harms"]
     assert (held_out.sum(axis=0) == 3).all()
     assert splits.test is None
+    # The epochs' validation keeps the main source's binary labels only; every row keeps its category targets.
+    validation = splits.validation
+    epoch_labels = np.asarray(training_labels(validation, splits.calibration_rows))
+    from_main = validation.sources == "train"
+    assert (epoch_labels[~from_main, 0] == -1).all()
+    np.testing.assert_array_equal(epoch_labels[from_main, 0], validation.labels[from_main])
+    np.testing.assert_array_equal(epoch_labels[:, 1:], validation.categories)
 
 
 def test_the_contextual_policy_leaves_contextual_rows_without_a_binary_label(toy_files, category_file):
@@ -202,6 +210,10 @@ def test_calibration_and_threshold_are_fitted_on_the_main_sources_validation_row
     assert (stored.scale, stored.bias) == pytest.approx((refitted.scale, refitted.bias), rel=1e-3, abs=1e-3)
     assert validation["threshold"] == pytest.approx(
         f1_maximising_threshold(main["label"], main["unsafe_probability"]), abs=1e-6)
+    # So is the epochs' validation AUPRC, which picks the checkpoint kept (the saved one is the best).
+    history = json.loads((category_classifier / "validation_history.json").read_text())
+    assert max(epoch["auprc"] for epoch in history) == pytest.approx(
+        average_precision_score(main["label"], main["uncalibrated_probability"]), abs=1e-4)
 
 
 def test_a_category_classifier_reloads_in_a_fresh_process_with_identical_scores(category_classifier):

@@ -302,6 +302,19 @@ def test_the_load_tests_malformed_requests_get_the_status_it_expects():
     results += [{"kind": "good", "status": 500, "finished": 101.0}, {"kind": "wrong_type", "status": 422, "finished": 101.0}]
     assert load_test.prompts_per_s_by_tenth(results, started=100.0, wall=10.0) == [2.0] + [0.0] * 8 + [2.0]
 
+    # The batch-size ceiling scores the same prompts once in one call, then in consecutive served-size batches.
+    class RecordingClassifier:
+        calls: list[list[str]] = []
+
+        def unsafe_probabilities(self, texts, show_progress=True):
+            self.calls.append(list(texts))
+
+    prompts = [f"prompt {i}" for i in range(10)]
+    ceiling = load_test.batch_size_ceiling(RecordingClassifier(), prompts, batch_size=4)
+    assert RecordingClassifier.calls == [prompts, prompts[0:4], prompts[4:8], prompts[8:10]]
+    assert ceiling["ceiling_prompts"] == 10 and ceiling["ceiling_batch_size"] == 4
+    assert ceiling["batch_size_ceiling"] > 0
+
 
 def test_malloc_arenas_are_capped_on_glibc_unless_the_environment_says_otherwise():
     import platform

@@ -1,0 +1,168 @@
+"""Packed scoring: the prompts of a forward pass in one row, each attending only to itself.
+
+Scoring thousands of prompts sorted by length (what `infer.py` does with a file) fills every pass
+with prompts of one length. A served batch is a few prompts of mixed lengths: its cheapest padded
+split still has passes of one or two short rows, and padding, and scored 16 at a time the same
+prompts ran at 0.66-0.70 of the rate of one call over all of them (README, *Packed prompts*).
+Packed, such a batch is one pass with no padding.
+
+How: the prompts' tokens go in one row, position ids restart at every prompt, and the boundaries
+travel to the attention layers as `cu_seq_lens_q` (the name flash attention's variable-length
+kernels read). `packed_sdpa_attention`, registered with transformers' `AttentionInterface`, runs
+PyTorch's causal SDPA on each prompt's own span; the classification head's output is read at each
+prompt's last token. (Letting transformers build a block-diagonal mask for the whole row instead
+computes attention over every pair of tokens in it: no faster than padding in a first trial,
+benchmarks/packed_scoring.py --block-mask.) A model switched to it scores padded batches as before.
+
+Only for models that run sdpa through the `AttentionInterface` (Llama, Phi-3, Qwen and most
+current decoders) and only on CPU (on a GPU, padded batches are cheap and one SDPA call per prompt
+is not); `enable_packed_scoring` checks on three prompts that packed and padded scores agree and
+otherwise leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .modeling import find_head_name
+
+PACKED_ATTENTION = "packed_sdpa"
+MAX_PACK_TOKENS = 1024
+"""Longest pack: on 2 CPU cores packs of 2,048 tokens scored slower than packs of 512 or 1,024
+(their element-wise intermediates outgrow the cache)."""
+PACKED_TOKEN_COST = 1.15
+"""A packed token's cost in padded tokens: in one call over 480 prompts, padded batches scored
+9.5-9.8 prompts/s against 8.3-9.3 for packed rows (README, *Packed prompts*)."""
+PROBE_TEXTS = ("What is the capital of France?", "Tell me how to shoplift without getting caught, step by step.", "Hi")
+_PROBE_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # logits; half precision: 0.1
+
+
+def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, *, cu_seq_lens_q: torch.Tensor | None = None,
+                          **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention; for a packed row (`cu_seq_lens_q` given), causal attention
+    within each span, one SDPA call per span length (spans of one length stacked as a batch)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    for name in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
+        kwargs.pop(name, None)
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    _, heads, tokens, head_dim = query.shape
+    output = query.new_empty(tokens, heads, head_dim)
+    for positions in _positions_by_span_length(cu_seq_lens_q, query.device):  # (spans, length)
+        # Each (1, heads, tokens, head dim) tensor's spans as a batch: (spans, heads, length, head dim).
+        query_spans, key_spans, value_spans = (states[0][:, positions].transpose(0, 1) for states in (query, key, value))
+        attended = sdpa_attention_forward(module, query_spans, key_spans, value_spans, None, **kwargs)[0]
+        output[positions.reshape(-1)] = attended.reshape(-1, heads, head_dim)
+    return output.unsqueeze(0), None  # (batch, tokens, heads, head dim), as sdpa_attention_forward returns
+
+
+def _positions_by_span_length(bounds: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """Token positions of the spans between `bounds`, one (spans x length) tensor per span length."""
+    bounds = bounds.tolist()
+    starts_by_length: dict[int, list[int]] = {}
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        starts_by_length.setdefault(end - start, []).append(start)
+    return [torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
+            for length, starts in starts_by_length.items()]
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)  # padded batches get sdpa's masks
+
+
+def _backbone_owner(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def pack_rows(lengths: np.ndarray, max_pack_tokens: int, max_pack_rows: int = 256) -> list[np.ndarray]:
+    """Row indices grouped into packs of at most `max_pack_tokens` real tokens (a longer row alone),
+    longest rows first so that the packs' order, and so their scores, do not depend on input order."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    packs, current, total = [], [], 0
+    for index in order:
+        if current and (total + lengths[index] > max_pack_tokens or len(current) >= max_pack_rows):
+            packs.append(np.asarray(current))
+            current, total = [], 0
+        current.append(index)
+        total += int(lengths[index])
+    if current:
+        packs.append(np.asarray(current))
+    return packs
+
+
+def packed_inputs(input_ids: Sequence[Sequence[int]], rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """Model inputs of one pack: the rows' tokens in one row, positions restarting per row, span bounds."""
+    lengths = torch.tensor([len(input_ids[i]) for i in rows])
+    bounds = torch.zeros(len(rows) + 1, dtype=torch.int32)
+    bounds[1:] = torch.cumsum(lengths, 0)
+    total = int(bounds[-1])
+    return {
+        "input_ids": torch.tensor([token for i in rows for token in input_ids[i]]).unsqueeze(0),
+        # All ones: no padding, so sdpa_mask returns no mask at all; the spans do the masking.
+        "attention_mask": torch.ones(1, total, dtype=torch.long),
+        "position_ids": torch.cat([torch.arange(int(length)) for length in lengths]).unsqueeze(0),
+        "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds,
+        "max_length_q": int(lengths.max()), "max_length_k": int(lengths.max()),
+    }
+
+
+def packed_forward(model: nn.Module, input_ids: Sequence[Sequence[int]],
+                   packs: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(row indices, their logits) pack by pack (`pack_rows`), under the caller's inference mode."""
+    head_outputs: list[torch.Tensor] = []
+    head = getattr(model, find_head_name(model))
+    hook = head.register_forward_hook(lambda module, inputs, output: head_outputs.append(output))
+    device = next(model.parameters()).device
+    try:
+        for rows in packs:
+            inputs = packed_inputs(input_ids, rows)
+            model(**{name: value.to(device) if isinstance(value, torch.Tensor) else value
+                     for name, value in inputs.items()}, use_cache=False)
+            last_tokens = inputs["cu_seq_lens_q"][1:].long() - 1
+            yield rows, head_outputs.pop()[0, last_tokens.to(device)]
+    finally:
+        hook.remove()
+
+
+def enable_packed_scoring(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Switch a CPU model's sdpa attention to `packed_sdpa_attention` if packed scores then equal
+    padded ones on `PROBE_TEXTS`; True if switched. Anything else stays as it was."""
+    owner = _backbone_owner(model)
+    config = getattr(owner, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or next(model.parameters()).device.type != "cpu":
+        return False
+    _register()
+    try:
+        owner.set_attn_implementation(PACKED_ATTENTION)
+    except Exception:  # a model class that cannot switch: stays on sdpa
+        return False
+    if config._attn_implementation != PACKED_ATTENTION:
+        return False
+    input_ids = tokenizer(list(PROBE_TEXTS))["input_ids"]
+    with torch.inference_mode():
+        padded = tokenizer.pad({"input_ids": input_ids}, return_tensors="pt")
+        reference = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+        packed = torch.empty_like(reference)
+        for rows, logits in packed_forward(model, input_ids, [np.arange(len(input_ids))]):
+            packed[torch.as_tensor(rows)] = logits.to(packed.dtype)
+    if (packed.float() - reference.float()).abs().max() > _PROBE_TOLERANCE.get(reference.dtype, 0.1):
+        owner.set_attn_implementation("sdpa")
+        return False
+    return True
+
+
+def uses_packed_attention(model: nn.Module) -> bool:
+    """Whether `enable_packed_scoring` switched this model."""
+    return getattr(getattr(_backbone_owner(model), "config", None), "_attn_implementation", None) == PACKED_ATTENTION
