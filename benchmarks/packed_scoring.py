@@ -3,9 +3,9 @@ the small batches a server gathers.
 
 Scores the same ToxicChat training prompts in one call and in consecutive batches of
 `--batch-size` (what 32 concurrent clients give the service), each way in turn for `--rounds`
-rounds (the machine's speed drifts): `padded`, length-sorted batches always
-(`load_classifier(..., pack_prompts=False)`); `packed`, packed rows always, attention per prompt;
-`auto`, what `load_classifier` does on CPU, whichever of the two costs less per call. With
+rounds (the machine's speed drifts): `padded`, length-sorted batches always (`pack=False`);
+`packed`, packed rows always, attention per prompt (`pack=True`); `auto`, what `load_classifier`
+does on CPU, whichever of the two costs less per call. With
 `--block-mask`, also packed rows under the block-diagonal mask transformers builds from restarting
 position ids (no span bounds), the approach tried first. Reports the largest logit difference from
 padded; the last line is one JSON object.
@@ -52,20 +52,6 @@ def block_mask_logits(classifier, texts: list[str], max_pack_tokens: int) -> np.
     return logits
 
 
-def packed_logits(classifier, texts: list[str]) -> np.ndarray:
-    """Packed rows whatever they cost (`predict_logits` packs only where that is cheaper)."""
-    from safety_classifier.inference import encode_prompts
-    from safety_classifier.packing import MAX_PACK_TOKENS, pack_rows, packed_forward
-
-    input_ids = encode_prompts(classifier.tokenizer, texts, classifier.max_length)
-    logits = np.zeros((len(texts), classifier.model.config.num_labels))
-    packs = pack_rows(np.asarray([len(ids) for ids in input_ids]), MAX_PACK_TOKENS)
-    with torch.inference_mode():
-        for rows, pack_logits in packed_forward(classifier.model, input_ids, packs):
-            logits[rows] = pack_logits.double().numpy()
-    return logits
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", required=True)
@@ -86,16 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_noise()
     pool = [text for text in pd.read_csv(DEFAULT_DATA)["user_input"].dropna().astype(str) if text.strip()]
     texts = random.Random(args.seed).sample(pool, args.prompts)
-    padded = load_classifier(args.model_dir, dtype="fp32", pack_prompts=False)
-    auto = load_classifier(args.model_dir, dtype="fp32")
-    if not uses_packed_attention(auto.model):
+    classifier = load_classifier(args.model_dir, dtype="fp32")
+    if not uses_packed_attention(classifier.model):
         raise SystemExit("error: this model does not score packed here (see safety_classifier/packing.py)")
-    ways = {
-        "padded": lambda chunk: padded.logits(chunk, show_progress=False),
-        "packed": lambda chunk: packed_logits(auto, chunk),
-        "auto": lambda chunk: auto.logits(chunk, show_progress=False),
-    }
+    ways = {name: (lambda chunk, pack=pack: classifier.logits(chunk, show_progress=False, pack=pack))
+            for name, pack in (("padded", False), ("packed", True), ("auto", None))}
     if args.block_mask:
+        padded = load_classifier(args.model_dir, dtype="fp32", pack_prompts=False)  # plain sdpa
         ways["block_mask"] = lambda chunk: block_mask_logits(padded, chunk, args.block_mask_tokens)
     reference = ways["padded"](texts[:64])
     figures: dict = {"prompts": len(texts), "batch_size": args.batch_size, "rounds": args.rounds}

@@ -115,28 +115,36 @@ def scoring_batches(lengths: np.ndarray, max_batch_tokens: int, max_batch_rows: 
     return batches[::-1]
 
 
+def pad_rows(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[Sequence[int]],
+             rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """The rows' token ids, right-padded to the longest, with their attention mask."""
+    return tokenizer.pad({"input_ids": [input_ids[i] for i in rows]}, return_tensors="pt")
+
+
 def padded_batches(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[Sequence[int]],
                    max_batch_tokens: int) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
     """`scoring_batches` of tokenized rows: (row indices, right-padded input_ids and attention_mask)."""
     lengths = np.asarray([len(ids) for ids in input_ids])
     for batch in scoring_batches(lengths, max_batch_tokens):
-        yield batch, tokenizer.pad({"input_ids": [input_ids[i] for i in batch]}, return_tensors="pt")
+        yield batch, pad_rows(tokenizer, input_ids, batch)
 
 
-def packs_if_cheaper(lengths: np.ndarray, max_batch_tokens: int) -> list[np.ndarray] | None:
-    """Packs of the rows (`packing.pack_rows`) if they cost less than `scoring_batches`, else None.
+def scoring_plan(lengths: np.ndarray, max_batch_tokens: int, pack: bool | None = None) -> tuple[bool, list[np.ndarray]]:
+    """(packed, row groups): padded batches (`scoring_batches`) or packs (`packing.pack_rows`);
+    with `pack=None`, whichever costs less.
 
     Cost, as in `scoring_batches`: padded tokens plus a pass overhead per forward pass; a packed
     token costs `PACKED_TOKEN_COST` padded ones (its attention runs span by span, and its
     element-wise work on a longer row leaves the cache). Thousands of prompts sorted by length
     (a file) pad little and stay padded; a few prompts of mixed lengths (a served batch) pack.
     """
-    overhead = max_batch_tokens * PASS_OVERHEAD_SHARE
-    batches = scoring_batches(lengths, max_batch_tokens)
-    padded_cost = sum(len(batch) * int(lengths[batch].max()) for batch in batches) + overhead * len(batches)
-    packs = pack_rows(lengths, min(max_batch_tokens, MAX_PACK_TOKENS))
-    packed_cost = PACKED_TOKEN_COST * int(lengths.sum()) + overhead * len(packs)
-    return packs if packed_cost < padded_cost else None
+    batches = None if pack else scoring_batches(lengths, max_batch_tokens)
+    packs = None if pack is False else pack_rows(lengths, min(max_batch_tokens, MAX_PACK_TOKENS))
+    if pack is None:
+        overhead = max_batch_tokens * PASS_OVERHEAD_SHARE
+        padded_cost = sum(len(batch) * int(lengths[batch].max()) for batch in batches) + overhead * len(batches)
+        pack = PACKED_TOKEN_COST * int(lengths.sum()) + overhead * len(packs) < padded_cost
+    return (True, packs) if pack else (False, batches)
 
 
 def predict_logits(
@@ -148,14 +156,18 @@ def predict_logits(
     max_batch_tokens: int | None = None,
     show_progress: bool = True,
     description: str = "scoring",
+    pack: bool | None = None,
 ) -> np.ndarray:
     """(texts x outputs) logits, in the order of `texts` whatever order batches ran in; the rows of
     empty prompts are NaN (they get no forward pass).
 
     The one batched forward pass behind every score: scoring, calibration, baselines' inputs. A
     model switched to packed attention (`packing.enable_packed_scoring`, done by `load_classifier`
-    on CPU) scores packed rows where that is cheaper (`packs_if_cheaper`); else `padded_batches`.
+    on CPU) scores packed rows where that is cheaper (`scoring_plan`), or as `pack` says; any
+    other model, padded batches.
     """
+    if pack and not uses_packed_attention(model):
+        raise ValueError("pack=True needs a model switched to packed attention (packing.enable_packed_scoring)")
     prompts = [normalise_prompt(text) for text in texts]
     scored = np.asarray([i for i, prompt in enumerate(prompts) if prompt.strip()], dtype=np.int64)
     if not len(scored):
@@ -163,14 +175,15 @@ def predict_logits(
     input_ids = tokenizer([prompts[i] for i in scored], truncation=True, max_length=max_length)["input_ids"]
     device = next(model.parameters()).device
     max_batch_tokens = max_batch_tokens or default_batch_tokens(device)
-    packs = (packs_if_cheaper(np.asarray([len(ids) for ids in input_ids]), max_batch_tokens)
-             if uses_packed_attention(model) else None)
-    if packs is not None:
-        batches = packed_forward(model, input_ids, packs)
-    else:
-        batches = ((batch, model(input_ids=padded["input_ids"].to(device),
-                                 attention_mask=padded["attention_mask"].to(device)).logits)
-                   for batch, padded in padded_batches(tokenizer, input_ids, max_batch_tokens))
+    packed, groups = scoring_plan(np.asarray([len(ids) for ids in input_ids]), max_batch_tokens,
+                                  pack if uses_packed_attention(model) else False)
+    def padded_forward() -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        for batch in groups:
+            padded = pad_rows(tokenizer, input_ids, batch)
+            yield batch, model(input_ids=padded["input_ids"].to(device),
+                               attention_mask=padded["attention_mask"].to(device)).logits
+
+    batches = packed_forward(model, input_ids, groups) if packed else padded_forward()
     logits = None
     model.eval()
     with torch.inference_mode(), tqdm(total=len(scored), desc=description, unit="prompt", disable=not show_progress) as bar:
@@ -258,10 +271,10 @@ class Classifier:
         return self.schema.codes
 
     def logits(self, texts: Sequence[object], *, max_batch_tokens: int | None = None,
-               show_progress: bool = True, description: str = "scoring") -> np.ndarray:
+               show_progress: bool = True, description: str = "scoring", pack: bool | None = None) -> np.ndarray:
         return predict_logits(
             self.model, self.tokenizer, texts, max_length=self.max_length,
-            max_batch_tokens=max_batch_tokens, show_progress=show_progress, description=description,
+            max_batch_tokens=max_batch_tokens, show_progress=show_progress, description=description, pack=pack,
         )
 
     def logit_margins(self, texts: Sequence[object], **kwargs) -> np.ndarray:

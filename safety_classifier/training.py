@@ -179,9 +179,9 @@ def training_labels(split: LabelledSplit, binary_rows: np.ndarray | None = None)
     return np.column_stack([labels.astype(np.float32), split.categories]).tolist()
 
 
-def tokenized_dataset(split: LabelledSplit, tokenizer, max_length: int, labels: list | None = None) -> Dataset:
-    """input_ids and labels (default: `training_labels(split)`) only; padding happens per batch in the collator."""
-    dataset = Dataset.from_dict({"text": split.texts, "labels": training_labels(split) if labels is None else labels})
+def tokenized_dataset(split: LabelledSplit, tokenizer, max_length: int, labels: list) -> Dataset:
+    """input_ids and `labels` (`training_labels`) only; padding happens per batch in the collator."""
+    dataset = Dataset.from_dict({"text": split.texts, "labels": labels})
     return dataset.map(
         lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
         batched=True,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from safety_classifier.inference import load_classifier, packs_if_cheaper, predict_logits
+from safety_classifier.inference import load_classifier, predict_logits, scoring_plan
 from safety_classifier.modeling import build_model, find_head_name, load_tokenizer
 from safety_classifier.packing import (
     _PROBE_TOLERANCE,
@@ -40,9 +40,9 @@ def test_packs_hold_every_row_once_within_the_budget():
 
 def test_a_few_prompts_of_mixed_lengths_pack_and_many_sorted_ones_stay_padded():
     # 200 + 3 x 10 tokens: padded, two passes (200 + 30 tokens); packed, one pass of 230 tokens.
-    mixed = packs_if_cheaper(np.asarray([200, 10, 10, 10]), 2048)
-    assert mixed is not None and [sorted(pack.tolist()) for pack in mixed] == [[0, 1, 2, 3]]
-    assert packs_if_cheaper(np.full(100, 20), 2048) is None  # one pass of 2,000 tokens without padding
+    packed, mixed = scoring_plan(np.asarray([200, 10, 10, 10]), 2048)
+    assert packed and [sorted(pack.tolist()) for pack in mixed] == [[0, 1, 2, 3]]
+    assert scoring_plan(np.full(100, 20), 2048)[0] is False  # one pass of 2,000 tokens without padding
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -52,6 +52,8 @@ def test_packed_scores_equal_padded_ones_for_every_backbone(tiny_model_factory, 
     model = build_model("top_layers", path, tokenizer, torch.float32, num_layers=0)
     padded = predict_logits(model, tokenizer, PROMPTS, max_length=64, show_progress=False)
     assert not uses_packed_attention(model)
+    with pytest.raises(ValueError, match="pack=True needs a model switched to packed attention"):
+        predict_logits(model, tokenizer, PROMPTS, max_length=64, pack=True, show_progress=False)
     assert enable_packed_scoring(model, tokenizer) and uses_packed_attention(model)
     input_ids = tokenizer([p for p in PROMPTS if p], truncation=True, max_length=64)["input_ids"]
     lengths = np.asarray([len(ids) for ids in input_ids])
@@ -119,6 +121,6 @@ def test_a_loaded_classifier_scores_packed_as_it_scores_padded(tiny_lora_classif
     texts = [" ".join(["bees"] * 50)] + PROMPTS  # one long prompt among short ones: cheaper packed
     lengths = [len(ids) for ids in packed.tokenizer([t for t in texts if t], truncation=True,
                                                     max_length=packed.max_length)["input_ids"]]
-    assert packs_if_cheaper(np.asarray(lengths), 2048) is not None
+    assert scoring_plan(np.asarray(lengths), 2048)[0] is True
     np.testing.assert_allclose(packed.scores(texts, show_progress=False), padded.scores(texts, show_progress=False),
                                rtol=0, atol=1e-6)
