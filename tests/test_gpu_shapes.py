@@ -1,0 +1,43 @@
+"""benchmarks/gpu_shapes.py: its --tiny versions of the Phi-4 shapes run every measurement on CPU.
+
+The real shapes need a GPU (results/gpu-shapes-h200.jsonl); this keeps the script's path through
+the toolkit (LoRA, QLoRA, cached top-4, scoring) from rotting between GPU runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import gpu_shapes
+import pytest
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@pytest.fixture
+def tokenizer_only(tiny_phi3, tmp_path):
+    directory = tmp_path / "tokenizer"
+    directory.mkdir()
+    for name in TOKENIZER_FILES:
+        shutil.copy(tiny_phi3 / name, directory / name)
+    return directory
+
+
+def test_tiny_shapes_give_every_figure(tokenizer_only, toy_files, tmp_path):
+    out = tmp_path / "shapes.jsonl"
+    gpu_shapes.main(["--tiny", "--out", str(out), "--train-file", str(toy_files["train"]),
+                     "--tokenizer", str(tokenizer_only), "--rows", "24", "--qlora-rows", "12", "--score-prompts", "20",
+                     "--only", "lora-batch8", "top4-batch8", "qlora-batch4x2", "score"])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert not [record for record in records if "error" in record]
+    training = {record["run"]: record for record in records if record["measure"] == "train"}
+    assert set(training) == {"lora-batch8", "top4-batch8", "qlora-batch4x2"}
+    lora, qlora = training["lora-batch8"], training["qlora-batch4x2"]
+    assert lora["rows"] == 24 and lora["optimizer_steps"] == 3 and 0 < lora["train_mfu"]
+    # 12 rows in batches of 4, two accumulated per optimizer step; checkpointing is QLoRA's default.
+    assert qlora["rows"] == 12 and qlora["optimizer_steps"] == 2 and qlora["gradient_checkpointing"] is True
+    assert training["top4-batch8"]["train_mfu"] is None
+    scores = [record for record in records if record["measure"] == "score"]
+    assert [record["shape"] for record in scores] == ["phi-4-mini", "phi-4"]
+    assert all(record["prompts"] == 20 and record["prompts_per_s"] > 0 for record in scores)
