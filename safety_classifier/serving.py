@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -88,6 +89,11 @@ class ServeArguments:
         default=2,
         metadata={"help": "glibc malloc arenas of the process (0: glibc's default, up to 8 per core; ignored when "
                           "MALLOC_ARENA_MAX is set or the C library is not glibc)."},
+    )
+    trim_heap: bool = field(
+        default=True,
+        metadata={"help": "After each batch, hand the heap's free pages back to the system (glibc's malloc_trim, on "
+                          "the model thread): keeps memory flat under traffic."},
     )
 
 
@@ -178,7 +184,8 @@ class Batcher:
     """
 
     def __init__(self, classifier: Classifier, *, max_batch_tokens: int | None = None, max_wait_ms: float = 5.0,
-                 max_gather_tokens: int | None = None, metrics: ServiceMetrics | None = None) -> None:
+                 max_gather_tokens: int | None = None, metrics: ServiceMetrics | None = None,
+                 trim_heap: bool = False) -> None:
         self.classifier = classifier
         self.names = tuple(classifier.category_codes) or (BINARY_CATEGORY,)
         device = next(classifier.model.parameters()).device if hasattr(classifier.model, "parameters") else None
@@ -186,6 +193,7 @@ class Batcher:
         self.max_gather_tokens = max_gather_tokens or GATHERED_FORWARD_PASSES * self.max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.metrics = metrics or ServiceMetrics()
+        self.trim_heap = trim_heap
         self.batches = 0
         # The model thread runs every forward pass; the tokenizer thread counts tokens with its own copy
         # of the tokenizer (a fast tokenizer used from two threads at once can fail with "Already borrowed").
@@ -205,13 +213,15 @@ class Batcher:
     async def warm_up(self) -> None:
         """Passes on the model thread before the service says it is ready: first-call costs, then a
         full forward pass at each length from the max length down to 8 tokens (halving), so that
-        most of the memory the allocator keeps for the batch shapes of traffic is taken now rather
-        than during the first minutes of traffic (1,000 requests still add a few per cent: README)."""
+        the first calls' one-off allocations happen now rather than under traffic; then, with
+        `trim_heap`, what the passes freed goes back to the system, as after every served batch."""
         loop = asyncio.get_running_loop()
         for texts in [list(WARM_UP_TEXTS), *self._full_passes()]:
             # The tokenizer thread too: its first requests would otherwise grow the process after /ready.
             await loop.run_in_executor(self._tokenizer_thread, self._token_lengths, texts)
             await loop.run_in_executor(self._model_thread, score_texts, self.classifier, texts, self.max_batch_tokens)
+        if self.trim_heap:  # /ready then reports the memory the service holds between batches
+            await loop.run_in_executor(self._model_thread, trim_free_heap)
 
     def _full_passes(self) -> list[list[str]]:
         """Texts of (about) `length` tokens, as many as fill one forward pass, for each length; then
@@ -310,6 +320,8 @@ class Batcher:
             if not job.future.done():
                 job.future.set_result(probabilities[offset:offset + len(job.texts)])
             offset += len(job.texts)
+        if self.trim_heap:  # answered first; the next batch waits for the model thread anyway
+            await asyncio.get_running_loop().run_in_executor(self._model_thread, trim_free_heap)
 
     async def close(self) -> None:
         """Stop taking requests, score every request already queued, then stop the threads."""
@@ -417,7 +429,7 @@ def create_app(args: ServeArguments, load: Callable[[], Classifier] | None = Non
             if args.threshold is not None:
                 classifier.threshold = args.threshold
             batcher = Batcher(classifier, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-                              max_gather_tokens=args.max_gather_tokens, metrics=metrics)
+                              max_gather_tokens=args.max_gather_tokens, metrics=metrics, trim_heap=args.trim_heap)
             await batcher.start()
             state["batcher"] = batcher
             await batcher.warm_up()
@@ -526,13 +538,33 @@ def limit_malloc_arenas(count: int) -> bool:
     1,000 requests after `/ready` in three load tests; with 2 arenas it stayed flat: README,
     *Under load*). Must run before those threads allocate.
     """
-    if count <= 0 or "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+    if count <= 0 or "MALLOC_ARENA_MAX" in os.environ:
         return False
+    libc = _glibc()
+    return bool(libc.mallopt(M_ARENA_MAX, count)) if libc is not None else False
+
+
+def trim_free_heap() -> bool:
+    """Give the free pages inside glibc's heaps back to the system (`malloc_trim(0)`); True if any were.
+
+    A forward pass frees its activations, but glibc keeps the freed memory in its heaps for reuse,
+    and with each new mix of batch shapes the heaps grow a little more: the process kept growing
+    by 5-8 % over the first 1,000 requests after `/ready` (README, *Under load*). Trimming after
+    each batch returns what the batch freed; it costs a walk over the free lists."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, or None where the C library is another (musl has neither mallopt's arenas nor malloc_trim)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_ARENA_MAX, count))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def _configure_logging(level: str) -> None:

@@ -203,6 +203,27 @@ def test_concurrent_requests_are_scored_in_one_batch(offline):
     np.testing.assert_allclose(scores, offline.unsafe_probabilities(texts, show_progress=False), rtol=0, atol=ATOL)
 
 
+def test_the_heap_is_trimmed_after_each_answered_batch(offline, monkeypatch):
+    from safety_classifier import serving
+
+    assert isinstance(serving.trim_free_heap(), bool)  # glibc here; elsewhere False, never an error
+    trims = []
+    monkeypatch.setattr(serving, "trim_free_heap", lambda: trims.append(1) or True)
+
+    async def two_batches(trim_heap: bool) -> list:
+        batcher = Batcher(offline, max_batch_tokens=4096, max_wait_ms=0, trim_heap=trim_heap)
+        await batcher.start()
+        results = [await batcher.submit([text]) for text in TEXTS[:2]]
+        await batcher.close()
+        return results
+
+    assert asyncio.run(two_batches(trim_heap=False)) and trims == []
+    results = asyncio.run(two_batches(trim_heap=True))
+    assert len(trims) == 2
+    scores = [result[0]["category_scores"]["unsafe"] for result in results]
+    np.testing.assert_allclose(scores, offline.unsafe_probabilities(TEXTS[:2], show_progress=False), rtol=0, atol=ATOL)
+
+
 def test_the_gather_budget_splits_what_does_not_fit_in_one_batch(offline):
     longest = max(len(ids) for ids in offline.tokenizer(TEXTS)["input_ids"])
 
