@@ -58,6 +58,7 @@ from safety_classifier.inference import predict_unsafe_probabilities  # noqa: E4
 from safety_classifier.modeling import (  # noqa: E402
     LoraSettings,
     build_model,
+    count_parameters,
     load_sequence_classifier,
     load_tokenizer,
     resolve_dtype,
@@ -113,9 +114,11 @@ def matmul_tflops(dtype: torch.dtype, n: int, min_seconds: float) -> float:
     return 2.0 * n**3 * reps / elapsed / 1e12
 
 
-def non_embedding_parameters(model: torch.nn.Module) -> int:
-    embedding = model.get_input_embeddings().weight
-    return sum(p.numel() for p in model.parameters() if p is not embedding)
+def non_embedding_parameters(model: torch.nn.Module, frozen_only: bool = False) -> int:
+    """Weights (or only the frozen ones) less the input embedding table, which costs no FLOPs;
+    4-bit weights count as the values they hold (`count_parameters`)."""
+    trainable, total = count_parameters(model)
+    return total - (trainable if frozen_only else 0) - model.get_input_embeddings().weight.numel()
 
 
 def timed_scoring(model, tokenizer, texts: list[str], max_length: int) -> float:

@@ -44,6 +44,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from benchmark import non_embedding_parameters  # noqa: E402
 from transformers import AutoModelForSequenceClassification, Phi3Config  # noqa: E402
 
 from safety_classifier.cli import parse_training_plan  # noqa: E402
@@ -123,7 +124,7 @@ def peak_memory_gib() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
 
 
-def matmul_tflops(device: str, n: int, reps: int = 10) -> float:
+def bf16_matmul_tflops(device: str, n: int, reps: int = 10) -> float:
     """bf16 matrix product rate on random data, after three warm-ups."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -140,12 +141,6 @@ def matmul_tflops(device: str, n: int, reps: int = 10) -> float:
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def non_embedding_parameters(model: torch.nn.Module, frozen_only: bool) -> int:
-    """Weights (or only the frozen ones) less the embedding table; 4-bit ones count as the values they hold."""
-    trainable, total = count_parameters(model)
-    return total - (trainable if frozen_only else 0) - model.get_input_embeddings().weight.numel()
 
 
 def timed_training(name: str, shape: str, strategy: str, extra: list[str], model_dir: Path, rows_file: Path,
@@ -241,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         with out.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
-    peak = matmul_tflops(device, 512 if args.tiny else 8192)
+    peak = bf16_matmul_tflops(device, 512 if args.tiny else 8192)
     emit({"measure": "device", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
           "torch": torch.__version__, "bf16_matmul_tflops": round(peak, 1 if device == "cuda" else 4), "tiny": args.tiny})
     frame = pd.read_csv(args.train_file)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from benchmark import matmul_tflops
+from benchmark import matmul_tflops, non_embedding_parameters
 
 from safety_classifier.cli import parse_training_plan
 from safety_classifier.console import quiet_library_noise
@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                 bare_epoch(session, batches)
             seconds = time.perf_counter() - started
             # The frozen backbone's weights less its embedding: what the 4 x FLOPs a token are counted on.
-            embedding = session.model.get_input_embeddings().weight.numel()
-            n_params = sum(p.numel() for p in session.model.parameters() if not p.requires_grad) - embedding
+            n_params = non_embedding_parameters(session.model, frozen_only=True)
             real, padded = int(lengths.sum()), int(sum(len(b) * lengths[b].max() for b in batches))
             print(json.dumps({
                 "mode": mode, "lora_dropout": args.lora_dropout, "rows": args.rows, "steps": len(batches),

@@ -166,7 +166,8 @@ def predict_logits(
     on CPU) scores packed rows where that is cheaper (`scoring_plan`), or as `pack` says; any
     other model, padded batches.
     """
-    if pack and not uses_packed_attention(model):
+    packable = uses_packed_attention(model)
+    if pack and not packable:
         raise ValueError("pack=True needs a model switched to packed attention (packing.enable_packed_scoring)")
     prompts = [normalise_prompt(text) for text in texts]
     scored = np.asarray([i for i, prompt in enumerate(prompts) if prompt.strip()], dtype=np.int64)
@@ -176,7 +177,8 @@ def predict_logits(
     device = next(model.parameters()).device
     max_batch_tokens = max_batch_tokens or default_batch_tokens(device)
     packed, groups = scoring_plan(np.asarray([len(ids) for ids in input_ids]), max_batch_tokens,
-                                  pack if uses_packed_attention(model) else False)
+                                  pack if packable else False)
+
     def padded_forward() -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         for batch in groups:
             padded = pad_rows(tokenizer, input_ids, batch)
