@@ -166,8 +166,10 @@ def train_steps(model, batches: list[dict], labels: list[torch.Tensor], autocast
     return seconds
 
 
-def timed_lora_epoch(model: str, train_file: Path, rows: int | None, max_length: int | None) -> dict:
-    """One LoRA r=16 epoch as `train_lora.py` trains it (its defaults: token-budget batches), timed whole.
+def timed_lora_epoch(model: str, train_file: Path, rows: int | None, max_length: int | None,
+                     max_batch_tokens: int | None = None) -> dict:
+    """One LoRA r=16 epoch as `train_lora.py` trains it (its defaults: batches of 8 length-grouped rows),
+    timed whole; `max_batch_tokens` times token-budget batches instead.
 
     Every row of the file is trained on (the file is also given as the validation file, which this
     run never evaluates); no evaluation, no checkpoint.
@@ -181,6 +183,8 @@ def timed_lora_epoch(model: str, train_file: Path, rows: int | None, max_length:
                 "--epochs", "1", "--output-dir", str(Path(scratch) / "run"), "--logging-steps", "100000"]
         if max_length is not None:
             argv += ["--max-length", str(max_length)]
+        if max_batch_tokens is not None:
+            argv += ["--max-batch-tokens", str(max_batch_tokens)]
         plan = parse_training_plan("lora", argv)
         splits = load_training_splits(plan)
         with contextlib.redirect_stdout(sys.stderr):
@@ -188,13 +192,15 @@ def timed_lora_epoch(model: str, train_file: Path, rows: int | None, max_length:
         trainer = session.trainer
         trainer.args.disable_tqdm = True
         lengths = np.asarray([len(ids) for ids in trainer.train_dataset["input_ids"]])
-        padded = int(sum(len(batch) * lengths[batch].max() for batch in session.sampler))
+        shapes = [batch["input_ids"].shape for batch in trainer.get_train_dataloader()]  # the epoch's padded batches
         started = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):
             trainer.train()
         seconds = time.perf_counter() - started
-        return {"seconds": seconds, "rows": len(lengths), "real_tokens": int(lengths.sum()), "padded_tokens": padded,
-                "steps": len(session.sampler), "max_batch_tokens": session.sampler.max_batch_tokens,
+        return {"seconds": seconds, "rows": len(lengths), "real_tokens": int(lengths.sum()),
+                "padded_tokens": sum(batch_rows * width for batch_rows, width in shapes), "steps": len(shapes),
+                "batches": (f"<= {session.sampler.max_batch_tokens} tok" if session.sampler is not None
+                            else f"{plan.batch_rows} rows"),
                 "max_length": plan.model.max_length, "lora_dropout": plan.lora.lora_dropout,
                 "learning_rate": plan.learning_rate}
 
@@ -206,6 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-dir", default=str(REPO_ROOT.parent / "shared" / "data" / "toxicchat"))
     parser.add_argument("--max-length", type=int, default=REFERENCE_LENGTH, help="toolkit truncation length")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-batch-tokens", type=int, default=None,
+                        help="time the LoRA epoch in batches of this many padded tokens (default: train_lora.py's "
+                             "default, 8 rows)")
     args = parser.parse_args(argv)
     quiet_library_noise()
     cfg = SETTINGS["quick" if args.quick else "default"]
@@ -265,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- LoRA r=16 training: one real epoch through the toolkit's Trainer -----------------------
     epoch = timed_lora_epoch(args.model, data_dir / "toxicchat0124_train.csv", cfg["epoch_rows"],
-                             cfg["epoch_max_length"])
+                             cfg["epoch_max_length"], args.train_batch_tokens)
     lora_epoch_minutes = epoch["seconds"] / 60.0
     train_tokens_per_s = epoch["real_tokens"] / epoch["seconds"]
     train_mfu = 4.0 * n_params * train_tokens_per_s / (peak * 1e12)
@@ -349,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
          f"{train_tokens_per_s / ref_train_tokens_per_s:.1f}x"),
         ("LoRA r=16 train MFU (real tokens)", "", f"{train_mfu:.1%} of {dtype_name}", ""),
         ("LoRA step seconds", f"{ref_train_s / cfg['ref_train_steps']:.2f} ({ref_rows} rows x 1024)",
-         f"{epoch['seconds'] / epoch['steps']:.2f} (<= {epoch['max_batch_tokens']} tok, "
+         f"{epoch['seconds'] / epoch['steps']:.2f} ({epoch['batches']}, "
          f"{epoch['rows'] / epoch['steps']:.1f} rows)", ""),
         (f"LoRA r=16 epoch minutes ({epoch['rows']} rows; ref. estimated, toolkit measured)",
          f"{ref_lora_epoch_minutes:.1f}", f"{lora_epoch_minutes:.2f}",

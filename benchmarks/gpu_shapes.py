@@ -6,7 +6,7 @@ embedded SmolLM2 tokenizer (so prompts tokenize somewhat longer than with Phi-4'
 The timed runs then go through the toolkit's own path, as the scripts train and score:
 
 * `lora`: `train_lora.py`'s session (LoRA r=16 on every linear layer of the blocks, bf16) for one
-  epoch, with the README's `--batch-size 8` and with the default token budget;
+  epoch, in the default 8-row batches and in token budgets of 4,096 and 16,384 tokens (the GPU scoring budget);
 * `qlora`: `train_qlora.py`'s session (NF4 backbone, gradient checkpointing) with the README's
   `--batch-size 4 --gradient-accumulation-steps 2`, on a sample of rows that holds the longest prompts
   of the file, so the peak memory is the epoch's worst batch at `--max-length`;
@@ -81,7 +81,7 @@ TINY_ROPE = {"type": "longrope", "short_factor": [1.0] * 6, "long_factor": [1.0]
 TRAINING_RUNS = [
     ("lora-batch8", "phi-4-mini", "lora", ["--batch-size", "8"]),
     ("lora-batch8-checkpointing", "phi-4-mini", "lora", ["--batch-size", "8", "--gradient-checkpointing", "true"]),
-    ("lora-token-budget", "phi-4-mini", "lora", []),
+    ("lora-token-budget", "phi-4-mini", "lora", ["--max-batch-tokens", "16384"]),  # the GPU scoring budget
     ("lora-4096-tokens", "phi-4-mini", "lora", ["--max-batch-tokens", "4096"]),
     ("top4-batch8", "phi-4-mini", "top_layers", ["--num-layers", "4", "--batch-size", "8"]),
     ("qlora-batch4x2", "phi-4", "qlora", ["--batch-size", "4", "--gradient-accumulation-steps", "2"]),

@@ -123,7 +123,11 @@ def category_tables(rows: list[dict], baseline_row: str = "lora-r16") -> list[st
             goals.append(f"validation AUPRC on its ToxicChat rows (the 280 the other rows are measured on; the "
                          f"epochs above count the category rows too) {main_source['auprc']:.3f} against "
                          f"{baseline['validation']['auprc']:.3f}")
-        if baseline is not None:
+        differences = recipe_differences(row, baseline) if baseline is not None else []
+        if differences:
+            goals.append(f"not compared with {baseline['method']}: the two rows ran different recipes "
+                         f"({', '.join(differences)}); rerun this row to compare")
+        elif baseline is not None:
             extra = row["training_seconds"] / baseline["training_seconds"] - 1
             goals += [f"ToxicChat test AUPRC {row['test']['auprc']:.3f} against {baseline['test']['auprc']:.3f} for "
                       f"{baseline['method']} trained on ToxicChat alone (goal: at most {GOAL_AUPRC_DROP} lower)",
@@ -131,6 +135,16 @@ def category_tables(rows: list[dict], baseline_row: str = "lora-r16") -> list[st
                       f" ({100 * extra:+.0f} %; goal <= +{100 * GOAL_EXTRA_TIME:.0f} %)"]
         lines += ["", "; ".join(goals) + "."]
     return lines
+
+
+RECIPE_KEYS = ("batch_size", "max_batch_tokens", "learning_rate", "head_learning_rate", "lora_dropout", "epochs",
+               "max_length", "class_weights", "seed")
+
+
+def recipe_differences(row: dict, other: dict) -> list[str]:
+    """The training settings that differ between two rows' runs, as `key a vs b`."""
+    mine, theirs = row.get("training_arguments", {}), other.get("training_arguments", {})
+    return [f"{key} {mine.get(key)} vs {theirs.get(key)}" for key in RECIPE_KEYS if mine.get(key) != theirs.get(key)]
 
 
 def validation_table(rows: list[dict]) -> list[str]:

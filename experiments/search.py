@@ -123,9 +123,22 @@ def setting_label(record: dict) -> str:
     return ", ".join(f"{key} {value}" for key, value in sorted(record["setting"].items())) or "defaults"
 
 
+# The training-batch default before 8-row batches became it (2026-11-26): records whose arguments
+# name neither a batch size nor a budget trained in batches of this many tokens on the CPU.
+EARLIER_DEFAULT_BATCH_TOKENS = 2048
+
+
+def batches_label(record: dict) -> str:
+    """The training batches a record's run used: rows, or a token budget."""
+    arguments = record["training_arguments"]
+    if arguments.get("batch_size"):
+        return f"{arguments['batch_size']} rows"
+    return f"{arguments.get('max_batch_tokens') or EARLIER_DEFAULT_BATCH_TOKENS:,} tokens"
+
+
 def table_head(header: list[str]) -> list[str]:
-    """A markdown table's header and alignment lines: two text columns, then figures."""
-    return ["| " + " | ".join(header) + " |", "|---|---|" + "|".join(["---:"] * (len(header) - 2)) + "|"]
+    """A markdown table's header and alignment lines: three text columns, then figures."""
+    return ["| " + " | ".join(header) + " |", "|---|---|---|" + "|".join(["---:"] * (len(header) - 3)) + "|"]
 
 
 def search_table(records: list[dict]) -> str:
@@ -134,14 +147,15 @@ def search_table(records: list[dict]) -> str:
     if not records:
         return "No search run yet."
     epochs = max(len(record["validation_history"]) for record in records)
-    header = ["Strategy", "Setting (on top of the defaults)", *(f"AUPRC epoch {e}" for e in range(1, epochs + 1)),
+    header = ["Strategy", "Setting (on top of the defaults)", "Batches",
+              *(f"AUPRC epoch {e}" for e in range(1, epochs + 1)),
               "Saved: AUPRC", "Saved: F1", "Training time"]
     lines = table_head(header)
     ordered = sorted(records, key=lambda r: (r["strategy"], -r["validation"]["auprc"]))
     for record in ordered:
         by_epoch = [f"{entry['auprc']:.3f}" for entry in record["validation_history"]]
         by_epoch += ["—"] * (epochs - len(by_epoch))
-        lines.append("| " + " | ".join([record["strategy"], setting_label(record), *by_epoch,
+        lines.append("| " + " | ".join([record["strategy"], setting_label(record), batches_label(record), *by_epoch,
                                         f"{record['validation']['auprc']:.3f}", f"{record['validation']['f1']:.3f}",
                                         f"{record['training_seconds'] / 60:.1f} min"]) + " |")
     return "\n".join(lines)
@@ -153,14 +167,14 @@ def category_search_table(records: list[dict]) -> str:
     records = [record for record in records if record.get("categories")]
     if not records:
         return "No category search run yet."
-    header = ["Strategy", "Setting (on top of the defaults)", "ToxicChat rows: AUPRC", "ToxicChat rows: F1",
+    header = ["Strategy", "Setting (on top of the defaults)", "Batches", "ToxicChat rows: AUPRC", "ToxicChat rows: F1",
               "Category macro F1", "Top category right", "Unsafe recall, category rows", "Training time"]
     lines = table_head(header)
     for record in sorted(records, key=lambda r: (r["strategy"], -r["validation"]["categories"]["macro"]["f1"])):
         validation = record["validation"]
         main, categories = validation["sources"][TOXICCHAT_SOURCE], validation["categories"]
         lines.append("| " + " | ".join([
-            record["strategy"], setting_label(record), f"{main['auprc']:.3f}", f"{main['f1']:.3f}",
+            record["strategy"], setting_label(record), batches_label(record), f"{main['auprc']:.3f}", f"{main['f1']:.3f}",
             f"{categories['macro']['f1']:.3f}", f"{categories['top1_accuracy']:.3f}",
             f"{categories['binary_recall']:.3f}", f"{record['training_seconds'] / 60:.1f} min"]) + " |")
     return "\n".join(lines)

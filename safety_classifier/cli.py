@@ -10,23 +10,9 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from .arguments import (
-    DataArguments,
-    InferenceArguments,
-    LoraArguments,
-    ModelArguments,
-    RunArguments,
-    TopLayersArguments,
-)
+from .arguments import STRATEGIES, DataArguments, InferenceArguments, ModelArguments, RunArguments
 from .console import quiet_library_noise
 from .errors import SafetyClassifierError
-
-_STRATEGY_ARGUMENTS = {"top_layers": TopLayersArguments, "lora": LoraArguments, "qlora": LoraArguments}
-_DESCRIPTIONS = {
-    "top_layers": "Fine-tune the top N transformer blocks and a classification head; the rest stays frozen.",
-    "lora": "Fine-tune LoRA adapters on every linear layer of the blocks, and a classification head.",
-    "qlora": "Fine-tune LoRA adapters on a 4-bit NF4 backbone (bitsandbytes), and a classification head.",
-}
 
 
 def _exit_on_user_error(main: Callable[[], int | None]) -> int:
@@ -43,9 +29,9 @@ def parse_training_plan(strategy: str, argv: Sequence[str] | None = None):
     """The `TrainingPlan` of `train_<strategy>.py` from its command line."""
     from .training import TrainingPlan
 
-    parser = HfArgumentParser(
-        (ModelArguments, DataArguments, RunArguments, _STRATEGY_ARGUMENTS[strategy]), description=_DESCRIPTIONS[strategy]
-    )
+    record = STRATEGIES[strategy]
+    parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, record.arguments),
+                              description=record.description)
     model, data, run, extra = parser.parse_args_into_dataclasses(args=argv)
     return TrainingPlan(
         strategy=strategy, model=model, data=data, run=run,

@@ -14,13 +14,13 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from .arguments import STRATEGIES
 from .errors import ModelLoadError
 from .labels import BINARY, LabelSchema
 
 ID2LABEL = BINARY.id2label
 HEAD_NAMES = ("score", "classifier")
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "norm_f", "final_layer_norm")
-STRATEGIES = ("top_layers", "lora", "qlora")
 
 
 def cpu_supports_bf16() -> bool:
@@ -249,7 +249,7 @@ def build_model(
 ) -> nn.Module:
     """The trainable classifier for one strategy: top_layers, lora or qlora."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {tuple(STRATEGIES)}")
     quantize = strategy == "qlora"
     model = load_sequence_classifier(model_path, tokenizer, dtype, trust_remote_code, quantize_4bit=quantize,
                                      schema=schema)

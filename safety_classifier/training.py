@@ -43,7 +43,15 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, TopLayersArguments
+from .arguments import (
+    DEFAULT_BATCH_ROWS,
+    STRATEGIES,
+    DataArguments,
+    LoraArguments,
+    ModelArguments,
+    RunArguments,
+    TopLayersArguments,
+)
 from .artifacts import (
     METADATA_FILE,
     load_classifier_model,
@@ -95,14 +103,6 @@ from .prefix_cache import (
     build_cached_dataset,
 )
 from .sources import add_sources
-
-# Chosen with 8-row batches (315 steps an epoch on ToxicChat): 5e-5 top-N, 2e-4 LoRA/QLoRA, 1e-3
-# the head (`--head-learning-rate`, now 5e-3). Token-budget batches hold ~38 rows (67 steps an
-# epoch), so each rate is scaled by about 38 / 8, the linear rule: at 4e-4 (the square-root rule)
-# LoRA r=16 reached validation AUPRC 0.640 after one epoch, against 0.792 for the 8-row recipe; at
-# 1e-3, 0.760 and 0.762 after two, still short of the 8-row recipe's 0.846: not yet searched
-# (README, What was tried).
-DEFAULT_LEARNING_RATES = {"top_layers": 2.5e-4, "lora": 1e-3, "qlora": 1e-3}
 
 
 def class_weights_for(labels: np.ndarray, scheme: str = "balanced") -> torch.Tensor:
@@ -235,16 +235,17 @@ def row_lengths(dataset) -> list[int]:
 
 
 def train_batch_sampler(plan: TrainingPlan, dataset, world_size: int) -> TokenBudgetBatchSampler | None:
-    """Token-budget batches unless --batch-size asks for a number of rows."""
-    if plan.run.batch_size is not None:
+    """Token-budget batches where --max-batch-tokens asks for them (and --batch-size does not), else None:
+    the Trainer's length-grouped batches of `plan.batch_rows` rows."""
+    if plan.batch_rows is not None:
         return None
-    budget = plan.run.max_batch_tokens or default_batch_tokens(default_device())
-    return TokenBudgetBatchSampler(row_lengths(dataset), budget, seed=plan.run.seed, num_shards=world_size)
+    return TokenBudgetBatchSampler(row_lengths(dataset), plan.run.max_batch_tokens, seed=plan.run.seed,
+                                   num_shards=world_size)
 
 
 def describe_batches(plan: TrainingPlan, sampler: TokenBudgetBatchSampler | None) -> str:
     if sampler is None:
-        return f"{plan.run.batch_size} rows per device, length-grouped"
+        return f"{plan.batch_rows} rows per device, length-grouped"
     return (f"up to {sampler.max_batch_tokens} padded tokens, length-grouped ({len(sampler)} an epoch, "
             f"{sampler.mean_rows_per_batch:.1f} rows on average; the loss weighs every row alike)")
 
@@ -291,7 +292,14 @@ class TrainingPlan:
 
     @property
     def learning_rate(self) -> float:
-        return self.run.learning_rate or DEFAULT_LEARNING_RATES[self.strategy]
+        return self.run.learning_rate or STRATEGIES[self.strategy].learning_rate
+
+    @property
+    def batch_rows(self) -> int | None:
+        """Rows per training batch, or None for batches that fill `--max-batch-tokens`."""
+        if self.run.batch_size is not None:
+            return self.run.batch_size
+        return None if self.run.max_batch_tokens is not None else DEFAULT_BATCH_ROWS
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -305,6 +313,7 @@ class TrainingPlan:
             if part is not None:
                 record.update(dataclasses.asdict(part))
         record["learning_rate"] = self.learning_rate
+        record["batch_size"] = self.batch_rows
         record["gradient_checkpointing"] = self.gradient_checkpointing
         return record
 
@@ -321,8 +330,8 @@ def training_arguments(plan: TrainingPlan, dtype: torch.dtype, cached_prefix: bo
         num_train_epochs=run.epochs,
         learning_rate=plan.learning_rate,
         # With token-budget batches (no --batch-size) the train batch size is the sampler's, not this one.
-        per_device_train_batch_size=run.batch_size or 1,
-        per_device_eval_batch_size=(run.batch_size or 16) * 2,
+        per_device_train_batch_size=plan.batch_rows or 1,
+        per_device_eval_batch_size=(plan.batch_rows or 16) * 2,
         gradient_accumulation_steps=run.gradient_accumulation_steps,
         weight_decay=run.weight_decay,
         warmup_steps=run.warmup_fraction,  # a float below 1 is a fraction of the total steps
@@ -375,16 +384,19 @@ class ClassifierTrainer(Trainer):
     0.65 in 2 epochs at 5e-5). The scheduler scales every group alike. With a `clock`, every
     checkpoint records the training time spent up to it. With a `train_batch_sampler`, training
     batches come from it (token-budget batches) instead of `per_device_train_batch_size` rows.
+    Evaluation batches fill `eval_batch_tokens` (the scoring budget).
     """
 
     def __init__(self, *args, head_parameters: list[torch.nn.Parameter], head_learning_rate: float,
                  clock: TrainingClock | None = None, train_batch_sampler: TokenBudgetBatchSampler | None = None,
-                 **kwargs):
+                 eval_batch_tokens: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._head_ids = {id(parameter) for parameter in head_parameters}
         self._head_learning_rate = head_learning_rate
         self.clock = clock
         self.train_batch_sampler = train_batch_sampler
+        self.eval_batch_tokens = eval_batch_tokens or (train_batch_sampler.max_batch_tokens if train_batch_sampler
+                                                       else default_batch_tokens(self.args.device))
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(EpochSummaryProgress)
 
@@ -400,10 +412,10 @@ class ClassifierTrainer(Trainer):
         shuffled order (group_by_length shuffles them) pad short prompts to the longest of 32 (280
         ToxicChat validation rows took 1 min 42 s that way). One process only: under DDP, processes would gather logits
         of unequal batch sizes."""
-        if self.train_batch_sampler is None or self.args.world_size > 1:
+        if self.args.world_size > 1:
             return super().get_eval_dataloader(eval_dataset)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        batches = scoring_batches(np.asarray(row_lengths(dataset)), self.train_batch_sampler.max_batch_tokens)
+        batches = scoring_batches(np.asarray(row_lengths(dataset)), self.eval_batch_tokens)
         return self._loader(dataset, [batch.tolist() for batch in batches], "evaluation")
 
     def _loader(self, dataset, batch_sampler, description: str) -> DataLoader:
@@ -633,6 +645,7 @@ def build_training_session(plan: TrainingPlan, splits: Splits, *, clock: Trainin
         head_learning_rate=plan.run.head_learning_rate,
         clock=clock,
         train_batch_sampler=sampler,
+        eval_batch_tokens=plan.run.max_batch_tokens,
         args=arguments,
         train_dataset=train_dataset,
         eval_dataset=validation_dataset,

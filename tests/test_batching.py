@@ -176,3 +176,31 @@ def test_validation_runs_in_length_sorted_batches_within_the_budget(tiny_phi3, t
     for batch in batches:
         assert batch.shape[0] == 1 or batch.numel() <= 64, batch.shape
     assert [batch.shape[1] for batch in batches] == sorted((batch.shape[1] for batch in batches), reverse=True)
+
+
+def test_the_default_recipe_trains_in_8_row_batches_and_a_token_budget_asks_for_budget_batches(tiny_phi3, toy_files,
+                                                                                             tmp_path):
+    """No batch flag: 8 length-grouped rows a batch (the recipe chosen on validation), the loss averaged
+    per batch, and validation still in length-sorted batches within the scoring budget;
+    --max-batch-tokens alone: token-budget training batches; --batch-size wins over it."""
+    from conftest import fast_training_flags
+
+    from safety_classifier.cli import parse_training_plan
+    from safety_classifier.training import build_training_session, load_training_splits
+
+    flags = [flag for flag in fast_training_flags(tiny_phi3, toy_files, tmp_path / "run") if flag not in ("--batch-size", "8")]
+    default = parse_training_plan("lora", [*flags, "--lora-r", "4"])
+    assert default.batch_rows == 8 and default.learning_rate == 2e-4 and default.run.head_learning_rate == 1e-3
+    assert default.arguments_record()["batch_size"] == 8
+    assert parse_training_plan("lora", [*flags, "--max-batch-tokens", "64"]).batch_rows is None
+    assert parse_training_plan("lora", [*flags, "--max-batch-tokens", "64", "--batch-size", "4"]).batch_rows == 4
+
+    session = build_training_session(parse_training_plan("lora", [*flags, "--lora-r", "4", "--batch-size", "4",
+                                                                  "--max-batch-tokens", "64"]),
+                                     load_training_splits(default))
+    assert session.sampler is None
+    train_rows = [len(batch["input_ids"]) for batch in session.trainer.get_train_dataloader()]
+    assert max(train_rows) == 4 and sum(train_rows) == len(session.trainer.train_dataset)
+    evaluation = [batch["input_ids"] for batch in session.trainer.get_eval_dataloader()]
+    assert all(batch.shape[0] == 1 or batch.numel() <= 64 for batch in evaluation), "scoring budget for validation"
+    assert sum(len(batch) for batch in evaluation) == len(session.trainer.eval_dataset)

@@ -127,6 +127,9 @@ def test_a_category_row_gets_its_table_goals_and_figure(tmp_path):
     assert "ToxicChat test AUPRC 0.795 against 0.800" in summary and "ToxicChat rows" in summary
     assert "0.777 against 0.810" in summary and "(+20 %; goal <= +30 %)" in summary
     assert report.category_tables([alone]) == []
+    alone["training_arguments"], both["training_arguments"] = {"batch_size": 8}, {"batch_size": None}
+    summary = report.category_tables([alone, both])[-1]
+    assert "not compared with" in summary and "batch_size None vs 8" in summary and "against 0.800" not in summary
     path = report.draw_category_figure(both, tmp_path)
     assert path.name == "categories.png" and path.stat().st_size > 10_000
 
@@ -152,9 +155,14 @@ def test_the_search_runs_each_setting_on_validation_only_and_skips_finished_ones
     assert search.main(flags) == 0
     assert capsys.readouterr().out.count("done, skipped") == 2
     table = search.search_table(records).splitlines()
-    assert table[0] == ("| Strategy | Setting (on top of the defaults) | AUPRC epoch 1 | Saved: AUPRC | Saved: F1 "
-                        "| Training time |")
+    assert table[0] == ("| Strategy | Setting (on top of the defaults) | Batches | AUPRC epoch 1 | Saved: AUPRC "
+                        "| Saved: F1 | Training time |")
     assert len(table) == 4 and "class_weights balanced" in "".join(table)
+    assert all(line.split(" | ")[2] == "8 rows" for line in table[2:]), "the default batches are named"
+    records[0]["training_arguments"].update(batch_size=None, max_batch_tokens=512)
+    assert search.batches_label(records[0]) == "512 tokens"
+    records[0]["training_arguments"].update(max_batch_tokens=None)
+    assert search.batches_label(records[0]) == "2,048 tokens", "records from before 8-row batches were the default"
 
 
 def test_a_category_search_adds_the_category_source_and_keeps_its_records_apart(tiny_phi3, tmp_path):
@@ -177,6 +185,6 @@ def test_a_category_search_adds_the_category_source_and_keeps_its_records_apart(
     assert record["training_arguments"]["category_loss_weight"] == 3.0
     assert search.search_table([record]) == "No search run yet.", "ToxicChat-alone table: no category runs"
     table = search.category_search_table([record]).splitlines()
-    assert table[0].startswith("| Strategy | Setting (on top of the defaults) | ToxicChat rows: AUPRC |")
+    assert table[0].startswith("| Strategy | Setting (on top of the defaults) | Batches | ToxicChat rows: AUPRC |")
     macro_f1 = record["validation"]["categories"]["macro"]["f1"]
     assert len(table) == 3 and f"| {macro_f1:.3f} |" in table[2] and "category_loss_weight 3" in table[2]
