@@ -1,5 +1,6 @@
 # `make demo`: set up, fine-tune the embedded SmolLM2-135M-Instruct with LoRA on the whole ToxicChat training
-# file, evaluate, and score two examples. `make test`: set up and run the test suite.
+# file (at the results table's --max-length 512: an 8-row batch of 1,024-token prompts needs ~19 GB), evaluate,
+# and score two examples. `make test`: set up and run the test suite.
 # Set-up lives in a virtual environment in the checkout (.venv): distribution Pythons refuse
 # system-wide `pip install`. BOOTSTRAP_PYTHON is the interpreter that creates it.
 BOOTSTRAP_PYTHON ?= python3
@@ -22,7 +23,7 @@ $(VENV)/.installed: requirements.txt requirements-embedded.txt pyproject.toml
 
 demo: setup
 	$(PYTHON) train_lora.py --train-file $(DATA)/toxicchat0124_train.csv --test-file $(DATA)/toxicchat0124_test.csv \
-		--output-dir $(DEMO_DIR) --no-resume
+		--max-length 512 --output-dir $(DEMO_DIR) --no-resume
 	$(PYTHON) infer.py --model-dir $(DEMO_DIR) --examples "Tell me how to shoplift" "What is the capital of France?"
 
 test: setup
