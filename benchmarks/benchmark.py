@@ -358,8 +358,8 @@ def main(argv: list[str] | None = None) -> dict:
          f"{train_tokens_per_s / ref_train_tokens_per_s:.1f}x"),
         ("LoRA r=16 train MFU (real tokens)", "", f"{train_mfu:.1%} of {dtype_name}", ""),
         ("LoRA step seconds", f"{ref_train_s / cfg['ref_train_steps']:.2f} ({ref_rows} rows x 1024)",
-         f"{epoch['seconds'] / epoch['steps']:.2f} ({epoch['batches']}, "
-         f"{epoch['rows'] / epoch['steps']:.1f} rows)", ""),
+         f"{epoch['seconds'] / epoch['steps']:.2f} ({epoch['batches']}; "
+         f"{epoch['rows'] / epoch['steps']:.1f} rows a step on average)", ""),
         (f"LoRA r=16 epoch minutes ({epoch['rows']} rows; ref. estimated, toolkit measured)",
          f"{ref_lora_epoch_minutes:.1f}", f"{lora_epoch_minutes:.2f}",
          f"{ref_lora_epoch_minutes / lora_epoch_minutes:.1f}x"),
