@@ -329,7 +329,7 @@ def training_arguments(plan: TrainingPlan, dtype: torch.dtype, cached_prefix: bo
         output_dir=str(plan.output_dir / "checkpoints"),
         num_train_epochs=run.epochs,
         learning_rate=plan.learning_rate,
-        # With token-budget batches (no --batch-size) the train batch size is the sampler's, not this one.
+        # With token-budget batches (batch_rows None) the train batch size is the sampler's, not this one.
         per_device_train_batch_size=plan.batch_rows or 1,
         per_device_eval_batch_size=(plan.batch_rows or 16) * 2,
         gradient_accumulation_steps=run.gradient_accumulation_steps,
@@ -395,8 +395,7 @@ class ClassifierTrainer(Trainer):
         self._head_learning_rate = head_learning_rate
         self.clock = clock
         self.train_batch_sampler = train_batch_sampler
-        self.eval_batch_tokens = eval_batch_tokens or (train_batch_sampler.max_batch_tokens if train_batch_sampler
-                                                       else default_batch_tokens(self.args.device))
+        self.eval_batch_tokens = eval_batch_tokens or default_batch_tokens(self.args.device)
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(EpochSummaryProgress)
 
