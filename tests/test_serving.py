@@ -348,3 +348,57 @@ def test_malloc_arenas_are_capped_on_glibc_unless_the_environment_says_otherwise
                                 text=True, cwd=REPO_ROOT, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
         assert result.stdout.split() == expected
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_the_warm_up_pages_in_every_weight_of_a_memory_mapped_model(offline, tmp_path, monkeypatch):
+    import torch
+
+    from safety_classifier import serving
+
+    def resident_mib(path: Path) -> float:
+        resident, mapping = 0.0, None
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            fields = line.split()
+            if ":" not in fields[0] or not fields[0][0].isupper():  # a mapping's header line
+                mapping = fields[5] if len(fields) > 5 else None
+            elif fields[0] == "Rss:" and mapping == str(path):
+                resident += int(fields[1]) / 1024
+        return resident
+
+    # As from_pretrained leaves safetensors weights: backed by the file, a page resident once read.
+    weights_file = tmp_path / "embedding.bin"
+    weights_file.write_bytes(bytes(16 << 20))
+    embedding = torch.nn.Embedding(4096, 1024)
+    embedding.weight = torch.nn.Parameter(torch.from_file(str(weights_file), shared=True, size=4096 * 1024),
+                                          requires_grad=False)
+    embedding.weight.data = embedding.weight.data.view(4096, 1024)
+    embedding(torch.tensor([7]))  # a forward pass reads its tokens' rows only
+    assert resident_mib(weights_file) <= 4  # the pages around one row (fault-around), not 16 MiB
+    assert serving.page_in_weights(embedding) == 16 << 20
+    assert resident_mib(weights_file) == 16
+
+    paged = []
+    monkeypatch.setattr(serving, "page_in_weights", lambda model: paged.append(model) or 0)
+
+    async def warm_up() -> None:
+        batcher = Batcher(offline, max_batch_tokens=256)
+        await batcher.start()
+        await batcher.warm_up()
+        await batcher.close()
+
+    asyncio.run(warm_up())
+    assert paged == [offline.model]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_the_serving_memory_probe_reports_rss_and_the_mappings_that_grew(tiny_lora_classifier, toy_files, capsys):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import serving_memory
+
+    flags = ["--model-dir", str(tiny_lora_classifier), "--data-file", str(toy_files["train"]),
+             "--batches", "4", "--batch-size", "3", "--every", "2"]
+    assert serving_memory.main(flags) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["page_in"] is True and len(report["rss_mb_trace"]) == 2
+    assert report["rss_mb_after_warm_up"] > 0 and len(report["grown_mappings_mb"]) == 4

@@ -1,0 +1,102 @@
+"""Where a served classifier's memory goes under traffic, without HTTP: the service's own warm-up,
+then batches of training prompts scored as the server scores them (one `Classifier.scores` call
+a batch, the heap trimmed after each), the process's RSS every few batches, and at the end the
+mappings (`/proc/self/smaps`: the model file, the heap, anonymous memory) that grew most.
+
+    python benchmarks/serving_memory.py --model-dir runs/demo-lora
+    python benchmarks/serving_memory.py --model-dir runs/demo-lora --no-page-in   # the warm-up without reading every weight
+
+Linux and glibc only (smaps, malloc_trim). The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pandas as pd
+
+from safety_classifier import serving
+from safety_classifier.console import quiet_library_noise
+from safety_classifier.inference import load_classifier
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "toxicchat" / "toxicchat0124_train.csv"
+
+
+def resident_mib_by_mapping() -> dict[str, float]:
+    """RSS per mapping: a file's name, or `[heap]`, `[stack]`, `[anon]`..."""
+    resident: dict[str, float] = {}
+    name = "[anon]"
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if ":" not in fields[0] or not fields[0][0].isupper():  # a mapping's header line
+            path = fields[5] if len(fields) > 5 else "[anon]"
+            name = Path(path).name if path.startswith("/") else path
+        elif fields[0] == "Rss:":
+            resident[name] = resident.get(name, 0.0) + int(fields[1]) / 1024
+    return resident
+
+
+def rss_mib() -> float:
+    return sum(resident_mib_by_mapping().values())
+
+
+async def measure(args: argparse.Namespace) -> dict:
+    classifier = load_classifier(args.model_dir, dtype="fp32", device="cpu")
+    prompts = pd.read_csv(args.data_file)["user_input"].astype(str).tolist()
+    rng = random.Random(args.seed)
+    batcher = serving.Batcher(classifier, trim_heap=True)
+    await batcher.start()
+    if args.page_in:
+        await batcher.warm_up()
+    else:
+        with mock.patch.object(serving, "page_in_weights", lambda model: 0):
+            await batcher.warm_up()
+    loop = asyncio.get_running_loop()
+    start, by_mapping_start, trace = rss_mib(), resident_mib_by_mapping(), []
+    print(f"after the warm-up: {start:,.0f} MiB", flush=True)
+    for batch in range(1, args.batches + 1):
+        texts = rng.sample(prompts, args.batch_size)
+        await loop.run_in_executor(batcher._model_thread, serving.score_texts, classifier, texts, batcher.max_batch_tokens)
+        await loop.run_in_executor(batcher._model_thread, serving.trim_free_heap)
+        if batch % args.every == 0:
+            trace.append(round(rss_mib(), 1))
+            print(f"after {batch} batches: {trace[-1]:,.0f} MiB ({trace[-1] / start - 1:+.1%})", flush=True)
+    await batcher.close()
+    by_mapping_end = resident_mib_by_mapping()
+    grown = sorted(by_mapping_end, key=lambda name: by_mapping_start.get(name, 0.0) - by_mapping_end[name])[:4]
+    for name in grown:
+        print(f"  {name}: {by_mapping_start.get(name, 0.0):,.0f} -> {by_mapping_end[name]:,.0f} MiB")
+    return {"page_in": args.page_in, "batches": args.batches, "batch_size": args.batch_size,
+            "rss_mb_after_warm_up": round(start, 1), "rss_mb_trace": trace, "rss_growth": round(trace[-1] / start - 1, 4),
+            "grown_mappings_mb": {name: [round(by_mapping_start.get(name, 0.0), 1), round(by_mapping_end[name], 1)]
+                                  for name in grown}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", required=True, help="A classifier directory written by a train_*.py script.")
+    parser.add_argument("--data-file", default=str(DEFAULT_DATA), help="CSV with a user_input column.")
+    parser.add_argument("--batches", type=int, default=240)
+    parser.add_argument("--batch-size", type=int, default=16, help="Texts a batch (the load test's mean batch).")
+    parser.add_argument("--every", type=int, default=40, help="Print RSS every this many batches.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--page-in", action=argparse.BooleanOptionalAction, default=True,
+                        help="Read every weight in the warm-up, as serve.py does (--no-page-in: not).")
+    args = parser.parse_args(argv)
+    if not sys.platform.startswith("linux"):
+        parser.error("reads /proc/self/smaps: Linux only")
+    serving.limit_malloc_arenas(2)  # as serve.py, before any thread allocates
+    quiet_library_noise()
+    print(json.dumps(asyncio.run(measure(args))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
