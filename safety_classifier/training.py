@@ -671,7 +671,11 @@ def run_training(session: TrainingSession, resume_from: Path | None, checkpoints
 
 
 def train_classifier(plan: TrainingPlan) -> dict | None:
-    """Run one strategy end to end; returns the metrics on the main process, None on the others."""
+    """Run one strategy end to end; returns the metrics on the main process, None on the others.
+
+    The steps: train (resuming from the last complete checkpoint), save the classifier to a staging
+    directory, reload it from there and evaluate it (`evaluate_classifier`: calibration and
+    thresholds fitted on validation, then the test file), then publish the directory."""
     started = time.time()
     set_seed(plan.run.seed)
     splits = load_training_splits(plan)
@@ -686,15 +690,49 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
         print_main(f"resuming from {resume_from}")
     run_training(session, resume_from, output_dir / "checkpoints")
     train_seconds = clock.seconds()
-    trainer, model, tokenizer, cached_prefix = session.trainer, session.model, session.tokenizer, session.cached_prefix
-    trainable, total = count_parameters(model)
-
-    if not trainer.is_world_process_zero():
+    if not session.trainer.is_world_process_zero():
         return None
-    history = validation_history(trainer)
+
+    history = validation_history(session.trainer)
     staging = output_dir / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
-    metadata = {
+    metadata = classifier_metadata(plan, splits, session.model, train_seconds)
+    # The cached path's Trainer holds a wrapper around the model's own top: save the whole model.
+    save_classifier_files(session.model if session.cached_prefix else session.trainer.model, session.tokenizer,
+                          staging, metadata)
+    del session  # the trained model leaves memory before the saved one is loaded
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    reloaded, tokenizer = load_classifier_model(
+        staging, metadata, device=default_device(), dtype=plan.model.dtype,
+        trust_remote_code=plan.model.trust_remote_code,
+    )
+    evaluation = evaluate_classifier(plan, splits, reloaded, tokenizer)
+    metadata.update(evaluation.metadata(splits.schema))
+    write_metadata(staging, metadata)
+    if plan.run.merge and metadata["adapter"]:
+        write_merged_classifier(reloaded, tokenizer, output_dir / "merged", metadata, plan)
+    publish_directory(staging, output_dir)
+    write_json_atomically(output_dir / "metrics.json", evaluation.metrics)
+    write_json_atomically(output_dir / "validation_history.json", history)
+    if not plan.run.keep_checkpoints:
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    print(
+        "",
+        *evaluation.summary(splits),
+        f"classifier written to {output_dir} in {time.time() - started:.0f} s (training {train_seconds:.0f} s)",
+        sep="\n",
+        flush=True,
+    )
+    return evaluation.metrics
+
+
+def classifier_metadata(plan: TrainingPlan, splits: Splits, model: torch.nn.Module, train_seconds: float) -> dict:
+    """`safety_classifier.json` as far as training knows it; evaluation adds calibration and thresholds."""
+    trainable, total = count_parameters(model)
+    return {
         "strategy": plan.strategy,
         "adapter": plan.strategy in ("lora", "qlora"),
         "base_model": portable_base_reference(plan.model.model),
@@ -708,19 +746,50 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
         "training_seconds": round(train_seconds, 1),
         "training_arguments": plan.arguments_record(),
     }
-    # The cached path's Trainer holds a wrapper around the model's own top: save the whole model.
-    save_classifier_files(model if cached_prefix else trainer.model, tokenizer, staging, metadata)
-    del session, trainer, model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
-    device = default_device()
-    reloaded, tokenizer = load_classifier_model(
-        staging, metadata, device=device, dtype=plan.model.dtype, trust_remote_code=plan.model.trust_remote_code
-    )
+
+@dataclass
+class Evaluation:
+    """What `evaluate_classifier` fitted on validation and measured."""
+
+    metrics: dict  # metrics.json
+    calibration: Calibration
+    threshold: float
+    threshold_rule: dict
+    category_thresholds: np.ndarray | None
+
+    def metadata(self, schema: LabelSchema) -> dict:
+        """The entries of `safety_classifier.json` fitted on validation."""
+        categories = ({"categories": [{**entry, "threshold": float(value)} for entry, value
+                                      in zip(schema.to_metadata(), self.category_thresholds)]}
+                      if self.category_thresholds is not None else {})
+        return {"calibration": self.calibration.to_metadata(), "threshold_rule": self.threshold_rule,
+                "threshold": self.threshold, **categories}
+
+    def summary(self, splits: Splits) -> list[str]:
+        """The lines printed after training: the metrics table, calibration, threshold, categories."""
+        validation = self.metrics["validation"]
+        low, high = validation["f1_interval"]
+        return [
+            format_metrics_table(self.metrics),
+            f"calibration ({self.calibration.describe()}"
+            f"{f', on the {splits.main_source} rows' if splits.main_source else ''}): "
+            f"validation ECE {validation['uncalibrated']['ece']:.4f} uncalibrated -> {validation['ece']:.4f}, "
+            f"Brier {validation['uncalibrated']['brier']:.4f} -> {validation['brier']:.4f}",
+            f"decision threshold ({describe_rule(self.threshold_rule)}, calibrated scores): {self.threshold:.4f}; "
+            f"validation F1 {validation['f1']:.4f}, 95 % bootstrap interval [{low:.4f}, {high:.4f}]",
+            *([f"categories (validation rows of the category sources; each at its own threshold; binary recall "
+               f"on them at the decision threshold: {validation['categories']['binary_recall']:.4f}):",
+               format_category_table(validation["categories"])] if self.category_thresholds is not None else []),
+        ]
+
+
+def evaluate_classifier(plan: TrainingPlan, splits: Splits, model: torch.nn.Module, tokenizer) -> Evaluation:
+    """Score the validation rows with the saved classifier, fit calibration, the decision threshold
+    and any category thresholds on them, then score the test file; writes the prediction files."""
+    output_dir = plan.output_dir
     logits = lambda split: predict_logits(  # noqa: E731
-        reloaded, tokenizer, split.texts, max_length=plan.model.max_length,
+        model, tokenizer, split.texts, max_length=plan.model.max_length,
         max_batch_tokens=plan.run.max_batch_tokens, description=f"scoring {split.name}",
     )
     # Calibration and threshold are both fitted on the main source's validation rows (see
@@ -755,8 +824,6 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
     if splits.schema.has_categories:
         category_thresholds, metrics["validation"]["categories"] = evaluate_categories(
             splits, validation_logits, all_validation_scores, threshold)
-        metadata["categories"] = [{**entry, "threshold": float(value)} for entry, value
-                                  in zip(splits.schema.to_metadata(), category_thresholds)]
     write_predictions(output_dir / "validation_predictions.csv", splits.validation, all_validation_scores,
                       validation_logits, splits.schema.codes)
     if splits.test is not None:
@@ -765,35 +832,7 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
         metrics["test"] = split_metrics(splits.test, test_margins, calibration, threshold)
         write_predictions(output_dir / "test_predictions.csv", splits.test, calibration.probabilities(test_margins),
                           test_logits, splits.schema.codes)
-
-    metadata["calibration"] = calibration.to_metadata()
-    metadata["threshold_rule"] = threshold_rule
-    metadata["threshold"] = threshold
-    write_metadata(staging, metadata)
-    if plan.run.merge and metadata["adapter"]:
-        write_merged_classifier(reloaded, tokenizer, output_dir / "merged", metadata, plan)
-    publish_directory(staging, output_dir)
-    write_json_atomically(output_dir / "metrics.json", metrics)
-    write_json_atomically(output_dir / "validation_history.json", history)
-    if not plan.run.keep_checkpoints:
-        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
-    print(
-        "",
-        format_metrics_table(metrics),
-        f"calibration ({calibration.describe()}{f', on the {splits.main_source} rows' if splits.main_source else ''}): "
-        f"validation ECE {metrics['validation']['uncalibrated']['ece']:.4f} "
-        f"uncalibrated -> {metrics['validation']['ece']:.4f}, Brier "
-        f"{metrics['validation']['uncalibrated']['brier']:.4f} -> {metrics['validation']['brier']:.4f}",
-        f"decision threshold ({describe_rule(threshold_rule)}, calibrated scores): {threshold:.4f}; validation F1 "
-        f"{metrics['validation']['f1']:.4f}, 95 % bootstrap interval [{f1_interval[0]:.4f}, {f1_interval[1]:.4f}]",
-        *([f"categories (validation rows of the category sources; each at its own threshold; binary recall "
-           f"on them at the decision threshold: {metrics['validation']['categories']['binary_recall']:.4f}):",
-           format_category_table(metrics["validation"]["categories"])] if category_thresholds is not None else []),
-        f"classifier written to {output_dir} in {time.time() - started:.0f} s (training {train_seconds:.0f} s)",
-        sep="\n",
-        flush=True,
-    )
-    return metrics
+    return Evaluation(metrics, calibration, threshold, threshold_rule, category_thresholds)
 
 
 def source_metrics(validation: LabelledSplit, scores: np.ndarray, threshold: float) -> dict:

@@ -27,6 +27,7 @@ from safety_classifier.modeling import build_model, load_tokenizer
 # Two epochs in fp32, so that a resumed run can be compared with an uninterrupted one closely.
 RESUMABLE = ("--epochs", "2", "--dtype", "fp32", "--lora-r", "4")
 TOLERANCE = 1e-5  # absolute, on metrics and on head weights
+SAME_SEED_TOLERANCE = 1e-7
 
 
 def flat_metrics(metrics: dict, prefix: str = "") -> dict:
@@ -188,8 +189,12 @@ def test_bad_training_data_is_refused_before_any_model_is_loaded(tmp_path, capsy
 def test_the_same_seed_gives_the_same_metrics_twice(tiny_phi3, toy_files, tmp_path, uninterrupted):
     again = tmp_path / "again"
     assert train_main("lora", fast_training_flags(tiny_phi3, toy_files, again, *RESUMABLE)) == 0
-    assert json.loads((again / "metrics.json").read_text()) == json.loads((uninterrupted / "metrics.json").read_text())
-    torch.testing.assert_close(head_weights(again), head_weights(uninterrupted), atol=0, rtol=0)
+    # Not bit for bit: in the full suite the calibrated Brier score once differed by 4e-9 (float sums
+    # can take another path with the process's memory layout); a wrong seed moves them by far more.
+    metrics, expected = (json.loads((run / "metrics.json").read_text()) for run in (again, uninterrupted))
+    for split in ("validation", "test"):
+        assert flat_metrics(metrics[split]) == pytest.approx(flat_metrics(expected[split]), abs=SAME_SEED_TOLERANCE)
+    torch.testing.assert_close(head_weights(again), head_weights(uninterrupted), atol=SAME_SEED_TOLERANCE, rtol=0)
 
 
 @pytest.fixture(scope="module")
