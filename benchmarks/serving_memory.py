@@ -43,10 +43,6 @@ def resident_mib_by_mapping() -> dict[str, float]:
     return resident
 
 
-def rss_mib() -> float:
-    return sum(resident_mib_by_mapping().values())
-
-
 async def measure(args: argparse.Namespace) -> dict:
     classifier = load_classifier(args.model_dir, dtype="fp32", device="cpu")
     prompts = pd.read_csv(args.data_file)["user_input"].astype(str).tolist()
@@ -59,14 +55,15 @@ async def measure(args: argparse.Namespace) -> dict:
         with mock.patch.object(serving, "page_in_weights", lambda model: 0):
             await batcher.warm_up()
     loop = asyncio.get_running_loop()
-    start, by_mapping_start, trace = rss_mib(), resident_mib_by_mapping(), []
+    by_mapping_start, trace = resident_mib_by_mapping(), []
+    start = sum(by_mapping_start.values())
     print(f"after the warm-up: {start:,.0f} MiB", flush=True)
     for batch in range(1, args.batches + 1):
         texts = rng.sample(prompts, args.batch_size)
         await loop.run_in_executor(batcher._model_thread, serving.score_texts, classifier, texts, batcher.max_batch_tokens)
         await loop.run_in_executor(batcher._model_thread, serving.trim_free_heap)
         if batch % args.every == 0:
-            trace.append(round(rss_mib(), 1))
+            trace.append(round(sum(resident_mib_by_mapping().values()), 1))
             print(f"after {batch} batches: {trace[-1]:,.0f} MiB ({trace[-1] / start - 1:+.1%})", flush=True)
     await batcher.close()
     by_mapping_end = resident_mib_by_mapping()

@@ -178,7 +178,7 @@ class Strategy:
 
 
 # Learning rates chosen on the validation split with the default 8-row batches (README, the recipe
-# search: LoRA r=16 reaches validation AUPRC 0.847 so; token-budget batches, at any of the rates
+# search: LoRA r=16 reaches validation AUPRC 0.847; token-budget batches, at any of the rates
 # searched, with or without LoRA dropout, stopped at 0.811-0.813); the top-N rate is the results table's.
 STRATEGIES = {strategy.name: strategy for strategy in (
     Strategy("top_layers", "Fine-tune the top N transformer blocks and a classification head; the rest stays frozen.",

@@ -305,7 +305,6 @@ def test_serve_refuses_an_incomplete_directory(tmp_path, capsys):
 
 def test_the_load_tests_malformed_requests_get_the_status_it_expects():
     """benchmarks/load_test.py --quick takes ~30 s here, too long for the suite; its parts are checked instead."""
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     import load_test
 
     from safety_classifier.serving import ApiError, parse_moderation_request
@@ -353,18 +352,12 @@ def test_malloc_arenas_are_capped_on_glibc_unless_the_environment_says_otherwise
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_the_warm_up_pages_in_every_weight_of_a_memory_mapped_model(offline, tmp_path, monkeypatch):
     import torch
+    from serving_memory import resident_mib_by_mapping
 
     from safety_classifier import serving
 
     def resident_mib(path: Path) -> float:
-        resident, mapping = 0.0, None
-        for line in Path("/proc/self/smaps").read_text().splitlines():
-            fields = line.split()
-            if ":" not in fields[0] or not fields[0][0].isupper():  # a mapping's header line
-                mapping = fields[5] if len(fields) > 5 else None
-            elif fields[0] == "Rss:" and mapping == str(path):
-                resident += int(fields[1]) / 1024
-        return resident
+        return resident_mib_by_mapping().get(path.name, 0.0)
 
     # As from_pretrained leaves safetensors weights: backed by the file, a page resident once read.
     weights_file = tmp_path / "embedding.bin"
@@ -393,7 +386,6 @@ def test_the_warm_up_pages_in_every_weight_of_a_memory_mapped_model(offline, tmp
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_the_serving_memory_probe_reports_rss_and_the_mappings_that_grew(tiny_lora_classifier, toy_files, capsys):
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     import serving_memory
 
     flags = ["--model-dir", str(tiny_lora_classifier), "--data-file", str(toy_files["train"]),
