@@ -262,8 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
     gc.collect()
 
     # ---- scoring a LoRA r=16 classifier: adapters apart, then merged (as `load_classifier` loads it)
+    # In one dtype throughout, head included, as `load_classifier` loads it (training keeps the head in fp32).
     lora_classifier = build_model("lora", model_path, tokenizer, auto_dtype,
-                                  lora=LoraSettings(r=16, alpha=32, dropout=0.0)).eval()
+                                  lora=LoraSettings(r=16, alpha=32, dropout=0.0)).to(auto_dtype).eval()
     lora_apart_prompts_per_s = len(score_texts) / timed_scoring(lora_classifier, tokenizer, score_texts,
                                                                 args.max_length)
     lora_classifier = lora_classifier.merge_and_unload()

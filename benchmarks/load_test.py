@@ -1,10 +1,11 @@
 """Load test of the moderation service (serve.py): throughput, latency, batching, memory, and correctness.
 
 Starts serve.py on 127.0.0.1 (a subprocess), sends a bounded number of requests at a fixed
-concurrency (asyncio + httpx): single ToxicChat prompts, mixed with malformed requests. Then
-scores the same prompts offline in one `Classifier.unsafe_probabilities` call (what infer.py
-does) and checks that every good request got 200 with the offline score (within --tolerance)
-and every bad one a 4xx. Prints a table; the last line is one JSON object with every figure.
+concurrency (asyncio + httpx): single ToxicChat prompts, mixed with malformed requests. The same
+prompts are scored offline in one `Classifier.unsafe_probabilities` call (what infer.py does)
+before the server starts and after it stops; the throughput ratio is against the mean of the two.
+Checks that every good request got 200 with the offline score (within --tolerance) and every bad
+one a 4xx. Prints a table; the last line is one JSON object with every figure.
 
     python benchmarks/load_test.py --model-dir runs/demo-lora
     python benchmarks/load_test.py --model-dir runs/demo-lora --quick      # smoke run, seconds
@@ -57,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-inputs", type=int, default=64,
                         help="Passed to the server; the too-many-inputs requests send one more.")
     parser.add_argument("--tolerance", type=float, default=1e-3,
-                        help="Largest |served - offline| P(unsafe) accepted (bf16 batches differ slightly).")
+                        help="Largest |served - offline| P(unsafe) accepted, or twice the largest difference between "
+                             "the same prompts scored offline in one call and in served-size batches if that is "
+                             "larger (bf16: 1e-2).")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="Seconds to wait for the server's /ready.")
     parser.add_argument("--ceiling-prompts", type=int, default=640,
                         help="Prompts scored offline both in one call and in batches of the served mean batch size, "
@@ -221,16 +224,19 @@ def batch_size_ceiling(classifier, prompts: list[str], batch_size: int) -> dict:
     server: padded, a few prompts of mixed lengths take more passes and more padding than all of
     them sorted by length (on CPU, packed rows avoid most of that: safety_classifier/packing.py)."""
     started = time.perf_counter()
-    classifier.unsafe_probabilities(prompts, show_progress=False)
+    one_call = classifier.unsafe_probabilities(prompts, show_progress=False)
     one_call_s = time.perf_counter() - started
     started = time.perf_counter()
-    for start in range(0, len(prompts), batch_size):
-        classifier.unsafe_probabilities(prompts[start:start + batch_size], show_progress=False)
+    batched = np.concatenate([classifier.unsafe_probabilities(prompts[start:start + batch_size], show_progress=False)
+                              for start in range(0, len(prompts), batch_size)])
     batched_s = time.perf_counter() - started
     return {"ceiling_prompts": len(prompts), "ceiling_batch_size": batch_size,
             "ceiling_one_call_prompts_per_s": round(len(prompts) / one_call_s, 2),
             "ceiling_batched_prompts_per_s": round(len(prompts) / batched_s, 2),
-            "batch_size_ceiling": round(one_call_s / batched_s, 3)}
+            "batch_size_ceiling": round(one_call_s / batched_s, 3),
+            # In half precision a prompt's score moves with the batch it is in (kernels, packing):
+            # the served scores cannot match the offline ones more closely than the offline ones match each other.
+            "offline_batch_difference": float(np.nanmax(np.abs(one_call - batched), initial=0.0))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,6 +250,23 @@ def main(argv: list[str] | None = None) -> int:
     plan += [(kind, body) for kind, body, _ in (kinds[i % len(kinds)] for i in range(bad_count))]
     order = list(range(len(plan)))
     rng.shuffle(order)
+
+    # Offline, as infer.py scores: all the prompts in one call, same device and dtype; once before the
+    # server starts and once after it stops, so that the machine's drift during the run (shared
+    # machines: 10-30 % within minutes) weighs on both sides of the ratio alike.
+    from safety_classifier.console import quiet_library_noise
+    from safety_classifier.inference import load_classifier
+
+    quiet_library_noise()
+    classifier = load_classifier(args.model_dir, device=args.device, dtype=args.dtype)
+    classifier.unsafe_probabilities(prompts[:8], show_progress=False)  # warm-up, as the server's
+
+    def offline_pass() -> tuple[np.ndarray, float]:
+        offline_started = time.perf_counter()
+        scores = classifier.unsafe_probabilities(prompts, show_progress=False)
+        return scores, time.perf_counter() - offline_started
+
+    offline, offline_before_s = offline_pass()
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -276,22 +299,14 @@ def main(argv: list[str] | None = None) -> int:
         results[index] = shuffled[position]
     good, bad = results[:len(prompts)], results[len(prompts):]
 
-    # Offline, as infer.py scores: all the prompts in one call, same device and dtype.
-    from safety_classifier.console import quiet_library_noise
-    from safety_classifier.inference import load_classifier
-
-    quiet_library_noise()
-
-    classifier = load_classifier(args.model_dir, device=args.device, dtype=args.dtype)
-    classifier.unsafe_probabilities(prompts[:8], show_progress=False)  # warm-up, as the server's
-    offline_started = time.perf_counter()
-    offline = classifier.unsafe_probabilities(prompts, show_progress=False)
-    offline_s = time.perf_counter() - offline_started
+    offline_after, offline_after_s = offline_pass()
+    offline_s = (offline_before_s + offline_after_s) / 2
     batches = metric_value(after, "moderation_batch_size_count") - metric_value(before, "moderation_batch_size_count")
     batched_texts = metric_value(after, "moderation_batch_size_sum") - metric_value(before, "moderation_batch_size_sum")
     ceiling = batch_size_ceiling(classifier, prompts[:args.ceiling_prompts], round(batched_texts / batches)) \
         if batches and args.ceiling_prompts > 0 else {}
 
+    tolerance = max(args.tolerance, 2 * ceiling.get("offline_batch_difference", 0.0))
     good_not_200 = sum(result["status"] != 200 for result in good)
     bad_not_4xx = sum(result["status"] != expected_status[result["kind"]] for result in bad)
     differences, flag_mismatches = [], 0
@@ -301,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         answer = result["body"]["results"][0]
         difference = abs(answer["category_scores"]["unsafe"] - probability)
         differences.append(float(difference))
-        near_threshold = abs(probability - classifier.threshold) <= args.tolerance
+        near_threshold = abs(probability - classifier.threshold) <= tolerance
         flag_mismatches += int(answer["flagged"] != bool(probability >= classifier.threshold) and not near_threshold)
-    score_mismatches = int(sum(difference > args.tolerance for difference in differences))
+    score_mismatches = int(sum(difference > tolerance for difference in differences))
     latencies_ms = np.array([r["latency"] * 1000 for r in good if r["status"] == 200] or [0.0])
     model_seconds = (metric_value(after, "moderation_batch_duration_seconds_sum")
                      - metric_value(before, "moderation_batch_duration_seconds_sum"))
@@ -334,8 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         "model_busy_share": round(model_seconds / wall, 3),
         "prompts_per_model_second": round(batched_texts / model_seconds, 2) if model_seconds else 0.0,
         "offline_prompts_per_s": round(offline_pps, 2), "served_vs_offline_ratio": round(served_pps / offline_pps, 3),
+        "offline_prompts_per_s_before_after": [round(len(prompts) / offline_before_s, 2),
+                                               round(len(prompts) / offline_after_s, 2)],
+        "offline_before_after_difference": float(np.nanmax(np.abs(offline - offline_after), initial=0.0)),
         **ceiling,
-        "max_abs_score_difference": float(max(differences, default=0.0)), "tolerance": args.tolerance,
+        "max_abs_score_difference": float(max(differences, default=0.0)), "tolerance": tolerance,
         "score_mismatches": score_mismatches, "flag_mismatches": flag_mismatches,
         "good_not_200": good_not_200, "bad_not_expected_4xx": bad_not_4xx, "checks_passed": checks_passed,
         "prompts": source, "model_dir": args.model_dir, "dtype": args.dtype, "device": args.device or "default",
@@ -347,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         ("served prompts/s by tenth", " ".join(f"{value:.1f}" for value in figures["prompts_per_s_by_tenth"])),
         ("model thread busy, its rate", (f"{100 * figures['model_busy_share']:.0f} % of the run, "
                                          f"{figures['prompts_per_model_second']:.1f} prompts per busy second")),
-        ("offline prompts/s (one call)", f"{offline_pps:.1f}; served/offline {served_pps / offline_pps:.2f}"),
+        ("offline prompts/s (one call)", (f"{offline_pps:.1f} (before {len(prompts) / offline_before_s:.1f}, after "
+                                          f"{len(prompts) / offline_after_s:.1f}); served/offline "
+                                          f"{served_pps / offline_pps:.2f}")),
         *([("offline in served-size batches", (
             f"{ceiling['ceiling_batched_prompts_per_s']:.1f} prompts/s in batches of {ceiling['ceiling_batch_size']} "
             f"against {ceiling['ceiling_one_call_prompts_per_s']:.1f} in one call on {ceiling['ceiling_prompts']} "
@@ -361,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         ("server RSS start / peak / end", (f"{rss_start:.0f} / {figures['server_rss_mb_peak']:.0f} / {rss_end:.0f} MiB "
                                            f"({100 * figures['server_rss_growth']:+.1f} %)")),
         ("server RSS by tenth of the run", " ".join(f"{value:.0f}" for value in figures["server_rss_mb_by_tenth"])),
-        ("max |served - offline|", f"{figures['max_abs_score_difference']:.2e} (tolerance {args.tolerance})"),
+        ("max |served - offline|", f"{figures['max_abs_score_difference']:.2e} (tolerance {tolerance:.1e})"),
         ("checks", "passed" if checks_passed else (
          f"FAILED: {good_not_200} good not 200, {bad_not_4xx} bad not the expected 4xx, {score_mismatches} scores "
          f"and {flag_mismatches} flags off, server exit {server_exit} (server log: {log_path})")),

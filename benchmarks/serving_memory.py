@@ -5,6 +5,7 @@ mappings (`/proc/self/smaps`: the model file, the heap, anonymous memory) that g
 
     python benchmarks/serving_memory.py --model-dir runs/demo-lora
     python benchmarks/serving_memory.py --model-dir runs/demo-lora --no-page-in   # the warm-up without reading every weight
+    python benchmarks/serving_memory.py --model-dir runs/demo-lora --dtype bf16 --no-shape-steps   # packs of any length
 
 Linux and glibc only (smaps, malloc_trim). The last line is one JSON object.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import sys
@@ -21,7 +23,7 @@ from unittest import mock
 
 import pandas as pd
 
-from safety_classifier import serving
+from safety_classifier import packing, serving
 from safety_classifier.console import quiet_library_noise
 from safety_classifier.inference import load_classifier
 
@@ -44,10 +46,11 @@ def resident_mib_by_mapping() -> dict[str, float]:
 
 
 async def measure(args: argparse.Namespace) -> dict:
-    classifier = load_classifier(args.model_dir, dtype="fp32", device="cpu")
+    model_thread = serving.new_model_thread()  # loads and scores, as in the service
+    classifier = model_thread.submit(load_classifier, args.model_dir, dtype=args.dtype, device="cpu").result()
     prompts = pd.read_csv(args.data_file)["user_input"].astype(str).tolist()
     rng = random.Random(args.seed)
-    batcher = serving.Batcher(classifier, trim_heap=True)
+    batcher = serving.Batcher(classifier, trim_heap=True, model_thread=model_thread)
     await batcher.start()
     if args.page_in:
         await batcher.warm_up()
@@ -70,7 +73,8 @@ async def measure(args: argparse.Namespace) -> dict:
     grown = sorted(by_mapping_end, key=lambda name: by_mapping_start.get(name, 0.0) - by_mapping_end[name])[:4]
     for name in grown:
         print(f"  {name}: {by_mapping_start.get(name, 0.0):,.0f} -> {by_mapping_end[name]:,.0f} MiB")
-    return {"page_in": args.page_in, "batches": args.batches, "batch_size": args.batch_size,
+    return {"page_in": args.page_in, "dtype": str(next(classifier.model.parameters()).dtype).removeprefix("torch."),
+            "batches": args.batches, "batch_size": args.batch_size,
             "rss_mb_after_warm_up": round(start, 1), "rss_mb_trace": trace, "rss_growth": round(trace[-1] / start - 1, 4),
             "grown_mappings_mb": {name: [round(by_mapping_start.get(name, 0.0), 1), round(by_mapping_end[name], 1)]
                                   for name in grown}}
@@ -80,18 +84,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", required=True, help="A classifier directory written by a train_*.py script.")
     parser.add_argument("--data-file", default=str(DEFAULT_DATA), help="CSV with a user_input column.")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="As serve.py's --dtype (auto: bf16 where the CPU has native bf16, else fp32).")
     parser.add_argument("--batches", type=int, default=240)
     parser.add_argument("--batch-size", type=int, default=16, help="Texts a batch (the load test's mean batch).")
     parser.add_argument("--every", type=int, default=40, help="Print RSS every this many batches.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--page-in", action=argparse.BooleanOptionalAction, default=True,
                         help="Read every weight in the warm-up, as serve.py does (--no-page-in: not).")
+    parser.add_argument("--shape-steps", action=argparse.BooleanOptionalAction, default=True,
+                        help="A half-precision model's packs and attention spans padded to steps, as serve.py does "
+                             "(--no-shape-steps: packs as long as their prompts, and padded batches where cheaper).")
     args = parser.parse_args(argv)
     if not sys.platform.startswith("linux"):
         parser.error("reads /proc/self/smaps: Linux only")
     serving.limit_malloc_arenas(2)  # as serve.py, before any thread allocates
     quiet_library_noise()
-    print(json.dumps(asyncio.run(measure(args))))
+    with contextlib.ExitStack() as stack:
+        if not args.shape_steps:
+            stack.enter_context(mock.patch.object(packing, "_steps_shapes", lambda dtype, device: False))
+        figures = asyncio.run(measure(args))
+    print(json.dumps({"shape_steps": args.shape_steps, **figures}))
     return 0
 
 

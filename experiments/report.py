@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_methods import (  # noqa: E402
+from compare_methods import (
     BASELINE_ROWS,
     DATA_DIR,
+    FINE_TUNED_ROWS,
     REPO_ROOT,
     RESULTS_DIR,
     ROWS,
@@ -168,7 +167,9 @@ def validation_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-GOAL_AUPRC, GOAL_F1 = 0.85, 0.75
+# The tuned-recipe goal: the best row's AUPRC and F1 (F1 above GuardReasoner-8B's 78.8 on the same
+# prompts), and an AUPRC floor for every LoRA/QLoRA row.
+GOAL_AUPRC, GOAL_F1, GOAL_ADAPTER_AUPRC = 0.86, 0.79, 0.84
 
 
 def summary_lines(rows: list[dict]) -> list[str]:
@@ -182,6 +183,13 @@ def summary_lines(rows: list[dict]) -> list[str]:
     met = test["auprc"] >= GOAL_AUPRC and test["f1"] >= GOAL_F1
     line = (f"Best fine-tuned row by test AUPRC: {best['method']}, AUPRC {test['auprc']:.3f} and F1 {test['f1']:.3f}; "
             f"the goal (AUPRC >= {GOAL_AUPRC}, F1 >= {GOAL_F1}) is {'met' if met else 'not met'}.")
+    # The floor is for the ToxicChat-only recipe; a category row trades some of it (its own goals above).
+    adapters = [row for row in tuned if FINE_TUNED_ROWS.get(row["row"], ("", ""))[1] in ("train_lora.py", "train_qlora.py")
+                and not row["validation"].get("categories")]
+    if adapters:
+        lowest = min(adapters, key=lambda row: row["test"]["auprc"])
+        line += (f" Lowest LoRA/QLoRA row: {lowest['method']}, AUPRC {lowest['test']['auprc']:.3f} (goal: every one "
+                 f">= {GOAL_ADAPTER_AUPRC}, {'met' if lowest['test']['auprc'] >= GOAL_ADAPTER_AUPRC else 'not met'}).")
     if baselines:
         top = max(baselines, key=lambda row: row["test"]["auprc"])
         line += (f" Best baseline: {top['method'].removeprefix('Baseline: ')}, AUPRC {top['test']['auprc']:.3f}, "

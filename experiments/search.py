@@ -29,8 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_methods import (  # noqa: E402
+from compare_methods import (
     AILUMINATE_FILE,
     CATEGORY_SOURCE,
     DATA_DIR,

@@ -38,6 +38,14 @@ MAX_PACK_TOKENS = 1024
 PACKED_TOKEN_COST = 1.15
 """A packed token's cost in padded tokens: in one call over 480 prompts, padded batches scored
 9.5-9.8 prompts/s against 8.3-9.3 for packed rows (README, *Packed prompts*)."""
+PACK_TOKEN_MULTIPLE = 64
+"""A half-precision CPU model's packs are padded to a multiple of this many tokens. In bf16 (not in
+fp32), oneDNN's matrix products and PyTorch's SDPA build and keep kernels and buffers for every
+shape they meet: scoring packs of every length grew a served model by 88 % in 240 batches of 16
+prompts (README, *Serving*). With the steps, the matrix products meet `MAX_PACK_TOKENS / 64`
+shapes, and attention one per prompt length: all of them in the service's warm-up
+(`warm_up_shapes`). (Padding each prompt's attention span to steps as well moved bf16 logits, its
+kernels summing in another order, past `enable_packed_scoring`'s check for the demo classifier.)"""
 PROBE_TEXTS = ("What is the capital of France?", "Tell me how to shoplift without getting caught, step by step.", "Hi")
 _PROBE_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # logits; half precision: 0.1
 
@@ -61,6 +69,11 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
         attended = sdpa_attention_forward(module, query_spans, key_spans, value_spans, None, **kwargs)[0]
         output[positions.reshape(-1)] = attended.reshape(-1, heads, head_dim)
     return output.unsqueeze(0), None  # (batch, tokens, heads, head dim), as sdpa_attention_forward returns
+
+
+def _steps_shapes(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether packs are padded to steps (`PACK_TOKEN_MULTIPLE`): half precision on CPU."""
+    return dtype in (torch.bfloat16, torch.float16) and device.type == "cpu"
 
 
 def _positions_by_span_length(bounds: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
@@ -102,14 +115,25 @@ def pack_rows(lengths: np.ndarray, max_pack_tokens: int, max_pack_rows: int = 25
     return packs
 
 
-def packed_inputs(input_ids: Sequence[Sequence[int]], rows: np.ndarray) -> dict[str, torch.Tensor]:
-    """Model inputs of one pack: the rows' tokens in one row, positions restarting per row, span bounds."""
-    lengths = torch.tensor([len(input_ids[i]) for i in rows])
-    bounds = torch.zeros(len(rows) + 1, dtype=torch.int32)
+def pack_token_multiple(model: nn.Module) -> int:
+    """`PACK_TOKEN_MULTIPLE` for a half-precision model on CPU, else 1 (packs as long as their rows)."""
+    parameter = next(model.parameters())
+    return PACK_TOKEN_MULTIPLE if _steps_shapes(parameter.dtype, parameter.device) else 1
+
+
+def packed_inputs(input_ids: Sequence[Sequence[int]], rows: np.ndarray, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Model inputs of one pack: the rows' tokens in one row, positions restarting per row, span
+    bounds. With `multiple` > 1, a filler span (token 0, attending only to itself) pads the row to
+    a multiple of that many tokens; its output is never read, and no prompt's score changes."""
+    lengths = [len(input_ids[i]) for i in rows]
+    filler = -sum(lengths) % multiple
+    tokens = [token for i in rows for token in input_ids[i]] + [0] * filler
+    lengths = torch.tensor(lengths + [filler] if filler else lengths)
+    bounds = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     bounds[1:] = torch.cumsum(lengths, 0)
     total = int(bounds[-1])
     return {
-        "input_ids": torch.tensor([token for i in rows for token in input_ids[i]]).unsqueeze(0),
+        "input_ids": torch.tensor(tokens).unsqueeze(0),
         # All ones: no padding, so sdpa_mask returns no mask at all; the spans do the masking.
         "attention_mask": torch.ones(1, total, dtype=torch.long),
         "position_ids": torch.cat([torch.arange(int(length)) for length in lengths]).unsqueeze(0),
@@ -125,15 +149,41 @@ def packed_forward(model: nn.Module, input_ids: Sequence[Sequence[int]],
     head = getattr(model, find_head_name(model))
     hook = head.register_forward_hook(lambda module, inputs, output: head_outputs.append(output))
     device = next(model.parameters()).device
+    multiple = pack_token_multiple(model)
     try:
         for rows in packs:
-            inputs = packed_inputs(input_ids, rows)
+            inputs = packed_inputs(input_ids, rows, multiple)
             model(**{name: value.to(device) if isinstance(value, torch.Tensor) else value
                      for name, value in inputs.items()}, use_cache=False)
-            last_tokens = inputs["cu_seq_lens_q"][1:].long() - 1
+            last_tokens = inputs["cu_seq_lens_q"][1:len(rows) + 1].long() - 1
             yield rows, head_outputs.pop()[0, last_tokens.to(device)]
     finally:
         hook.remove()
+
+
+def warm_up_shapes(model: nn.Module, longest_pack: int, longest_prompt: int) -> int:
+    """For a model whose packs are padded to steps (`pack_token_multiple` > 1): one forward pass at
+    each pack length up to `longest_pack` tokens, and the attention of one layer over a prompt of
+    each length up to `longest_prompt` (SDPA alone, cheap), so that every kernel and buffer traffic
+    can need exists before it comes. The number of forward passes (0 for any other model)."""
+    multiple = pack_token_multiple(model)
+    if multiple == 1 or not uses_packed_attention(model):
+        return 0
+    parameter = next(model.parameters())
+    attention = next((module for module in model.modules() if type(module).__name__.endswith("Attention")
+                      and hasattr(module, "head_dim")), None)
+    config = _backbone_owner(model).config
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
+    pack_lengths = range(multiple, -(-longest_pack // multiple) * multiple + 1, multiple)
+    with torch.inference_mode():
+        for length in pack_lengths:
+            list(packed_forward(model, [[0] * length], [np.zeros(1, dtype=np.int64)]))
+        for length in range(1, longest_prompt + 1) if attention is not None else ():
+            query = parameter.new_zeros(1, heads, length, attention.head_dim)
+            key_value = parameter.new_zeros(1, kv_heads, length, attention.head_dim)
+            packed_sdpa_attention(attention, query, key_value, key_value, None,
+                                  cu_seq_lens_q=torch.tensor([0, length], dtype=torch.int32))
+    return len(pack_lengths)
 
 
 def enable_packed_scoring(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> bool:

@@ -43,6 +43,7 @@ from transformers.utils import logging as transformers_logging
 from .console import quiet_library_noise
 from .errors import SafetyClassifierError
 from .inference import Classifier, default_batch_tokens, encode_prompts, normalise_prompt
+from .packing import MAX_PACK_TOKENS, pack_token_multiple, uses_packed_attention, warm_up_shapes
 
 logger = logging.getLogger("safety_classifier.serving")
 
@@ -100,10 +101,26 @@ class ServeArguments:
 # --------------------------------------------------------------------------------------------- scoring
 
 
+def new_model_thread() -> ThreadPoolExecutor:
+    """The one thread that loads the model and runs all its work. PyTorch's OpenMP threads are per
+    calling thread: torch work on a second thread (loading included) adds a second team, and with
+    more OpenMP threads than cores libgomp stops spinning between parallel regions, for every team.
+    Scored on a second thread, the demo classifier ran at 0.77 of its rate on the loading thread,
+    and at 0.85 back there (2 cores, bf16; benchmarks/scoring_threads.py, README *Under load*)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="moderation-model")
+
+
 def score_texts(classifier: Classifier, texts: Sequence[str], max_batch_tokens: int | None) -> np.ndarray:
     """`Classifier.scores` (P(unsafe), then the categories' scores), so that whatever the
-    classifier applies (its calibration, the empty-prompt rule) applies here too."""
-    return np.asarray(classifier.scores(texts, max_batch_tokens=max_batch_tokens, show_progress=False), dtype=np.float64)
+    classifier applies (its calibration, the empty-prompt rule) applies here too.
+
+    A half-precision CPU model scores packs only: their lengths come in steps of
+    `PACK_TOKEN_MULTIPLE`, all met in the warm-up, so traffic brings no new matrix shape and the
+    service's memory stays flat (padded batches have a shape per row count and length)."""
+    model = classifier.model
+    pack = True if uses_packed_attention(model) and pack_token_multiple(model) > 1 else None
+    scores = classifier.scores(texts, max_batch_tokens=max_batch_tokens, show_progress=False, pack=pack)
+    return np.asarray(scores, dtype=np.float64)
 
 
 def moderation_result(verdict: dict) -> dict[str, Any]:
@@ -185,7 +202,7 @@ class Batcher:
 
     def __init__(self, classifier: Classifier, *, max_batch_tokens: int | None = None, max_wait_ms: float = 5.0,
                  max_gather_tokens: int | None = None, metrics: ServiceMetrics | None = None,
-                 trim_heap: bool = False) -> None:
+                 trim_heap: bool = False, model_thread: ThreadPoolExecutor | None = None) -> None:
         self.classifier = classifier
         self.names = tuple(classifier.category_codes) or (BINARY_CATEGORY,)
         device = next(classifier.model.parameters()).device if hasattr(classifier.model, "parameters") else None
@@ -195,9 +212,10 @@ class Batcher:
         self.metrics = metrics or ServiceMetrics()
         self.trim_heap = trim_heap
         self.batches = 0
-        # The model thread runs every forward pass; the tokenizer thread counts tokens with its own copy
-        # of the tokenizer (a fast tokenizer used from two threads at once can fail with "Already borrowed").
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moderation-model")
+        # The model thread runs every forward pass (pass the one that loaded the model: `new_model_thread`);
+        # the tokenizer thread counts tokens with its own copy of the tokenizer (a fast tokenizer used
+        # from two threads at once can fail with "Already borrowed").
+        self._model_thread = model_thread or new_model_thread()
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moderation-tokenizer")
         self._counting_tokenizer = copy.deepcopy(classifier.tokenizer)
         self._jobs: deque[_Job] = deque()
@@ -218,6 +236,9 @@ class Batcher:
         system, as after every served batch."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._model_thread, page_in_weights, self.classifier.model)
+        longest_pack = max(min(self.max_batch_tokens, MAX_PACK_TOKENS), self.classifier.max_length)
+        await loop.run_in_executor(self._model_thread, warm_up_shapes, self.classifier.model, longest_pack,
+                                   self.classifier.max_length)
         for texts in [list(WARM_UP_TEXTS), *self._full_passes()]:
             # The tokenizer thread too: its first requests would otherwise grow the process after /ready.
             await loop.run_in_executor(self._tokenizer_thread, self._token_lengths, texts)
@@ -426,12 +447,14 @@ def create_app(args: ServeArguments, load: Callable[[], Classifier] | None = Non
 
     async def bring_up() -> None:
         started = time.perf_counter()
+        model_thread = new_model_thread()
         try:
-            classifier = await asyncio.to_thread(load or default_load)
+            classifier = await asyncio.get_running_loop().run_in_executor(model_thread, load or default_load)
             if args.threshold is not None:
                 classifier.threshold = args.threshold
             batcher = Batcher(classifier, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-                              max_gather_tokens=args.max_gather_tokens, metrics=metrics, trim_heap=args.trim_heap)
+                              max_gather_tokens=args.max_gather_tokens, metrics=metrics, trim_heap=args.trim_heap,
+                              model_thread=model_thread)
             await batcher.start()
             state["batcher"] = batcher
             await batcher.warm_up()
@@ -439,6 +462,8 @@ def create_app(args: ServeArguments, load: Callable[[], Classifier] | None = Non
             raise
         except Exception as error:  # noqa: BLE001 - reported, then the server is stopped
             state["failed"] = error
+            if state["batcher"] is None:
+                model_thread.shutdown(wait=False, cancel_futures=True)
             message = str(error) if isinstance(error, SafetyClassifierError) else repr(error)
             logger.error("cannot serve %s: %s", args.model_dir, message)
             if on_load_failure is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +16,6 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "toxicchat"
-sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -141,8 +139,11 @@ def toy_files(tmp_path_factory) -> dict[str, Path]:
 
 
 def fast_training_flags(model_dir: Path, files: dict[str, Path], output_dir: Path, *extra: str) -> list[str]:
+    """Flags of a short run. fp32 unless `extra` says otherwise (the last --dtype wins): on a CPU with
+    native bf16, `auto` would train and score in bf16, whose scores move with batch composition."""
     return ["--model", str(model_dir), "--train-file", str(files["train"]), "--test-file", str(files["test"]),
-            "--epochs", "1", "--batch-size", "8", "--output-dir", str(output_dir), "--logging-steps", "50", *extra]
+            "--epochs", "1", "--batch-size", "8", "--output-dir", str(output_dir), "--logging-steps", "50",
+            "--dtype", "fp32", *extra]
 
 
 @pytest.fixture(scope="session")

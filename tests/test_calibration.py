@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO_ROOT, fast_training_flags
+from conftest import fast_training_flags
 from scipy.special import expit
 
 from safety_classifier.artifacts import FORMAT_VERSION, METADATA_FILE
@@ -218,7 +217,7 @@ def test_training_stores_the_calibration_and_reports_it(calibrated_run):
 def test_every_scoring_path_gives_the_calibrated_probability(calibrated_run, toy_files, tmp_path, capsys):
     texts = pd.read_csv(toy_files["test"])["user_input"].tolist()
     recorded = pd.read_csv(calibrated_run / "test_predictions.csv")
-    classifier = load_classifier(calibrated_run)
+    classifier = load_classifier(calibrated_run, dtype="fp32")
     calibration = Calibration.from_metadata(json.loads((calibrated_run / METADATA_FILE).read_text()))
     assert classifier.calibration == calibration != IDENTITY
 
@@ -240,13 +239,14 @@ def test_every_scoring_path_gives_the_calibrated_probability(calibrated_run, toy
     np.testing.assert_array_equal(predict_unsafe_probabilities(classifier.model, classifier.tokenizer, texts, **functional),
                                   expit(margins))
 
-    assert infer_main(["--model-dir", str(calibrated_run), "--input-file", str(toy_files["test"]), "--json"]) == 0
+    assert infer_main(["--model-dir", str(calibrated_run), "--input-file", str(toy_files["test"]), "--json",
+                       "--dtype", "fp32"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     np.testing.assert_allclose([line["unsafe_probability"] for line in lines], probabilities, atol=1e-6)
 
     metrics_path = tmp_path / "metrics.json"
     assert infer_main(["--model-dir", str(calibrated_run), "--input-file", str(toy_files["test"]),
-                       "--label-column", "toxicity", "--metrics-out", str(metrics_path)]) == 0
+                       "--label-column", "toxicity", "--metrics-out", str(metrics_path), "--dtype", "fp32"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert "ece" in table[-3] and "brier" in table[-3], "ECE and Brier are printed with the other metrics"
     metrics = json.loads(metrics_path.read_text())
@@ -329,7 +329,6 @@ def test_an_unreached_target_keeps_the_checkpoints_and_a_rerun_resumes(tiny_phi3
 
 
 def test_the_reliability_diagram_draws_calibrated_and_uncalibrated_curves(tmp_path):
-    sys.path.insert(0, str(REPO_ROOT / "experiments"))
     import report
 
     _, margins, labels = miscalibrated(2000)

@@ -124,3 +124,46 @@ def test_a_loaded_classifier_scores_packed_as_it_scores_padded(tiny_lora_classif
     assert scoring_plan(np.asarray(lengths), 2048)[0] is True
     np.testing.assert_allclose(packed.scores(texts, show_progress=False), padded.scores(texts, show_progress=False),
                                rtol=0, atol=1e-6)
+
+
+def test_half_precision_cpu_packs_come_in_steps_and_score_as_padded(tiny_phi3, monkeypatch):
+    """Packs padded to PACK_TOKEN_MULTIPLE (what a bf16 model on CPU gets) change no score: checked
+    in fp32, where the steps are forced, against padded batches; the warm-up meets every pack
+    length and every prompt length's attention."""
+    from safety_classifier import packing
+
+    tokenizer = load_tokenizer(str(tiny_phi3))
+    model = build_model("top_layers", str(tiny_phi3), tokenizer, torch.float32, num_layers=0)
+    padded = predict_logits(model, tokenizer, PROMPTS, max_length=64, show_progress=False)
+    assert enable_packed_scoring(model, tokenizer) and packing.pack_token_multiple(model) == 1
+    pack_lengths: list[int] = []
+    head = getattr(model, find_head_name(model))
+    head.register_forward_hook(lambda module, inputs, output: pack_lengths.append(inputs[0].shape[1]))
+    monkeypatch.setattr(packing, "_steps_shapes", lambda dtype, device: True)
+    assert packing.pack_token_multiple(model) == packing.PACK_TOKEN_MULTIPLE
+    stepped = predict_logits(model, tokenizer, PROMPTS, max_length=64, pack=True, show_progress=False)
+    np.testing.assert_allclose(stepped, padded, rtol=0, atol=1e-5)  # empty prompts: NaN rows on both sides
+    assert pack_lengths and all(length % packing.PACK_TOKEN_MULTIPLE == 0 for length in pack_lengths)
+
+    pack_lengths.clear()
+    span_lengths: list[int] = []
+    by_length = packing._positions_by_span_length
+    monkeypatch.setattr(packing, "_positions_by_span_length", lambda bounds, device: [
+        span_lengths.append(positions.shape[1]) or positions for positions in by_length(bounds, device)])
+    assert packing.warm_up_shapes(model, longest_pack=150, longest_prompt=20) == 3
+    assert pack_lengths == [64, 128, 192]  # every pack length up to 150
+    # The passes' own spans (one per layer and pass), then each prompt length's attention once.
+    assert span_lengths[-20:] == list(range(1, 21))
+
+
+def test_only_half_precision_models_on_cpu_step_their_shapes(tiny_phi3):
+    from safety_classifier import packing
+
+    tokenizer = load_tokenizer(str(tiny_phi3))
+    model = build_model("top_layers", str(tiny_phi3), tokenizer, torch.float32, num_layers=0)
+    assert enable_packed_scoring(model, tokenizer)
+    assert packing.pack_token_multiple(model) == 1
+    assert packing.warm_up_shapes(model, longest_pack=512, longest_prompt=64) == 0
+    model.to(torch.bfloat16)
+    assert packing.pack_token_multiple(model) == packing.PACK_TOKEN_MULTIPLE
+    assert not packing._steps_shapes(torch.bfloat16, torch.device("cuda"))

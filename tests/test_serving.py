@@ -264,6 +264,53 @@ def test_a_model_failure_fails_its_batch_with_500_and_the_next_request_succeeds(
     assert "simulated model failure" in caplog.text
 
 
+def test_the_model_is_loaded_warmed_up_and_run_on_one_thread(offline, tiny_lora_classifier):
+    """PyTorch's OpenMP threads are per calling thread: torch work on a second thread slows every
+    forward pass (serving.new_model_thread), so loading, warm-up and scoring share one thread."""
+    threads: dict[str, set[str]] = {"load": set(), "score": set()}
+    model = copy.copy(offline)
+
+    def load() -> Classifier:
+        threads["load"].add(threading.current_thread().name)
+        return model
+
+    def scores(texts, **kwargs):
+        threads["score"].add(threading.current_thread().name)
+        return offline.scores(texts, **kwargs)
+
+    model.scores = scores
+    app = create_app(ServeArguments(model_dir=str(tiny_lora_classifier)), load=load)
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.post("/v1/moderations", json={"input": TEXTS[:2]}).status_code == 200
+    assert len(threads["load"]) == 1 and threads["score"] == threads["load"]
+    assert next(iter(threads["load"])).startswith("moderation-model")
+
+
+def test_a_half_precision_cpu_model_is_served_in_packs_only(offline, tiny_lora_classifier, monkeypatch):
+    """Its pack lengths come in steps, all met in the warm-up (packing.PACK_TOKEN_MULTIPLE); padded
+    batches would bring a new matrix shape per row count and length. fp32 keeps the cheaper plan."""
+    from safety_classifier.serving import score_texts
+
+    def served_plan(classifier: Classifier) -> bool | None:
+        plans, scores = [], classifier.scores
+
+        def recording_scores(texts, **kwargs):
+            plans.append(kwargs["pack"])
+            return scores(texts, **kwargs)
+
+        monkeypatch.setattr(classifier, "scores", recording_scores)
+        assert score_texts(classifier, TEXTS, None).shape == (len(TEXTS), 1)
+        [plan] = plans
+        return plan
+
+    assert served_plan(load_classifier(tiny_lora_classifier, dtype="bf16", device="cpu")) is True
+    assert served_plan(offline) is None
+
+
 def test_requests_before_the_model_is_ready_get_503(tiny_lora_classifier, offline):
     loaded = threading.Event()
 
@@ -322,18 +369,21 @@ def test_the_load_tests_malformed_requests_get_the_status_it_expects():
     results += [{"kind": "good", "status": 500, "finished": 101.0}, {"kind": "wrong_type", "status": 422, "finished": 101.0}]
     assert load_test.prompts_per_s_by_tenth(results, started=100.0, wall=10.0) == [2.0] + [0.0] * 8 + [2.0]
 
-    # The batch-size ceiling scores the same prompts once in one call, then in consecutive served-size batches.
+    # The batch-size ceiling scores the same prompts once in one call, then in consecutive served-size
+    # batches, and reports how far a score moved with its batch (here: 0.01 per text in the call).
     class RecordingClassifier:
         calls: list[list[str]] = []
 
         def unsafe_probabilities(self, texts, show_progress=True):
             self.calls.append(list(texts))
+            return np.full(len(texts), 0.01 * len(texts))
 
     prompts = [f"prompt {i}" for i in range(10)]
     ceiling = load_test.batch_size_ceiling(RecordingClassifier(), prompts, batch_size=4)
     assert RecordingClassifier.calls == [prompts, prompts[0:4], prompts[4:8], prompts[8:10]]
     assert ceiling["ceiling_prompts"] == 10 and ceiling["ceiling_batch_size"] == 4
     assert ceiling["batch_size_ceiling"] > 0
+    assert ceiling["offline_batch_difference"] == pytest.approx(0.10 - 0.02)
 
 
 def test_malloc_arenas_are_capped_on_glibc_unless_the_environment_says_otherwise():

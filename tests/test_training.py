@@ -77,7 +77,8 @@ def test_each_strategy_writes_a_complete_classifier_and_metrics(trained, strateg
 def test_scores_are_identical_after_loading_in_a_fresh_process(trained, toy_files):
     """infer.py in a new process reproduces the scores the training run recorded for the test rows."""
     for strategy, output_dir in trained.items():
-        result = run_script("infer.py", "--model-dir", str(output_dir), "--input-file", str(toy_files["test"]), "--json")
+        result = run_script("infer.py", "--model-dir", str(output_dir), "--input-file", str(toy_files["test"]), "--json",
+                            "--dtype", "fp32")
         assert result.returncode == 0, result.stderr
         lines = [json.loads(line) for line in result.stdout.splitlines()]
         recorded = pd.read_csv(output_dir / "test_predictions.csv")["unsafe_probability"].to_numpy()
@@ -111,7 +112,7 @@ def test_infer_scores_a_labelled_file_and_writes_metrics(trained, toy_files, tmp
     metrics_path = tmp_path / "m.json"
     assert infer_main(["--model-dir", str(trained["lora"]), "--input-file", str(toy_files["test"]),
                        "--text-column", "user_input", "--label-column", "toxicity",
-                       "--metrics-out", str(metrics_path)]) == 0
+                       "--metrics-out", str(metrics_path), "--dtype", "fp32"]) == 0
     metrics = json.loads(metrics_path.read_text())
     assert set(metrics) == set(METRIC_KEYS)
     recorded = json.loads((trained["lora"] / "metrics.json").read_text())["test"]
