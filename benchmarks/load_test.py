@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=1e-3,
                         help="Largest |served - offline| P(unsafe) accepted, or twice the largest difference between "
                              "the same prompts scored offline in one call and in served-size batches if that is "
-                             "larger (bf16: 1e-2).")
+                             "larger (in bf16 it is).")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="Seconds to wait for the server's /ready.")
     parser.add_argument("--ceiling-prompts", type=int, default=640,
                         help="Prompts scored offline both in one call and in batches of the served mean batch size, "

@@ -63,8 +63,8 @@ async def measure(args: argparse.Namespace) -> dict:
     print(f"after the warm-up: {start:,.0f} MiB", flush=True)
     for batch in range(1, args.batches + 1):
         texts = rng.sample(prompts, args.batch_size)
-        await loop.run_in_executor(batcher._model_thread, serving.score_texts, classifier, texts, batcher.max_batch_tokens)
-        await loop.run_in_executor(batcher._model_thread, serving.trim_free_heap)
+        await loop.run_in_executor(model_thread, serving.score_texts, classifier, texts, batcher.max_batch_tokens)
+        await loop.run_in_executor(model_thread, serving.trim_free_heap)
         if batch % args.every == 0:
             trace.append(round(sum(resident_mib_by_mapping().values()), 1))
             print(f"after {batch} batches: {trace[-1]:,.0f} MiB ({trace[-1] / start - 1:+.1%})", flush=True)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page-in", action=argparse.BooleanOptionalAction, default=True,
                         help="Read every weight in the warm-up, as serve.py does (--no-page-in: not).")
     parser.add_argument("--shape-steps", action=argparse.BooleanOptionalAction, default=True,
-                        help="A half-precision model's packs and attention spans padded to steps, as serve.py does "
+                        help="A half-precision model's packs padded to steps, as serve.py does "
                              "(--no-shape-steps: packs as long as their prompts, and padded batches where cheaper).")
     args = parser.parse_args(argv)
     if not sys.platform.startswith("linux"):

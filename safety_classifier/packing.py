@@ -121,6 +121,11 @@ def pack_token_multiple(model: nn.Module) -> int:
     return PACK_TOKEN_MULTIPLE if _steps_shapes(parameter.dtype, parameter.device) else 1
 
 
+def scores_in_stepped_packs(model: nn.Module) -> bool:
+    """Whether `model` packs with `pack_token_multiple` > 1: switched to packed attention, half precision, CPU."""
+    return uses_packed_attention(model) and pack_token_multiple(model) > 1
+
+
 def packed_inputs(input_ids: Sequence[Sequence[int]], rows: np.ndarray, multiple: int = 1) -> dict[str, torch.Tensor]:
     """Model inputs of one pack: the rows' tokens in one row, positions restarting per row, span
     bounds. With `multiple` > 1, a filler span (token 0, attending only to itself) pads the row to
@@ -166,10 +171,9 @@ def warm_up_shapes(model: nn.Module, longest_pack: int, longest_prompt: int) -> 
     each pack length up to `longest_pack` tokens, and the attention of one layer over a prompt of
     each length up to `longest_prompt` (SDPA alone, cheap), so that every kernel and buffer traffic
     can need exists before it comes. The number of forward passes (0 for any other model)."""
-    multiple = pack_token_multiple(model)
-    if multiple == 1 or not uses_packed_attention(model):
+    if not scores_in_stepped_packs(model):
         return 0
-    parameter = next(model.parameters())
+    multiple, parameter = pack_token_multiple(model), next(model.parameters())
     attention = next((module for module in model.modules() if type(module).__name__.endswith("Attention")
                       and hasattr(module, "head_dim")), None)
     config = _backbone_owner(model).config

@@ -43,7 +43,7 @@ from transformers.utils import logging as transformers_logging
 from .console import quiet_library_noise
 from .errors import SafetyClassifierError
 from .inference import Classifier, default_batch_tokens, encode_prompts, normalise_prompt
-from .packing import MAX_PACK_TOKENS, pack_token_multiple, uses_packed_attention, warm_up_shapes
+from .packing import MAX_PACK_TOKENS, scores_in_stepped_packs, warm_up_shapes
 
 logger = logging.getLogger("safety_classifier.serving")
 
@@ -117,8 +117,7 @@ def score_texts(classifier: Classifier, texts: Sequence[str], max_batch_tokens: 
     A half-precision CPU model scores packs only: their lengths come in steps of
     `PACK_TOKEN_MULTIPLE`, all met in the warm-up, so traffic brings no new matrix shape and the
     service's memory stays flat (padded batches have a shape per row count and length)."""
-    model = classifier.model
-    pack = True if uses_packed_attention(model) and pack_token_multiple(model) > 1 else None
+    pack = True if scores_in_stepped_packs(classifier.model) else None
     scores = classifier.scores(texts, max_batch_tokens=max_batch_tokens, show_progress=False, pack=pack)
     return np.asarray(scores, dtype=np.float64)
 
@@ -230,7 +229,8 @@ class Batcher:
 
     async def warm_up(self) -> None:
         """Work on the model thread before the service says it is ready: every weight read once
-        (`page_in_weights`), first-call costs, then a full forward pass at each length from the max
+        (`page_in_weights`), every shape a half-precision CPU model can meet (`warm_up_shapes`),
+        first-call costs, then a full forward pass at each length from the max
         length down to 8 tokens (halving), so that the first calls' one-off allocations happen now
         rather than under traffic; then, with `trim_heap`, what the passes freed goes back to the
         system, as after every served batch."""
