@@ -60,10 +60,12 @@ class DataArguments:
         metadata={"help": "Categories a safe assistant may answer with care (S5 Specialized Advice), for "
                           "--category-rows-binary unsafe_except_contextual."},
     )
+    # Off by default: on the category validation rows the negatives cost 0.07 macro F1 (README,
+    # *Category search*); category flags are only reported under an unsafe verdict anyway.
     safe_rows_category_negatives: bool = field(
-        default=True,
-        metadata={"help": "Safe rows of the main source teach every category 0 (--no-safe-rows-category-negatives: "
-                          "they add no category loss)."},
+        default=False,
+        metadata={"help": "Safe rows of the main source also teach every category 0 (default: they add no "
+                          "category loss, so a category score says which harm if the prompt is one)."},
     )
 
 

@@ -10,9 +10,10 @@ Each further source is one `--extra-train-sources` spec:
   (every category row is unsafe), unsafe_except_contextual (rows of `--contextual-categories`,
   e.g. S5 specialized advice, which a safe assistant may answer with care, get no binary label
   and add no binary loss), or unlabelled (category rows add no binary loss at all).
-- Rows of the main source have no category; its safe rows count as "no category" (every category
-  target 0, `--safe-rows-category-negatives`), so that ordinary traffic learns to score low on
-  all categories; its unsafe rows add no category loss (ToxicChat says that, not why).
+- Rows of the main source add no category loss (ToxicChat says that a prompt is toxic, not why).
+  With `--safe-rows-category-negatives` its safe rows count as "no category" (every category
+  target 0), so that ordinary traffic learns to score low on all categories; off by default, as it
+  cost category F1 on validation (README, *Category search*).
 - `weight`: how many times each training row of the source is seen an epoch (2.0 = twice;
   1.5 = every row once and a seeded half of them twice). Validation rows are never repeated.
 - `validation`: the share of the source held out for validation, stratified by category (else
@@ -173,7 +174,7 @@ def add_sources(
     taxonomy_file: str | None = None,
     category_rows_binary: str = "unsafe",
     contextual_categories: list[str] | None = None,
-    safe_rows_category_negatives: bool = True,
+    safe_rows_category_negatives: bool = False,
 ) -> tuple[Splits, LabelSchema]:
     """The main source's splits joined by every further source's: train and validation both carry
     category targets and each row's source; the test split (main source only) stays as it is."""

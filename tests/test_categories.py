@@ -62,9 +62,14 @@ def test_sources_with_different_columns_join_with_masks_where_a_row_has_no_label
     train = splits.train
     assert len(train) == len(main.train) + 36 and set(train.sources) == {"train", "harms"}
     from_main = train.sources == "train"
-    # Main source: safe rows are every category's negative, unsafe rows carry no category target.
-    assert (train.categories[from_main & (train.labels == 0)] == 0).all()
-    assert (train.categories[from_main & (train.labels == 1)] == MISSING_TARGET).all()
+    # Main source: by default no row carries a category target (ToxicChat says that, not why)...
+    assert (train.categories[from_main] == MISSING_TARGET).all()
+    # ...and with the negatives, safe rows are every category's 0, unsafe rows still carry none.
+    with_negatives, _ = add_sources(main, "train", [f"{category_file},text=prompt_text,category=category,validation=0.25"],
+                                    seed=0, validation_fraction=0.2, safe_rows_category_negatives=True)
+    main_rows = with_negatives.train.sources == "train"
+    assert (with_negatives.train.categories[main_rows & (with_negatives.train.labels == 0)] == 0).all()
+    assert (with_negatives.train.categories[main_rows & (with_negatives.train.labels == 1)] == MISSING_TARGET).all()
     # Category source: unsafe by the default policy, one category each; validation stratified by category.
     assert (train.labels[~from_main] == 1).all() and (train.categories[~from_main].sum(axis=1) == 1).all()
     held_out = splits.validation.categories[splits.validation.sources == "harms"]

@@ -1,6 +1,6 @@
 """benchmarks/gpu_shapes.py: its --tiny versions of the Phi-4 shapes run every measurement on CPU.
 
-The real shapes need a GPU (results/gpu-shapes-h200.jsonl); this keeps the script's path through
+The real shapes need a GPU (results/gpu-shapes-h200.jsonl, results/gpu-shapes-h100.jsonl); this keeps the script's path through
 the toolkit (LoRA, QLoRA, cached top-4, scoring) from rotting between GPU runs.
 """
 
