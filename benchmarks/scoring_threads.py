@@ -24,6 +24,7 @@ import pandas as pd
 
 from safety_classifier.console import quiet_library_noise
 from safety_classifier.inference import load_classifier
+from safety_classifier.modeling import dtype_name
 from safety_classifier.serving import new_model_thread, score_texts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -59,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     figures["loading_thread_again"] = loading_thread.submit(rate).result()
     for name, figure in figures.items():
         print(f"{name:<22} {figure['prompts_per_s']:6.1f} prompts/s, CPU share {100 * figure['cpu_share']:.0f} %")
-    print(json.dumps({"model_dir": args.model_dir, "dtype": str(next(classifier.model.parameters()).dtype)
-                      .removeprefix("torch."), "batch_size": args.batch_size, "prompts": len(prompts), **figures}))
+    print(json.dumps({"model_dir": args.model_dir, "dtype": dtype_name(classifier.model), "batch_size": args.batch_size,
+                      "prompts": len(prompts), **figures}))
     return 0
 
 

@@ -26,6 +26,7 @@ import pandas as pd
 from safety_classifier import packing, serving
 from safety_classifier.console import quiet_library_noise
 from safety_classifier.inference import load_classifier
+from safety_classifier.modeling import dtype_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "toxicchat" / "toxicchat0124_train.csv"
@@ -73,7 +74,7 @@ async def measure(args: argparse.Namespace) -> dict:
     grown = sorted(by_mapping_end, key=lambda name: by_mapping_start.get(name, 0.0) - by_mapping_end[name])[:4]
     for name in grown:
         print(f"  {name}: {by_mapping_start.get(name, 0.0):,.0f} -> {by_mapping_end[name]:,.0f} MiB")
-    return {"page_in": args.page_in, "dtype": str(next(classifier.model.parameters()).dtype).removeprefix("torch."),
+    return {"page_in": args.page_in, "dtype": dtype_name(classifier.model),
             "batches": args.batches, "batch_size": args.batch_size,
             "rss_mb_after_warm_up": round(start, 1), "rss_mb_trace": trace, "rss_growth": round(trace[-1] / start - 1, 4),
             "grown_mappings_mb": {name: [round(by_mapping_start.get(name, 0.0), 1), round(by_mapping_end[name], 1)]
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_noise()
     with contextlib.ExitStack() as stack:
         if not args.shape_steps:
-            stack.enter_context(mock.patch.object(packing, "_steps_shapes", lambda dtype, device: False))
+            stack.enter_context(mock.patch.object(packing, "packs_in_steps", lambda dtype, device: False))
         figures = asyncio.run(measure(args))
     print(json.dumps({"shape_steps": args.shape_steps, **figures}))
     return 0

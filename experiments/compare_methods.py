@@ -102,21 +102,6 @@ def jailbreak_recall(test_file: Path, scores: np.ndarray, threshold: float) -> d
     return {"jailbreak_recall": float((scores[jailbreak] >= threshold).mean()), "jailbreak_n": int(jailbreak.sum())}
 
 
-def safe_rows_category_alarms(predictions: pd.DataFrame, categories: list[dict], threshold: float) -> dict:
-    """On the test file's safe rows: the share with some category score at or over its threshold
-    (what a client reading `category_scores` alone would see), and the share actually flagged
-    with a category (those scores under an unsafe verdict, as `infer.py` and `serve.py` report)."""
-    if not categories:
-        return {}
-    safe = predictions["label"].to_numpy() == 0
-    over = np.zeros(len(predictions), dtype=bool)
-    for category in categories:
-        over |= predictions[f"score_{category['code']}"].to_numpy() >= category["threshold"]
-    flagged = over & (predictions["unsafe_probability"].to_numpy() >= threshold)
-    return {"safe_rows_category_score_over_threshold": float(over[safe].mean()),
-            "safe_rows_flagged_with_a_category": float(flagged[safe].mean()), "safe_rows_n": int(safe.sum())}
-
-
 def write_test_scores(destination: Path, scores: np.ndarray, uncalibrated: np.ndarray | None = None) -> None:
     """P(unsafe) per test row, numbered as in the test file; no text and no label (the data stays in ../shared).
 
@@ -165,8 +150,6 @@ def run_fine_tuned(row: str, files: dict[str, Path], epochs: float) -> dict:
     predictions = pd.read_csv(run_dir / "test_predictions.csv")
     scores = predictions["unsafe_probability"].to_numpy()
     metrics["test"].update(jailbreak_recall(files["test"], scores, metrics["test"]["threshold"]))
-    metrics["test"].update(safe_rows_category_alarms(predictions, metadata.get("categories") or [],
-                                                     metrics["test"]["threshold"]))
     destination = RESULTS_DIR / row
     destination.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "validation_history.json", destination / "validation_history.json")

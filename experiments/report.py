@@ -116,10 +116,11 @@ def category_tables(rows: list[dict], baseline_row: str = "lora-r16") -> list[st
         goals = [f"macro F1 {macro['f1']:.3f} (goal >= {GOAL_CATEGORY_MACRO_F1})",
                  f"unsafe recall on S1-S4 and S6-S12, mean over categories, {pooled:.3f} (goal >= {GOAL_BINARY_RECALL})",
                  f"top-scored category right on {categories['top1_accuracy']:.3f} of the rows"]
-        if "safe_rows_category_score_over_threshold" in row["test"]:
-            goals.append(f"on the {row['test']['safe_rows_n']:,} safe ToxicChat test prompts, some category score at or over "
-                         f"its threshold for {row['test']['safe_rows_category_score_over_threshold']:.3f}, flagged with a "
-                         f"category (under an unsafe verdict) {row['test']['safe_rows_flagged_with_a_category']:.3f}")
+        for split, alarms in (("validation", categories), ("test", row["test"])):
+            if alarms.get("safe_rows_category_score_over_threshold") is not None:
+                goals.append(f"on the {alarms['safe_rows_n']:,} safe ToxicChat {split} prompts, some category score at "
+                             f"or over its threshold for {alarms['safe_rows_category_score_over_threshold']:.3f}, flagged "
+                             f"with a category (under an unsafe verdict) {alarms['safe_rows_flagged_with_a_category']:.3f}")
         baseline = by_name.get(baseline_row)
         main_source = row["validation"].get("sources", {}).get(TOXICCHAT_SOURCE)
         differences = recipe_differences(row, baseline) if baseline is not None else []

@@ -111,6 +111,7 @@ def run_setting(strategy: str, setting: dict[str, str], train_file: Path, model:
         "validation_history": history, "validation": metrics["validation"],
         "training_seconds": metadata["training_seconds"], "run_seconds": round(time.time() - started, 1),
         "training_arguments": metadata["training_arguments"],
+        **({"category_score_rule": metadata.get("category_score_rule", "conditional")} if category_file else {}),
     }
 
 
@@ -160,14 +161,25 @@ def search_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def safe_row_alarms_label(categories: dict) -> str:
+    if categories.get("safe_rows_category_score_over_threshold") is None:
+        return "-"
+    return (f"{100 * categories['safe_rows_category_score_over_threshold']:.1f} % / "
+            f"{100 * categories['safe_rows_flagged_with_a_category']:.1f} %")
+
+
 def category_search_table(records: list[dict]) -> str:
     """The settings run with the category source: the ToxicChat validation rows' AUPRC (comparable
-    with the table above), the category macro F1 and the decision's recall on the category rows."""
+    with the table above), the category macro F1 and the decision's recall on the category rows,
+    how category scores were reported (`categories.py`), and the category alarms on the safe
+    ToxicChat validation rows (some score over its threshold / flagged with a category; "-" in
+    records from before they were measured)."""
     records = [record for record in records if record.get("categories")]
     if not records:
         return "No category search run yet."
     header = ["Strategy", "Setting (on top of the defaults)", "Batches", "ToxicChat rows: AUPRC", "ToxicChat rows: F1",
-              "Category macro F1", "Top category right", "Unsafe recall, category rows", "Training time"]
+              "Category macro F1", "Top category right", "Unsafe recall, category rows", "Category scores",
+              "Safe ToxicChat rows: a category over threshold / flagged", "Training time"]
     lines = table_head(header)
     for record in sorted(records, key=lambda r: (r["strategy"], -r["validation"]["categories"]["macro"]["f1"])):
         validation = record["validation"]
@@ -175,7 +187,8 @@ def category_search_table(records: list[dict]) -> str:
         lines.append("| " + " | ".join([
             record["strategy"], setting_label(record), batches_label(record), f"{main['auprc']:.3f}", f"{main['f1']:.3f}",
             f"{categories['macro']['f1']:.3f}", f"{categories['top1_accuracy']:.3f}",
-            f"{categories['binary_recall']:.3f}", f"{record['training_seconds'] / 60:.1f} min"]) + " |")
+            f"{categories['binary_recall']:.3f}", record.get("category_score_rule", "conditional"),
+            safe_row_alarms_label(categories), f"{record['training_seconds'] / 60:.1f} min"]) + " |")
     return "\n".join(lines)
 
 

@@ -60,12 +60,13 @@ class DataArguments:
         metadata={"help": "Categories a safe assistant may answer with care (S5 Specialized Advice), for "
                           "--category-rows-binary unsafe_except_contextual."},
     )
-    # Off by default: on the category validation rows the negatives cost 0.07 macro F1 (README,
-    # *Category search*); category flags are only reported under an unsafe verdict anyway.
+    # Off by default: on validation the negatives cost 0.056 category macro F1 against joint scores,
+    # which keep category scores low on safe traffic too (README, *Category search*).
     safe_rows_category_negatives: bool = field(
         default=False,
-        metadata={"help": "Safe rows of the main source also teach every category 0 (default: they add no "
-                          "category loss, so a category score says which harm if the prompt is one)."},
+        metadata={"help": "Safe rows of the main source also teach every category 0, and category scores are "
+                          "reported as the head gives them (default: they add no category loss, and a category's "
+                          "score is its sigmoid times P(unsafe), see README's *What a category score is*)."},
     )
 
 

@@ -20,17 +20,20 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from .categories import category_score_rule_of
 from .embedded import EMBEDDED_ALIAS, resolve_model_reference
 from .errors import ModelLoadError
 from .labels import LabelSchema
 from .modeling import load_sequence_classifier, load_tokenizer, resolve_dtype
 
 METADATA_FILE = "safety_classifier.json"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """2: a stored `calibration` of P(unsafe), to which the threshold applies. A toolkit that reads only 1
 would ignore it and compare raw scores with a calibrated threshold, so it must refuse; this one
 reads 1 (no calibration: softmax[:, 1], as before) and 2. 3: `categories` (a category head); a
-binary classifier is still written as 2, so that toolkits reading 2 keep loading it."""
+binary classifier is still written as 2, so that toolkits reading 2 keep loading it. 4:
+`category_score_rule` "joint" (category scores times P(unsafe), `categories.py`), whose thresholds a
+toolkit reading 3 would compare with the head's bare sigmoids; a "conditional" one is still 3."""
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -50,7 +53,10 @@ def portable_base_reference(model_reference: str) -> str:
 
 
 def write_metadata(directory: Path, metadata: dict) -> None:
-    version = FORMAT_VERSION if metadata.get("categories") else 2
+    if not metadata.get("categories"):
+        version = 2
+    else:
+        version = 3 if category_score_rule_of(metadata) == "conditional" else FORMAT_VERSION
     write_json_atomically(directory / METADATA_FILE, {**metadata, "format_version": version})
 
 

@@ -4,6 +4,14 @@ Each category is its own sigmoid output (`labels.py` says why), trained by binar
 on the rows that carry category targets; each gets its own decision threshold, the one with the
 best F1 on the category validation rows, because categories differ in how well they separate
 (a single 0.5 would under-flag the hard ones and over-flag the easy ones).
+
+What a category score means depends on what the head saw. Trained on category rows alone (all of
+them harmful prompts), its sigmoid is P(category | the prompt is harmful): on ordinary traffic it is
+arbitrary, and a client reading `category_scores` alone (as OpenAI's moderation clients do) would
+see alarms on nine safe prompts in ten. So such a classifier reports the "joint" score, that
+sigmoid times the calibrated P(unsafe): P(harmful and of this category). A head also taught that
+safe rows have no category (`--safe-rows-category-negatives`) already scores safe traffic low and
+reports its sigmoid as it is ("conditional"), as do directories saved before the rule was stored.
 """
 
 from __future__ import annotations
@@ -13,8 +21,49 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, confusion_matrix
 
+from .errors import ModelLoadError
 from .labels import MISSING_TARGET, LabelSchema
 from .metrics import _ranking_metric, f1_maximising_threshold
+
+CATEGORY_SCORE_RULES = ("joint", "conditional")
+LEGACY_CATEGORY_SCORE_RULE = "conditional"
+
+
+def category_score_rule_of(metadata: dict) -> str:
+    """The stored rule (`safety_classifier.json`'s `category_score_rule`); none stored: conditional."""
+    rule = metadata.get("category_score_rule", LEGACY_CATEGORY_SCORE_RULE)
+    if rule not in CATEGORY_SCORE_RULES:
+        raise ModelLoadError(f"category_score_rule {rule!r} is not one of {', '.join(CATEGORY_SCORE_RULES)}")
+    return rule
+
+
+def reported_category_scores(category_probabilities: np.ndarray, unsafe_probabilities: np.ndarray,
+                             rule: str) -> np.ndarray:
+    """(rows x categories) scores as the classifier reports them: the head's sigmoids, times the
+    calibrated P(unsafe) under the "joint" rule (see the module's doc)."""
+    if rule == "joint":
+        return category_probabilities * np.asarray(unsafe_probabilities)[:, None]
+    return category_probabilities
+
+
+def flagged_categories(unsafe_probabilities: np.ndarray, category_scores: np.ndarray, threshold: float,
+                       category_thresholds: np.ndarray) -> np.ndarray:
+    """(rows x categories): a category is flagged when the verdict is unsafe and its score reaches
+    the category's own threshold, so a safe verdict never names a harm."""
+    unsafe = np.asarray(unsafe_probabilities) >= threshold
+    return unsafe[:, None] & (np.asarray(category_scores) >= np.asarray(category_thresholds)[None, :])
+
+
+def safe_row_alarms(unsafe_probabilities: np.ndarray, category_scores: np.ndarray, threshold: float,
+                    category_thresholds: np.ndarray) -> dict:
+    """On rows labelled safe (pass only those): the share with some category score at or over its
+    threshold (what a client reading `category_scores` alone would see), and the share flagged with
+    a category (`flagged_categories`, what `infer.py` and `serve.py` report)."""
+    over = (np.asarray(category_scores) >= np.asarray(category_thresholds)[None, :]).any(axis=1)
+    flagged = flagged_categories(unsafe_probabilities, category_scores, threshold, category_thresholds).any(axis=1)
+    n = len(over)
+    return {"safe_rows_category_score_over_threshold": float(over.mean()) if n else None,
+            "safe_rows_flagged_with_a_category": float(flagged.mean()) if n else None, "safe_rows_n": int(n)}
 
 
 def category_loss_sum(category_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .artifacts import METADATA_FILE, load_classifier_model, read_metadata
 from .calibration import IDENTITY, Calibration
+from .categories import category_score_rule_of, flagged_categories, reported_category_scores
 from .errors import ModelLoadError
 from .labels import LabelSchema, split_logits
 from .modeling import ID2LABEL, default_device
@@ -264,6 +265,7 @@ class Classifier:
         if self.calibration is None:
             self.calibration = Calibration.from_metadata(self.metadata)
         self.schema = LabelSchema.from_metadata(self.metadata)
+        self.category_score_rule = category_score_rule_of(self.metadata)
         self.category_thresholds = np.asarray(
             [float(entry.get("threshold", 0.5)) for entry in self.metadata.get("categories") or []], dtype=np.float64)
 
@@ -290,10 +292,11 @@ class Classifier:
     def scores(self, texts: Sequence[object], **kwargs) -> np.ndarray:
         """(texts x (1 + categories)): calibrated P(unsafe), then each category's score, from one pass."""
         logits = self.logits(texts, **kwargs)
-        unsafe = self.calibration.probabilities(margins_of(logits))[:, None]
+        unsafe = self.calibration.probabilities(margins_of(logits))
         if not self.schema.has_categories:
-            return unsafe
-        return np.concatenate([unsafe, category_scores_of(logits)], axis=1)
+            return unsafe[:, None]
+        categories = reported_category_scores(category_scores_of(logits), unsafe, self.category_score_rule)
+        return np.concatenate([unsafe[:, None], categories], axis=1)
 
     def label(self, unsafe_probability: float) -> str:
         return ID2LABEL[int(unsafe_probability >= self.threshold)]
@@ -306,11 +309,11 @@ class Classifier:
         unsafe_probability = float(row[0])
         result = {"label": self.label(unsafe_probability), "unsafe_probability": unsafe_probability}
         if self.schema.has_categories:
-            unsafe = result["label"] == "unsafe"
-            category_scores = [float(score) for score in row[1:]]
-            result["categories"] = {code: bool(unsafe and score >= threshold) for code, score, threshold
-                                    in zip(self.category_codes, category_scores, self.category_thresholds)}
-            result["category_scores"] = dict(zip(self.category_codes, category_scores))
+            category_scores = np.asarray(row[1:], dtype=np.float64)
+            flagged = flagged_categories(np.asarray([unsafe_probability]), category_scores[None, :],
+                                         self.threshold, self.category_thresholds)[0]
+            result["categories"] = {code: bool(on) for code, on in zip(self.category_codes, flagged)}
+            result["category_scores"] = {code: float(score) for code, score in zip(self.category_codes, category_scores)}
         return result
 
     def classify(self, texts: Sequence[object], **kwargs) -> Iterable[dict]:

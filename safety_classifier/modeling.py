@@ -46,6 +46,11 @@ def resolve_dtype(choice: str, device: torch.device | str | None = None) -> torc
     return torch.bfloat16 if device.type == "cpu" and cpu_supports_bf16() else torch.float32
 
 
+def dtype_name(model: nn.Module) -> str:
+    """The dtype of a model's parameters as the command-line flags and reports spell it ("bfloat16")."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

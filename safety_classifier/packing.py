@@ -71,8 +71,9 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     return output.unsqueeze(0), None  # (batch, tokens, heads, head dim), as sdpa_attention_forward returns
 
 
-def _steps_shapes(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether packs are padded to steps (`PACK_TOKEN_MULTIPLE`): half precision on CPU."""
+def packs_in_steps(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether packs are padded to steps (`PACK_TOKEN_MULTIPLE`): half precision on CPU. Public so
+    that `benchmarks/serving_memory.py --no-shape-steps` can replace it to measure packs of any length."""
     return dtype in (torch.bfloat16, torch.float16) and device.type == "cpu"
 
 
@@ -118,7 +119,7 @@ def pack_rows(lengths: np.ndarray, max_pack_tokens: int, max_pack_rows: int = 25
 def pack_token_multiple(model: nn.Module) -> int:
     """`PACK_TOKEN_MULTIPLE` for a half-precision model on CPU, else 1 (packs as long as their rows)."""
     parameter = next(model.parameters())
-    return PACK_TOKEN_MULTIPLE if _steps_shapes(parameter.dtype, parameter.device) else 1
+    return PACK_TOKEN_MULTIPLE if packs_in_steps(parameter.dtype, parameter.device) else 1
 
 
 def scores_in_stepped_packs(model: nn.Module) -> bool:

@@ -43,6 +43,7 @@ from transformers.utils import logging as transformers_logging
 from .console import quiet_library_noise
 from .errors import SafetyClassifierError
 from .inference import Classifier, default_batch_tokens, encode_prompts, normalise_prompt
+from .modeling import dtype_name
 from .packing import MAX_PACK_TOKENS, scores_in_stepped_packs, warm_up_shapes
 
 logger = logging.getLogger("safety_classifier.serving")
@@ -472,9 +473,8 @@ def create_app(args: ServeArguments, load: Callable[[], Classifier] | None = Non
         state["ready"] = True
         metrics.ready.set(1)
         device = next(classifier.model.parameters()).device
-        dtype = next(classifier.model.parameters()).dtype
         logger.info("ready: %s on http://%s:%d (%s, %s, threshold %.4f, categories %s), loaded and warmed up in %.1f s",
-                    model_name, args.host, args.port, device, str(dtype).removeprefix("torch."), classifier.threshold,
+                    model_name, args.host, args.port, device, dtype_name(classifier.model), classifier.threshold,
                     ",".join(batcher.names), time.perf_counter() - started)
 
     @asynccontextmanager

@@ -13,7 +13,8 @@ Each further source is one `--extra-train-sources` spec:
 - Rows of the main source add no category loss (ToxicChat says that a prompt is toxic, not why).
   With `--safe-rows-category-negatives` its safe rows count as "no category" (every category
   target 0), so that ordinary traffic learns to score low on all categories; off by default, as it
-  cost category F1 on validation (README, *Category search*).
+  cost category F1 on validation against joint category scores (`categories.py`), which keep
+  ordinary traffic low too (README, *Category search*).
 - `weight`: how many times each training row of the source is seen an epoch (2.0 = twice;
   1.5 = every row once and a seeded half of them twice). Validation rows are never repeated.
 - `validation`: the share of the source held out for validation, stratified by category (else

@@ -78,6 +78,8 @@ from .categories import (
     category_rows,
     choose_category_thresholds,
     format_category_table,
+    reported_category_scores,
+    safe_row_alarms,
 )
 from .console import EpochSummaryProgress
 from .data import LabelledSplit, Splits, load_splits
@@ -460,14 +462,14 @@ def print_main(*lines: str) -> None:
         print(*lines, sep="\n", flush=True)
 
 
-def write_predictions(path: Path, split: LabelledSplit, probabilities: np.ndarray,
-                      logits: np.ndarray | None = None, category_codes: list[str] | None = None) -> None:
+def write_predictions(path: Path, split: LabelledSplit, probabilities: np.ndarray, logits: np.ndarray | None = None,
+                      category_codes: list[str] | None = None, category_scores: np.ndarray | None = None) -> None:
     """Per-row scores for curves and error analysis; rows are numbered as in the split (from 0).
 
     `unsafe_probability` is the calibrated P(unsafe), what `infer.py` answers; `uncalibrated_probability`
     (softmax[:, 1]) is kept beside it for reliability diagrams. With several sources, each row's
     `source`; with a category head, each row's category (`category`, empty where it has none) and
-    each category's score (`score_S1`, ...).
+    each category's score as the classifier reports it (`score_S1`, ...).
     """
     columns = {"row": np.arange(len(split)), "label": split.labels, "unsafe_probability": probabilities}
     if logits is not None:
@@ -477,7 +479,7 @@ def write_predictions(path: Path, split: LabelledSplit, probabilities: np.ndarra
     if category_codes:
         if split.categories is not None:
             columns["category"] = [category_codes[int(np.argmax(row))] if row.max() >= 1 else "" for row in split.categories]
-        for code, scores in zip(category_codes, category_scores_of(logits).T):
+        for code, scores in zip(category_codes, category_scores.T):
             columns[f"score_{code}"] = scores
     pd.DataFrame(columns).to_csv(path, index=False, float_format="%.6g")
 
@@ -729,6 +731,11 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
     return evaluation.metrics
 
 
+def category_score_rule_for(plan: TrainingPlan) -> str:
+    """"joint" unless safe rows taught the head "no category" (`categories.py` says why)."""
+    return "conditional" if plan.data.safe_rows_category_negatives else "joint"
+
+
 def classifier_metadata(plan: TrainingPlan, splits: Splits, model: torch.nn.Module, train_seconds: float) -> dict:
     """`safety_classifier.json` as far as training knows it; evaluation adds calibration and thresholds."""
     trainable, total = count_parameters(model)
@@ -739,7 +746,8 @@ def classifier_metadata(plan: TrainingPlan, splits: Splits, model: torch.nn.Modu
         "quantization": "nf4" if plan.strategy == "qlora" else None,
         "max_length": plan.model.max_length,
         "labels": {str(index): label for index, label in splits.schema.id2label.items()},
-        **({"categories": splits.schema.to_metadata()} if splits.schema.has_categories else {}),
+        **({"categories": splits.schema.to_metadata(), "category_score_rule": category_score_rule_for(plan)}
+           if splits.schema.has_categories else {}),
         "threshold": None,
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -821,17 +829,27 @@ def evaluate_classifier(plan: TrainingPlan, splits: Splits, model: torch.nn.Modu
         metrics["validation"]["sources"] = source_metrics(
             splits.validation.subset(labelled), all_validation_scores[labelled], threshold)
     category_thresholds = None
+    category_scores = lambda split_logits, unsafe: (  # noqa: E731 (as the classifier will report them)
+        reported_category_scores(category_scores_of(split_logits), unsafe, category_score_rule_for(plan))
+        if splits.schema.has_categories else None)
+    validation_category_scores = category_scores(validation_logits, all_validation_scores)
     if splits.schema.has_categories:
         category_thresholds, metrics["validation"]["categories"] = evaluate_categories(
-            splits, validation_logits, all_validation_scores, threshold)
+            splits, validation_category_scores, all_validation_scores, threshold)
     write_predictions(output_dir / "validation_predictions.csv", splits.validation, all_validation_scores,
-                      validation_logits, splits.schema.codes)
+                      validation_logits, splits.schema.codes, validation_category_scores)
     if splits.test is not None:
         test_logits = logits(splits.test)
         test_margins = margins_of(test_logits)
+        test_scores = calibration.probabilities(test_margins)
         metrics["test"] = split_metrics(splits.test, test_margins, calibration, threshold)
-        write_predictions(output_dir / "test_predictions.csv", splits.test, calibration.probabilities(test_margins),
-                          test_logits, splits.schema.codes)
+        test_category_scores = category_scores(test_logits, test_scores)
+        if category_thresholds is not None:
+            safe = splits.test.labels == 0
+            metrics["test"].update(safe_row_alarms(test_scores[safe], test_category_scores[safe], threshold,
+                                                   category_thresholds))
+        write_predictions(output_dir / "test_predictions.csv", splits.test, test_scores,
+                          test_logits, splits.schema.codes, test_category_scores)
     return Evaluation(metrics, calibration, threshold, threshold_rule, category_thresholds)
 
 
@@ -843,17 +861,21 @@ def source_metrics(validation: LabelledSplit, scores: np.ndarray, threshold: flo
             for rows in [np.flatnonzero(validation.sources == name)]}
 
 
-def evaluate_categories(splits: Splits, logits: np.ndarray, unsafe_scores: np.ndarray,
+def evaluate_categories(splits: Splits, category_scores: np.ndarray, unsafe_scores: np.ndarray,
                         threshold: float) -> tuple[np.ndarray, dict]:
     """Per-category thresholds (max F1) and metrics on the category sources' validation rows (those
-    with a category), and the binary decision's recall on them, overall and per category."""
+    with a category), the binary decision's recall on them, overall and per category, and the
+    category alarms on the main source's safe validation rows (`safe_row_alarms`)."""
     targets = splits.validation.categories
     rows = np.flatnonzero(targets.max(axis=1) >= 1) if targets.size else np.zeros(0, dtype=np.int64)
     if not len(rows):
         raise DataError("the category sources left no validation rows; raise their validation= share")
-    scores = category_scores_of(logits)[rows]
+    scores = category_scores[rows]
     thresholds = choose_category_thresholds(targets[rows], scores)
     metrics = category_metrics(splits.schema, targets[rows], scores, thresholds)
+    calibration_rows = splits.calibration_rows
+    safe = calibration_rows[splits.validation.labels[calibration_rows] == 0]
+    metrics.update(safe_row_alarms(unsafe_scores[safe], category_scores[safe], threshold, thresholds))
     flagged = unsafe_scores[rows] >= threshold
     metrics["binary_recall"] = float(flagged.mean())
     metrics["binary_recall_per_category"] = {

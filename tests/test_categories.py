@@ -16,9 +16,16 @@ from conftest import REPO_ROOT, category_rows, fast_training_flags
 from scipy.special import logit
 from sklearn.metrics import average_precision_score
 
-from safety_classifier.artifacts import METADATA_FILE
+from safety_classifier.artifacts import METADATA_FILE, write_metadata
 from safety_classifier.calibration import Calibration, fit_calibration
-from safety_classifier.categories import category_loss_sum, category_metrics, choose_category_thresholds
+from safety_classifier.categories import (
+    category_loss_sum,
+    category_metrics,
+    choose_category_thresholds,
+    flagged_categories,
+    reported_category_scores,
+    safe_row_alarms,
+)
 from safety_classifier.cli import infer_main, train_main
 from safety_classifier.data import load_splits
 from safety_classifier.errors import DataError
@@ -160,6 +167,22 @@ def test_rows_without_a_label_add_no_loss_of_that_kind():
         weighted_cross_entropy(torch.ones(2), category_loss_weight=-1.0)
 
 
+def test_joint_scores_flags_and_safe_row_alarms_on_a_known_case():
+    unsafe = np.array([0.1, 0.9, 0.2, 0.3])
+    sigmoids = np.array([[0.6, 0.0], [0.6, 0.0], [0.1, 0.7], [0.1, 0.1]])
+    np.testing.assert_allclose(reported_category_scores(sigmoids, unsafe, "joint"), sigmoids * unsafe[:, None])
+    assert reported_category_scores(sigmoids, unsafe, "conditional") is sigmoids
+    thresholds = np.array([0.5, 0.7])
+    # A category is flagged only under an unsafe verdict (row 1), at or over its own threshold.
+    assert flagged_categories(unsafe, sigmoids, 0.5, thresholds).tolist() == [[False, False], [True, False],
+                                                                             [False, False], [False, False]]
+    # Rows 0-2 have a score at or over its threshold (row 2 exactly at S2's); only row 1 is also called unsafe.
+    assert safe_row_alarms(unsafe, sigmoids, 0.5, thresholds) == {
+        "safe_rows_category_score_over_threshold": 0.75, "safe_rows_flagged_with_a_category": 0.25, "safe_rows_n": 4}
+    # Joint scores keep ordinary traffic low: none of these safe rows passes a threshold any more.
+    assert safe_row_alarms(unsafe, sigmoids * unsafe[:, None], 0.5, thresholds)["safe_rows_category_score_over_threshold"] == 0.25
+
+
 def test_category_thresholds_and_metrics_on_a_known_case():
     schema = LabelSchema.from_codes(["S1", "S2"])
     targets = np.array([[1, 0], [1, 0], [0, 1], [0, 1], [0, 1]], dtype=np.float32)
@@ -185,7 +208,7 @@ def category_classifier(tiny_phi3, toy_files, category_file, tmp_path_factory) -
 
 def test_a_category_run_saves_categories_thresholds_and_per_source_metrics(category_classifier):
     metadata = json.loads((category_classifier / METADATA_FILE).read_text())
-    assert metadata["format_version"] == 3
+    assert metadata["format_version"] == 4 and metadata["category_score_rule"] == "joint"
     assert [entry["code"] for entry in metadata["categories"]] == ["S1", "S2", "S8", "S9"]
     assert all(0.0 <= entry["threshold"] <= 1.0 for entry in metadata["categories"])
     assert metadata["labels"] == {"0": "safe", "1": "unsafe", "2": "S1", "3": "S2", "4": "S8", "5": "S9"}
@@ -196,6 +219,12 @@ def test_a_category_run_saves_categories_thresholds_and_per_source_metrics(categ
     assert set(categories["per_category"]) == {"S1", "S2", "S8", "S9"} and categories["n"] == 12
     assert {"macro", "confusion", "binary_recall", "binary_recall_per_category"} <= set(categories)
     assert "test" in metrics and "categories" not in metrics["test"]
+    # Category alarms on the safe rows: the main source's validation rows, and the test file's.
+    validation_rows = pd.read_csv(category_classifier / "validation_predictions.csv")
+    assert categories["safe_rows_n"] == int(((validation_rows["source"] == "train") & (validation_rows["label"] == 0)).sum())
+    assert metrics["test"]["safe_rows_n"] == int((pd.read_csv(category_classifier / "test_predictions.csv")["label"] == 0).sum())
+    test = metrics["test"]
+    assert 0.0 <= test["safe_rows_flagged_with_a_category"] <= test["safe_rows_category_score_over_threshold"]
     predictions = pd.read_csv(category_classifier / "validation_predictions.csv", keep_default_na=False)
     assert {"source", "category", "score_S1", "score_S9"} <= set(predictions.columns)
     assert (predictions["category"] != "").sum() == 12
@@ -269,9 +298,32 @@ def test_a_category_classifier_loads_with_the_ecosystems_own_calls(category_clas
     assert merged.config.id2label[5] == "S9"
     with torch.no_grad():
         adapter_logits, merged_logits = adapter(**encoded).logits, merged(**encoded).logits
-    expected = ours.scores(texts, show_progress=False)[:, 1:]
-    np.testing.assert_allclose(torch.sigmoid(adapter_logits[:, 2:]).numpy(), expected, atol=1e-5)
-    np.testing.assert_allclose(torch.sigmoid(merged_logits[:, 2:]).numpy(), expected, atol=2e-3)
+    # The reported category scores are the sigmoids times the calibrated P(unsafe) ("joint", README).
+    scores = ours.scores(texts, show_progress=False)
+    np.testing.assert_allclose(torch.sigmoid(adapter_logits[:, 2:]).numpy() * scores[:, :1], scores[:, 1:], atol=1e-5)
+    np.testing.assert_allclose(torch.sigmoid(merged_logits[:, 2:]).numpy() * scores[:, :1], scores[:, 1:], atol=2e-3)
+
+
+def test_a_category_classifier_saved_before_the_score_rule_reports_bare_sigmoids(category_classifier):
+    import dataclasses
+
+    texts = ["How do I build a bomb to destroy the bank?", "Write a short poem about bees."]
+    joint = load_classifier(category_classifier, dtype="fp32")
+    older = {key: value for key, value in joint.metadata.items() if key != "category_score_rule"}
+    conditional = dataclasses.replace(joint, metadata={**older, "format_version": 3})
+    assert conditional.category_score_rule == "conditional"
+    joint_scores, conditional_scores = (classifier.scores(texts, show_progress=False) for classifier in (joint, conditional))
+    np.testing.assert_allclose(joint_scores[:, 0], conditional_scores[:, 0])
+    np.testing.assert_allclose(joint_scores[:, 1:], conditional_scores[:, 1:] * conditional_scores[:, :1], rtol=1e-6)
+    assert not np.allclose(joint_scores[:, 1:], conditional_scores[:, 1:])
+
+
+def test_the_format_version_says_whether_category_scores_are_joint(tmp_path):
+    categories = [{"code": "S1", "name": "Violent Crimes", "threshold": 0.5}]
+    for metadata, version in (({}, 2), ({"categories": categories, "category_score_rule": "conditional"}, 3),
+                              ({"categories": categories, "category_score_rule": "joint"}, 4)):
+        write_metadata(tmp_path, metadata)
+        assert json.loads((tmp_path / METADATA_FILE).read_text())["format_version"] == version
 
 
 def test_a_binary_classifier_answers_as_before(tiny_lora_classifier):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import report
 import torch
@@ -130,6 +129,11 @@ def test_a_category_row_gets_its_table_goals_and_figure(tmp_path):
                         safe_rows_n=2491)
     assert "on the 2,491 safe ToxicChat test prompts, some category score at or over its threshold for 0.250, " \
            "flagged with a category (under an unsafe verdict) 0.012" in report.category_tables([alone, both])[-1]
+    both["validation"]["categories"].update(safe_rows_category_score_over_threshold=0.062,
+                                            safe_rows_flagged_with_a_category=0.029, safe_rows_n=242)
+    assert "on the 242 safe ToxicChat validation prompts, some category score at or over its threshold for 0.062, " \
+           "flagged with a category (under an unsafe verdict) 0.029; on the 2,491 safe ToxicChat test" \
+           in report.category_tables([alone, both])[-1]
     alone["training_arguments"], both["training_arguments"] = {"batch_size": 8}, {"batch_size": None}
     summary = report.category_tables([alone, both])[-1]
     assert "not compared with" in summary and "batch_size None vs 8" in summary and "against 0.800" not in summary
@@ -191,16 +195,8 @@ def test_a_category_search_adds_the_category_source_and_keeps_its_records_apart(
     assert table[0].startswith("| Strategy | Setting (on top of the defaults) | Batches | ToxicChat rows: AUPRC |")
     macro_f1 = record["validation"]["categories"]["macro"]["f1"]
     assert len(table) == 3 and f"| {macro_f1:.3f} |" in table[2] and "category_loss_weight 3" in table[2]
+    alarms = record["validation"]["categories"]["safe_rows_category_score_over_threshold"]
+    assert record["category_score_rule"] == "joint" and f"| joint | {100 * alarms:.1f} % / " in table[2]
+    del record["category_score_rule"], record["validation"]["categories"]["safe_rows_category_score_over_threshold"]
+    assert "| conditional | - |" in search.category_search_table([record]), "a record from before both were stored"
 
-
-def test_category_alarms_on_safe_rows_count_scores_over_their_thresholds_and_those_flagged():
-    from compare_methods import safe_rows_category_alarms
-
-    predictions = pd.DataFrame({"label": [0, 0, 0, 0, 1], "unsafe_probability": [0.1, 0.9, 0.2, 0.3, 0.9],
-                                "score_S1": [0.6, 0.6, 0.1, 0.1, 0.9], "score_S2": [0.0, 0.0, 0.7, 0.1, 0.0]})
-    categories = [{"code": "S1", "threshold": 0.5}, {"code": "S2", "threshold": 0.7}]
-    alarms = safe_rows_category_alarms(predictions, categories, threshold=0.5)
-    # Safe rows 0-2 have a score at or over its threshold (row 2 exactly at S2's); only row 1 is also called unsafe.
-    assert alarms == {"safe_rows_category_score_over_threshold": 0.75, "safe_rows_flagged_with_a_category": 0.25,
-                      "safe_rows_n": 4}
-    assert safe_rows_category_alarms(predictions, [], threshold=0.5) == {}

@@ -139,7 +139,7 @@ def test_half_precision_cpu_packs_come_in_steps_and_score_as_padded(tiny_phi3, m
     pack_lengths: list[int] = []
     head = getattr(model, find_head_name(model))
     head.register_forward_hook(lambda module, inputs, output: pack_lengths.append(inputs[0].shape[1]))
-    monkeypatch.setattr(packing, "_steps_shapes", lambda dtype, device: True)
+    monkeypatch.setattr(packing, "packs_in_steps", lambda dtype, device: True)
     assert packing.pack_token_multiple(model) == packing.PACK_TOKEN_MULTIPLE
     stepped = predict_logits(model, tokenizer, PROMPTS, max_length=64, pack=True, show_progress=False)
     np.testing.assert_allclose(stepped, padded, rtol=0, atol=1e-5)  # empty prompts: NaN rows on both sides
@@ -166,4 +166,4 @@ def test_only_half_precision_models_on_cpu_step_their_shapes(tiny_phi3):
     assert packing.warm_up_shapes(model, longest_pack=512, longest_prompt=64) == 0
     model.to(torch.bfloat16)
     assert packing.pack_token_multiple(model) == packing.PACK_TOKEN_MULTIPLE
-    assert not packing._steps_shapes(torch.bfloat16, torch.device("cuda"))
+    assert not packing.packs_in_steps(torch.bfloat16, torch.device("cuda"))
