@@ -40,6 +40,8 @@ from compare_methods import (
     TOXICCHAT_SOURCE,
 )
 
+from safety_classifier.categories import LEGACY_CATEGORY_SCORE_RULE, category_score_rule_of
+
 SCRIPTS = {"top_layers": "train_full_layers.py", "lora": "train_lora.py", "qlora": "train_qlora.py"}
 SEARCH_DIR = RESULTS_DIR / "search"
 RUNS_DIR = REPO_ROOT / "runs" / "search"
@@ -111,7 +113,7 @@ def run_setting(strategy: str, setting: dict[str, str], train_file: Path, model:
         "validation_history": history, "validation": metrics["validation"],
         "training_seconds": metadata["training_seconds"], "run_seconds": round(time.time() - started, 1),
         "training_arguments": metadata["training_arguments"],
-        **({"category_score_rule": metadata.get("category_score_rule", "conditional")} if category_file else {}),
+        **({"category_score_rule": category_score_rule_of(metadata)} if category_file else {}),
     }
 
 
@@ -187,7 +189,7 @@ def category_search_table(records: list[dict]) -> str:
         lines.append("| " + " | ".join([
             record["strategy"], setting_label(record), batches_label(record), f"{main['auprc']:.3f}", f"{main['f1']:.3f}",
             f"{categories['macro']['f1']:.3f}", f"{categories['top1_accuracy']:.3f}",
-            f"{categories['binary_recall']:.3f}", record.get("category_score_rule", "conditional"),
+            f"{categories['binary_recall']:.3f}", record.get("category_score_rule", LEGACY_CATEGORY_SCORE_RULE),
             safe_row_alarms_label(categories), f"{record['training_seconds'] / 60:.1f} min"]) + " |")
     return "\n".join(lines)
 
