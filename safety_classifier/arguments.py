@@ -98,6 +98,12 @@ class RunArguments:
         metadata={"help": "Cross-entropy weights of the two classes: balanced (inverse frequency), sqrt (its square "
                           "root, half-way), none."},
     )
+    class_weights_rows: Literal["all", "main_source"] = field(
+        default="all",
+        metadata={"help": "Which training rows --class-weights are computed from: all rows with a binary label, or "
+                          "only the main source's (--train-file), so that a further source of unsafe prompts does "
+                          "not lower the weight of the main source's unsafe rows."},
+    )
     category_loss_weight: float = field(
         default=4.0,
         metadata={"help": "Weight of a category row's loss (the mean binary cross-entropy over categories) against the "

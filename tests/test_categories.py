@@ -33,7 +33,12 @@ from safety_classifier.inference import load_classifier
 from safety_classifier.labels import MISSING_TARGET, LabelSchema
 from safety_classifier.metrics import f1_maximising_threshold
 from safety_classifier.sources import add_sources, parse_source_spec
-from safety_classifier.training import class_weights_for, training_labels, weighted_cross_entropy
+from safety_classifier.training import (
+    class_weight_labels,
+    class_weights_for,
+    training_labels,
+    weighted_cross_entropy,
+)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +106,20 @@ def test_the_contextual_policy_leaves_contextual_rows_without_a_binary_label(toy
     assert len(splits.validation.binary_rows) < len(splits.validation)
     weights = class_weights_for(train.labels)  # unlabelled rows are not counted
     assert torch.isfinite(weights).all() and weights.shape == (2,)
+
+
+def test_class_weights_from_the_main_source_ignore_the_unsafe_rows_of_further_sources(toy_files, category_file):
+    splits, _ = add_sources(main_splits(toy_files), "train", [f"{category_file},text=prompt_text,category=category"],
+                            seed=0, validation_fraction=0.2)
+    from_main = splits.train.labels[splits.train.sources == "train"]
+    np.testing.assert_array_equal(class_weight_labels(splits, "main_source"), from_main)
+    np.testing.assert_array_equal(class_weight_labels(splits, "all"), splits.train.labels)
+    main_only = class_weights_for(class_weight_labels(splits, "main_source"))
+    assert torch.allclose(main_only, class_weights_for(from_main))
+    # The category rows are all unsafe: counted, they lower the unsafe weight.
+    assert class_weights_for(class_weight_labels(splits, "all"))[1] < main_only[1]
+    with pytest.raises(ValueError, match="all or main_source"):
+        class_weight_labels(splits, "everything")
 
 
 def test_weights_repeat_a_sources_training_rows(toy_files, category_file):

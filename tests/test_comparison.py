@@ -1,10 +1,12 @@
-"""The baselines, and the README results table generated from results/."""
+"""The baselines, the README tables generated from results/, and the experiments' analyses."""
 
 from __future__ import annotations
 
 import json
 
+import category_route
 import numpy as np
+import pandas as pd
 import pytest
 import report
 import torch
@@ -200,3 +202,35 @@ def test_a_category_search_adds_the_category_source_and_keeps_its_records_apart(
     del record["category_score_rule"], record["validation"]["categories"]["safe_rows_category_score_over_threshold"]
     assert "| conditional | - |" in search.category_search_table([record]), "a record from before both were stored"
 
+
+def test_the_category_route_counts_what_a_second_threshold_would_flag():
+    predictions = pd.DataFrame({
+        "label": [0, 0, 0, 1, 1, 1, 1],
+        "unsafe_probability": [0.1, 0.1, 0.9, 0.9, 0.1, 0.2, 0.1],
+        "source": ["main", "main", "main", "main", "harms", "harms", "harms"],
+        "category": ["", "", "", "", "S1", "S2", "S1"],
+        "score_S1": [0.00, 0.30, 0.00, 0.00, 0.60, 0.00, 0.15],
+        "score_S2": [0.05, 0.00, 0.00, 0.00, 0.00, 0.25, 0.00],
+    })
+    metadata = {"threshold": 0.5, "main_source": "main",
+                "categories": [{"code": "S1", "threshold": 0.5}, {"code": "S2", "threshold": 0.2}]}
+    rows = {row["rule"]: row for row in category_route.route_table(predictions, metadata, [0.2])}
+    alone, own, largest = rows.values()
+    assert alone["recall_on_category_rows"] == 0.0 and alone["main_source_safe_rows_flagged"] == pytest.approx(1 / 3)
+    # S1 at 0.5 and S2 at 0.2 catch two of the three category rows, no further safe row.
+    assert own["recall_on_category_rows"] == pytest.approx(2 / 3) and own["main_source_safe_rows_flagged"] == pytest.approx(1 / 3)
+    # The largest score at 0.2 catches the same two, and the safe row scoring S1 0.30.
+    assert largest["recall_on_category_rows"] == pytest.approx(2 / 3)
+    assert largest["main_source_safe_rows_flagged"] == pytest.approx(2 / 3)
+    assert all(row["main_source_recall"] == 1.0 for row in rows.values())
+    # A test file: main-source rows only, no category rows to recall.
+    test_rows = predictions[predictions.source == "main"].drop(columns=["source", "category"])
+    assert category_route.route_table(test_rows, metadata, [0.2])[0]["recall_on_category_rows"] is None
+
+
+def test_the_category_route_threshold_is_the_highest_that_reaches_the_recall():
+    binary = np.array([False, False, False, True])  # the last row is caught by the verdict anyway
+    largest = np.array([0.5, 0.3, 0.1, 0.0])
+    assert category_route.highest_threshold_for_recall(binary, largest, 0.75) == pytest.approx(0.3)
+    assert category_route.highest_threshold_for_recall(binary, largest, 1.0) == pytest.approx(0.1)
+    assert category_route.highest_threshold_for_recall(binary, largest, 0.25) == pytest.approx(0.5)
