@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,23 +32,37 @@ import pandas as pd
 from sklearn.metrics import average_precision_score, f1_score
 from sklearn.model_selection import StratifiedKFold
 
-
-def is_main_source(predictions: pd.DataFrame, main_source: str) -> np.ndarray:
-    """A test file is the main source's alone, and its predictions have no `source` column."""
-    if "source" not in predictions:
-        return np.ones(len(predictions), dtype=bool)
-    return (predictions["source"] == main_source).to_numpy()
+from safety_classifier.categories import category_score_rule_of
 
 
-def route_table(predictions: pd.DataFrame, metadata: dict, harm_thresholds: list[float]) -> list[dict]:
-    codes = [category["code"] for category in metadata["categories"]]
+@dataclass
+class RoutePredictions:
+    """A prediction file's columns as the rules need them."""
+
+    category_scores: np.ndarray  # rows x categories, as the classifier reports them
+    binary_unsafe: np.ndarray  # the binary verdict at the stored threshold
+    labels: np.ndarray
+    main_source: np.ndarray  # rows of the main source with a binary label
+    categories: np.ndarray  # each row's category code, "" where it has none
+
+    @classmethod
+    def read(cls, predictions: pd.DataFrame, metadata: dict) -> RoutePredictions:
+        codes = [category["code"] for category in metadata["categories"]]
+        labels = predictions["label"].to_numpy()
+        # A test file is the main source's alone, and its predictions have no `source` column.
+        main = (predictions["source"] == metadata["main_source"]).to_numpy() if "source" in predictions \
+            else np.ones(len(predictions), dtype=bool)
+        categories = (predictions["category"].astype(str).to_numpy() if "category" in predictions
+                      else np.full(len(predictions), "", dtype=object))
+        return cls(predictions[[f"score_{code}" for code in codes]].to_numpy(),
+                   predictions["unsafe_probability"].to_numpy() >= metadata["threshold"],
+                   labels, main & (labels >= 0), categories)
+
+
+def route_table(read: RoutePredictions, metadata: dict, harm_thresholds: list[float]) -> list[dict]:
+    scores, binary, labels, main = read.category_scores, read.binary_unsafe, read.labels, read.main_source
+    category_rows = read.categories != ""
     category_thresholds = np.array([category["threshold"] for category in metadata["categories"]])
-    scores = predictions[[f"score_{code}" for code in codes]].to_numpy()
-    binary = predictions["unsafe_probability"].to_numpy() >= metadata["threshold"]
-    labels = predictions["label"].to_numpy()
-    main = is_main_source(predictions, metadata["main_source"]) & (labels >= 0)
-    category_rows = (predictions["category"].astype(str).to_numpy() != "" if "category" in predictions
-                     else np.zeros(len(predictions), dtype=bool))
     rules = {"the binary verdict alone": binary,
              "or any category at its own threshold": binary | (scores >= category_thresholds).any(axis=1)}
     for threshold in harm_thresholds:
@@ -70,17 +85,13 @@ def highest_threshold_for_recall(binary: np.ndarray, largest: np.ndarray, target
     return 0.0
 
 
-def cross_fitted_route(predictions: pd.DataFrame, metadata: dict, target_recall: float, seed: int = 42) -> list[dict]:
+def cross_fitted_route(read: RoutePredictions, target_recall: float, seed: int = 42) -> list[dict]:
     """Per fold of the category rows: the threshold chosen on the other fold for `target_recall`,
     the recall it reaches on this one, and the main source's safe rows it flags."""
-    codes = [category["code"] for category in metadata["categories"]]
-    largest = predictions[[f"score_{code}" for code in codes]].to_numpy().max(axis=1)
-    binary = predictions["unsafe_probability"].to_numpy() >= metadata["threshold"]
-    labels = predictions["label"].to_numpy()
-    safe_main = is_main_source(predictions, metadata["main_source"]) & (labels == 0)
-    category = predictions["category"].astype(str).to_numpy()
-    rows = np.flatnonzero(category != "")
-    folds = StratifiedKFold(n_splits=2, shuffle=True, random_state=seed).split(rows, category[rows])
+    largest, binary = read.category_scores.max(axis=1), read.binary_unsafe
+    safe_main = read.main_source & (read.labels == 0)
+    rows = np.flatnonzero(read.categories != "")
+    folds = StratifiedKFold(n_splits=2, shuffle=True, random_state=seed).split(rows, read.categories[rows])
     results = []
     for chosen_on, judged_on in folds:
         chosen, judged = rows[chosen_on], rows[judged_on]
@@ -105,15 +116,17 @@ def main() -> None:
     metadata = json.loads((args.model_dir / "safety_classifier.json").read_text())
     if not metadata.get("categories"):
         raise SystemExit(f"error: {args.model_dir} has no category head")
-    if metadata.get("category_score_rule") != "conditional":
-        raise SystemExit(f"error: {args.model_dir}'s category scores are {metadata.get('category_score_rule')!r}, "
-                         "not the bare sigmoids of a head trained with --safe-rows-category-negatives")
+    rule = category_score_rule_of(metadata)  # a directory saved before the rule was stored is "conditional"
+    if rule != "conditional":
+        raise SystemExit(f"error: {args.model_dir}'s category scores are {rule!r}, not the bare sigmoids of a "
+                         "head trained with --safe-rows-category-negatives")
     predictions = pd.read_csv(args.model_dir / f"{args.split}_predictions.csv", keep_default_na=False)
     # The main source is --train-file's, named by its stem as training names it (sources.py).
     metadata["main_source"] = Path(metadata["training_arguments"]["train_file"]).stem
-    main_rows = is_main_source(predictions, metadata["main_source"]) & (predictions["label"] >= 0)
-    auprc = average_precision_score(predictions["label"][main_rows], predictions["unsafe_probability"][main_rows])
-    rows = route_table(predictions, metadata, [float(value) for value in args.harm_thresholds.split(",")])
+    read = RoutePredictions.read(predictions, metadata)
+    main_rows = read.main_source
+    auprc = average_precision_score(read.labels[main_rows], predictions["unsafe_probability"].to_numpy()[main_rows])
+    rows = route_table(read, metadata, [float(value) for value in args.harm_thresholds.split(",")])
     print(f"{metadata['main_source']} {args.split} AUPRC (binary head, every rule): {auprc:.3f}\n")
     print("| Decision | Recall on category rows | Main source: safe rows flagged | Main source: recall | Main source: F1 |")
     print("|---|---:|---:|---:|---:|")
@@ -124,7 +137,7 @@ def main() -> None:
               f"| {row['main_source_recall']:.3f} | {row['main_source_f1']:.3f} |")
     folds = None
     if args.target_recall is not None:
-        folds = cross_fitted_route(predictions, metadata, args.target_recall)
+        folds = cross_fitted_route(read, args.target_recall)
         print(f"\nChosen on one half of the category rows for recall >= {args.target_recall:g}, judged on the other:\n")
         print("| Fold | Threshold | Recall where chosen | Recall on the other half | Main source: safe rows flagged |")
         print("|---|---:|---:|---:|---:|")

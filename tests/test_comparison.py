@@ -214,7 +214,8 @@ def test_the_category_route_counts_what_a_second_threshold_would_flag():
     })
     metadata = {"threshold": 0.5, "main_source": "main",
                 "categories": [{"code": "S1", "threshold": 0.5}, {"code": "S2", "threshold": 0.2}]}
-    rows = {row["rule"]: row for row in category_route.route_table(predictions, metadata, [0.2])}
+    read = category_route.RoutePredictions.read(predictions, metadata)
+    rows = {row["rule"]: row for row in category_route.route_table(read, metadata, [0.2])}
     alone, own, largest = rows.values()
     assert alone["recall_on_category_rows"] == 0.0 and alone["main_source_safe_rows_flagged"] == pytest.approx(1 / 3)
     # S1 at 0.5 and S2 at 0.2 catch two of the three category rows, no further safe row.
@@ -225,7 +226,8 @@ def test_the_category_route_counts_what_a_second_threshold_would_flag():
     assert all(row["main_source_recall"] == 1.0 for row in rows.values())
     # A test file: main-source rows only, no category rows to recall.
     test_rows = predictions[predictions.source == "main"].drop(columns=["source", "category"])
-    assert category_route.route_table(test_rows, metadata, [0.2])[0]["recall_on_category_rows"] is None
+    test_read = category_route.RoutePredictions.read(test_rows, metadata)
+    assert category_route.route_table(test_read, metadata, [0.2])[0]["recall_on_category_rows"] is None
 
 
 def test_the_category_route_threshold_is_the_highest_that_reaches_the_recall():
