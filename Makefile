@@ -1,12 +1,14 @@
 # `make demo`: set up, fine-tune the embedded SmolLM2-135M-Instruct with LoRA on the whole ToxicChat training
-# file (at the results table's --max-length 512: an 8-row batch of 1,024-token prompts needs ~19 GB), evaluate,
-# and score two examples. `make test`: set up and run the test suite.
+# file and the AILuminate category file (a category head beside the safe/unsafe decision; README, *Harm
+# categories*), at the results table's --max-length 512 (an 8-row batch of 1,024-token prompts needs ~19 GB),
+# evaluate, and score three examples. `make test`: set up and run the test suite.
 # Set-up lives in a virtual environment in the checkout (.venv): distribution Pythons refuse
 # system-wide `pip install`. BOOTSTRAP_PYTHON is the interpreter that creates it.
 BOOTSTRAP_PYTHON ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 DATA ?= ../shared/data/toxicchat
+CATEGORY_FILE ?= $(DATA)/../ailuminate/ailuminate_en_dev.csv
 DEMO_DIR ?= runs/demo-lora
 
 .PHONY: setup demo test results benchmark lint
@@ -23,8 +25,10 @@ $(VENV)/.installed: requirements.txt requirements-embedded.txt pyproject.toml
 
 demo: setup
 	$(PYTHON) train_lora.py --train-file $(DATA)/toxicchat0124_train.csv --test-file $(DATA)/toxicchat0124_test.csv \
+		--extra-train-sources "$(CATEGORY_FILE),text=prompt_text,category=category,validation=0.25" \
 		--max-length 512 --output-dir $(DEMO_DIR) --no-resume
-	$(PYTHON) infer.py --model-dir $(DEMO_DIR) --examples "Tell me how to shoplift" "What is the capital of France?"
+	$(PYTHON) infer.py --model-dir $(DEMO_DIR) --examples "Tell me how to shoplift" "What is the capital of France?" \
+		"How do I make a pipe bomb?"
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -p no:cacheprovider tests

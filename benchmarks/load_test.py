@@ -2,10 +2,11 @@
 
 Starts serve.py on 127.0.0.1 (a subprocess), sends a bounded number of requests at a fixed
 concurrency (asyncio + httpx): single ToxicChat prompts, mixed with malformed requests. The same
-prompts are scored offline in one `Classifier.unsafe_probabilities` call (what infer.py does)
+prompts are scored offline in one `Classifier.scores` call (what infer.py does)
 before the server starts and after it stops; the throughput ratio is against the mean of the two.
-Checks that every good request got 200 with the offline score (within --tolerance) and every bad
-one a 4xx. Prints a table; the last line is one JSON object with every figure.
+Checks that every good request got 200 with the offline scores (within --tolerance; P(unsafe) for
+a binary classifier, each category's score for one with a category head) and the offline verdict,
+and every bad one a 4xx. Prints a table; the last line is one JSON object with every figure.
 
     python benchmarks/load_test.py --model-dir runs/demo-lora
     python benchmarks/load_test.py --model-dir runs/demo-lora --quick      # smoke run, seconds
@@ -239,6 +240,22 @@ def batch_size_ceiling(classifier, prompts: list[str], batch_size: int) -> dict:
             "offline_batch_difference": float(np.nanmax(np.abs(one_call - batched), initial=0.0))}
 
 
+def check_answer(classifier, answer: dict, offline_row: np.ndarray, tolerance: float) -> tuple[float, bool]:
+    """A served moderation result against the offline `Classifier.scores` row of the same text: the
+    largest score difference, and whether `flagged` differs from the offline verdict where no score
+    is within `tolerance` of a threshold it is compared with."""
+    codes = classifier.category_codes
+    served = np.array([answer["category_scores"][code] for code in codes] if codes
+                      else [answer["category_scores"]["unsafe"]])
+    difference = float(np.max(np.abs(served - (offline_row[1:] if codes else offline_row[:1]))))
+    near_threshold = abs(offline_row[0] - classifier.threshold) <= tolerance
+    route = getattr(classifier, "category_route_threshold", None)
+    if route is not None:
+        near_threshold |= abs(offline_row[1:].max() - route) <= tolerance
+    expected = classifier.verdict(offline_row)["label"] == "unsafe"
+    return difference, answer["flagged"] != expected and not near_threshold
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rng = random.Random(args.seed)
@@ -259,11 +276,11 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_library_noise()
     classifier = load_classifier(args.model_dir, device=args.device, dtype=args.dtype)
-    classifier.unsafe_probabilities(prompts[:8], show_progress=False)  # warm-up, as the server's
+    classifier.scores(prompts[:8], show_progress=False)  # warm-up, as the server's
 
     def offline_pass() -> tuple[np.ndarray, float]:
         offline_started = time.perf_counter()
-        scores = classifier.unsafe_probabilities(prompts, show_progress=False)
+        scores = classifier.scores(prompts, show_progress=False)
         return scores, time.perf_counter() - offline_started
 
     offline, offline_before_s = offline_pass()
@@ -310,14 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     good_not_200 = sum(result["status"] != 200 for result in good)
     bad_not_4xx = sum(result["status"] != expected_status[result["kind"]] for result in bad)
     differences, flag_mismatches = [], 0
-    for result, probability in zip(good, offline):
+    for result, offline_row in zip(good, offline):
         if result["status"] != 200:
             continue
-        answer = result["body"]["results"][0]
-        difference = abs(answer["category_scores"]["unsafe"] - probability)
-        differences.append(float(difference))
-        near_threshold = abs(probability - classifier.threshold) <= tolerance
-        flag_mismatches += int(answer["flagged"] != bool(probability >= classifier.threshold) and not near_threshold)
+        difference, flag_mismatch = check_answer(classifier, result["body"]["results"][0], offline_row, tolerance)
+        differences.append(difference)
+        flag_mismatches += int(flag_mismatch)
     score_mismatches = int(sum(difference > tolerance for difference in differences))
     latencies_ms = np.array([r["latency"] * 1000 for r in good if r["status"] == 200] or [0.0])
     model_seconds = (metric_value(after, "moderation_batch_duration_seconds_sum")

@@ -16,7 +16,8 @@ source's AUPRC) is the same under every rule. Thresholds are looked at on valida
 test` (the main source's test file: no category rows) reports a threshold chosen there. A
 threshold chosen on the same category rows it is judged on flatters it: `--target-recall R`
 chooses, on each half of the category rows (two seeded folds, stratified by category), the
-highest threshold that reaches recall R there, and reports the recall it gets on the other half.
+highest threshold that reaches recall R there (as training chooses `--category-route-recall`'s),
+and reports the recall it gets on the other half.
 Reads `<split>_predictions.csv` and `safety_classifier.json`; trains and scores nothing.
 """
 
@@ -32,7 +33,7 @@ import pandas as pd
 from sklearn.metrics import average_precision_score, f1_score
 from sklearn.model_selection import StratifiedKFold
 
-from safety_classifier.categories import category_score_rule_of
+from safety_classifier.categories import category_score_rule_of, choose_route_threshold
 
 
 @dataclass
@@ -76,18 +77,10 @@ def route_table(read: RoutePredictions, metadata: dict, harm_thresholds: list[fl
     } for name, unsafe in rules.items()]
 
 
-def highest_threshold_for_recall(binary: np.ndarray, largest: np.ndarray, target_recall: float) -> float:
-    """The highest threshold h of the largest category score at which `binary | (largest >= h)`
-    reaches `target_recall` on these (all harmful) rows; 0 where none does."""
-    for threshold in np.unique(largest)[::-1]:
-        if (binary | (largest >= threshold)).mean() >= target_recall:
-            return float(threshold)
-    return 0.0
-
-
 def cross_fitted_route(read: RoutePredictions, target_recall: float, seed: int = 42) -> list[dict]:
-    """Per fold of the category rows: the threshold chosen on the other fold for `target_recall`,
-    the recall it reaches on this one, and the main source's safe rows it flags."""
+    """Per fold of the category rows: the threshold chosen on the other fold for `target_recall`
+    (`categories.choose_route_threshold`, as training chooses it; None: the binary verdict alone
+    reaches it there), the recall it reaches on this one, and the main source's safe rows it flags."""
     largest, binary = read.category_scores.max(axis=1), read.binary_unsafe
     safe_main = read.main_source & (read.labels == 0)
     rows = np.flatnonzero(read.categories != "")
@@ -95,8 +88,8 @@ def cross_fitted_route(read: RoutePredictions, target_recall: float, seed: int =
     results = []
     for chosen_on, judged_on in folds:
         chosen, judged = rows[chosen_on], rows[judged_on]
-        threshold = highest_threshold_for_recall(binary[chosen], largest[chosen], target_recall)
-        unsafe = binary | (largest >= threshold)
+        threshold = choose_route_threshold(binary[chosen], largest[chosen], target_recall)
+        unsafe = binary if threshold is None else binary | (largest >= threshold)
         results.append({"threshold": threshold, "recall_where_chosen": float(unsafe[chosen].mean()),
                         "recall_on_the_other_half": float(unsafe[judged].mean()),
                         "main_source_safe_rows_flagged": float(unsafe[safe_main].mean())})
@@ -142,7 +135,8 @@ def main() -> None:
         print("| Fold | Threshold | Recall where chosen | Recall on the other half | Main source: safe rows flagged |")
         print("|---|---:|---:|---:|---:|")
         for number, fold in enumerate(folds, 1):
-            print(f"| {number} | {fold['threshold']:.3f} | {fold['recall_where_chosen']:.3f} "
+            threshold = "none" if fold["threshold"] is None else f"{fold['threshold']:.3f}"
+            print(f"| {number} | {threshold} | {fold['recall_where_chosen']:.3f} "
                   f"| {fold['recall_on_the_other_half']:.3f} | {fold['main_source_safe_rows_flagged']:.1%} |")
     print(json.dumps({"model_dir": str(args.model_dir), "split": args.split, "main_source_auprc": auprc,
                       "rules": rows, "cross_fitted": folds}))

@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from safety_classifier.artifacts import read_metadata, write_json_atomically  # noqa: E402
+from safety_classifier.categories import category_route_threshold_of, unsafe_verdicts  # noqa: E402
 from safety_classifier.metrics import classification_metrics, f1_maximising_threshold  # noqa: E402
 
 DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "toxicchat"
@@ -93,13 +94,13 @@ def data_files(data_dir: Path) -> dict[str, Path]:
     return files
 
 
-def jailbreak_recall(test_file: Path, scores: np.ndarray, threshold: float) -> dict:
-    """Recall on the test rows marked jailbreaking (all of them are toxic)."""
+def jailbreak_recall(test_file: Path, unsafe: np.ndarray) -> dict:
+    """Recall on the test rows marked jailbreaking (all of them are toxic), of the verdicts `unsafe`."""
     frame = pd.read_csv(test_file)
-    if len(frame) != len(scores):
-        raise ValueError(f"{test_file} has {len(frame)} rows but {len(scores)} scores")
+    if len(frame) != len(unsafe):
+        raise ValueError(f"{test_file} has {len(frame)} rows but {len(unsafe)} verdicts")
     jailbreak = frame["jailbreaking"].to_numpy() == 1
-    return {"jailbreak_recall": float((scores[jailbreak] >= threshold).mean()), "jailbreak_n": int(jailbreak.sum())}
+    return {"jailbreak_recall": float(np.asarray(unsafe)[jailbreak].mean()), "jailbreak_n": int(jailbreak.sum())}
 
 
 def write_test_scores(destination: Path, scores: np.ndarray, uncalibrated: np.ndarray | None = None) -> None:
@@ -149,7 +150,11 @@ def run_fine_tuned(row: str, files: dict[str, Path], epochs: float) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     predictions = pd.read_csv(run_dir / "test_predictions.csv")
     scores = predictions["unsafe_probability"].to_numpy()
-    metrics["test"].update(jailbreak_recall(files["test"], scores, metrics["test"]["threshold"]))
+    # The classifier's verdicts: a category route, where one is stored, calls unsafe beside P(unsafe).
+    category_scores = predictions[[f"score_{entry['code']}" for entry in metadata.get("categories") or []]].to_numpy()
+    verdicts = unsafe_verdicts(scores, category_scores, metrics["test"]["threshold"],
+                               category_route_threshold_of(metadata))
+    metrics["test"].update(jailbreak_recall(files["test"], verdicts))
     destination = RESULTS_DIR / row
     destination.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "validation_history.json", destination / "validation_history.json")
@@ -204,7 +209,7 @@ def run_baseline(row: str, files: dict[str, Path]) -> dict:
     threshold = f1_maximising_threshold(validation.labels, validation_scores)
     metrics = {"validation": classification_metrics(validation.labels, validation_scores, threshold),
                "test": classification_metrics(test.labels, test_scores, threshold)}
-    metrics["test"].update(jailbreak_recall(files["test"], test_scores, threshold))
+    metrics["test"].update(jailbreak_recall(files["test"], test_scores >= threshold))
     write_test_scores(RESULTS_DIR / row, test_scores)
     return {
         "method": BASELINE_ROWS[row],

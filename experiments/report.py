@@ -86,6 +86,23 @@ def results_table(rows: list[dict]) -> str:
 GOAL_CATEGORY_MACRO_F1, GOAL_BINARY_RECALL, GOAL_AUPRC_DROP, GOAL_EXTRA_TIME = 0.80, 0.90, 0.01, 0.30
 
 
+def route_note(categories: dict) -> str:
+    route = categories.get("category_route_threshold")
+    return "" if route is None else f" (P(unsafe) at its threshold, or the largest category score >= {route:.3f})"
+
+
+def harmful_recall_goal(categories: dict) -> str:
+    """The recall goal's figure: on the rows outside S5, pooled (with and without the category
+    route); rows from before it was stored: the mean of the per-category recalls."""
+    if "binary_recall_harmful" not in categories:
+        recall = [value for code, value in categories["binary_recall_per_category"].items() if code != "S5"]
+        pooled = sum(recall) / len(recall) if recall else float("nan")
+        return f"unsafe recall on S1-S4 and S6-S12, mean over categories, {pooled:.3f} (goal >= {GOAL_BINARY_RECALL})"
+    without = categories.get("binary_recall_harmful_without_route")
+    return (f"unsafe recall on the rows of S1-S4 and S6-S12 {categories['binary_recall_harmful']:.3f} "
+            f"(goal >= {GOAL_BINARY_RECALL})" + ("" if without is None else f"; without the category route {without:.3f}"))
+
+
 def category_tables(rows: list[dict], baseline_row: str = "lora-r16") -> list[str]:
     """For each row with a category head: per-category metrics on the category validation split,
     the binary decision's recall on those rows, and the row against the same recipe without them."""
@@ -98,7 +115,7 @@ def category_tables(rows: list[dict], baseline_row: str = "lora-r16") -> list[st
         lines += ["", f"Categories of **{row['method']}** on the category validation split ({categories['n']} "
                       f"AILuminate prompts held out, stratified by category; thresholds chosen on the same rows): "
                       f"precision, recall and F1 at each category's threshold, AUPRC, and the safe/unsafe decision's "
-                      f"recall on the category's rows at the stored threshold.", "",
+                      f"recall on the category's rows at the stored thresholds{route_note(categories)}.", "",
                   "| Category | Precision | Recall | F1 | AUPRC | Threshold | Rows | Unsafe recall |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         recall = categories["binary_recall_per_category"]
@@ -111,10 +128,7 @@ def category_tables(rows: list[dict], baseline_row: str = "lora-r16") -> list[st
         macro = categories["macro"]
         lines.append(f"| **macro average** | {macro['precision']:.3f} | {macro['recall']:.3f} | **{macro['f1']:.3f}** | "
                      f"{macro['auprc']:.3f} | | {categories['n']} | {categories['binary_recall']:.3f} |")
-        outside_contextual = [value for code, value in recall.items() if code != "S5"]
-        pooled = sum(outside_contextual) / len(outside_contextual) if outside_contextual else float("nan")
-        goals = [f"macro F1 {macro['f1']:.3f} (goal >= {GOAL_CATEGORY_MACRO_F1})",
-                 f"unsafe recall on S1-S4 and S6-S12, mean over categories, {pooled:.3f} (goal >= {GOAL_BINARY_RECALL})",
+        goals = [f"macro F1 {macro['f1']:.3f} (goal >= {GOAL_CATEGORY_MACRO_F1})", harmful_recall_goal(categories),
                  f"top-scored category right on {categories['top1_accuracy']:.3f} of the rows"]
         for split, alarms in (("validation", categories), ("test", row["test"])):
             if alarms.get("safe_rows_category_score_over_threshold") is not None:
@@ -129,8 +143,8 @@ def category_tables(rows: list[dict], baseline_row: str = "lora-r16") -> list[st
                          f"({', '.join(differences)}); rerun this row to compare")
         elif baseline is not None:
             if main_source is not None:
-                goals.append(f"validation AUPRC on its ToxicChat rows (the 280 the other rows are measured on; the "
-                             f"epochs above count the category rows too) {main_source['auprc']:.3f} against "
+                goals.append(f"validation AUPRC on its ToxicChat rows (the 280 the other rows are measured on) "
+                             f"{main_source['auprc']:.3f} against "
                              f"{baseline['validation']['auprc']:.3f}")
             extra = row["training_seconds"] / baseline["training_seconds"] - 1
             goals += [f"ToxicChat test AUPRC {row['test']['auprc']:.3f} against {baseline['test']['auprc']:.3f} for "
@@ -164,7 +178,8 @@ def validation_table(rows: list[dict]) -> list[str]:
         by_epoch += ["—"] * (epochs - len(by_epoch))
         validation = row["validation"]
         if "sources" in validation:
-            method = row["method"] + " (epochs: all its validation rows, ToxicChat and category; saved: its ToxicChat rows)"
+            # Since calibration moved to the main source's rows, the epochs count those rows too (training.py).
+            method = row["method"] + " (its ToxicChat validation rows, the same 280)"
         else:
             method = row["method"]
         lines.append("| " + " | ".join([method, *by_epoch, f"{validation['auprc']:.3f}",

@@ -170,9 +170,16 @@ def safe_row_alarms_label(categories: dict) -> str:
             f"{100 * categories['safe_rows_flagged_with_a_category']:.1f} %")
 
 
+def unsafe_recall_label(categories: dict) -> str:
+    """The verdict's recall on the category rows, and the category route's threshold where one was stored."""
+    route = categories.get("category_route_threshold")
+    return f"{categories['binary_recall']:.3f}" + ("" if route is None else f" (route {route:.3f})")
+
+
 def category_search_table(records: list[dict]) -> str:
     """The settings run with the category source: the ToxicChat validation rows' AUPRC (comparable
-    with the table above), the category macro F1 and the decision's recall on the category rows,
+    with the table above), the category macro F1 and the decision's recall on the category rows
+    (with the category route's threshold where training stored one),
     how category scores were reported (`categories.py`), and the category alarms on the safe
     ToxicChat validation rows (some score over its threshold / flagged with a category; "-" in
     records from before they were measured)."""
@@ -189,7 +196,7 @@ def category_search_table(records: list[dict]) -> str:
         lines.append("| " + " | ".join([
             record["strategy"], setting_label(record), batches_label(record), f"{main['auprc']:.3f}", f"{main['f1']:.3f}",
             f"{categories['macro']['f1']:.3f}", f"{categories['top1_accuracy']:.3f}",
-            f"{categories['binary_recall']:.3f}", record.get("category_score_rule", LEGACY_CATEGORY_SCORE_RULE),
+            unsafe_recall_label(categories), record.get("category_score_rule", LEGACY_CATEGORY_SCORE_RULE),
             safe_row_alarms_label(categories), f"{record['training_seconds'] / 60:.1f} min"]) + " |")
     return "\n".join(lines)
 

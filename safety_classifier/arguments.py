@@ -50,22 +50,25 @@ class DataArguments:
         metadata={"help": "JSON {code: name} or CSV (code,name) naming the categories; codes outside it are refused. "
                           "Default: the project's S1-S12 names, other codes named by themselves."},
     )
+    # Category rows teach categories only, safe main-source rows "no category", and the category head
+    # is a second route to unsafe (--category-route-recall): on validation the main source's rows
+    # reach AUPRC 0.841 against 0.799 with unsafe category rows, at the same category macro F1
+    # and an unsafe recall over 0.90 on the category rows (README, *Category search*).
     category_rows_binary: Literal["unsafe", "unsafe_except_contextual", "unlabelled"] = field(
-        default="unsafe",
-        metadata={"help": "The safe/unsafe label of a category row without a label column: unsafe; unsafe except "
-                          "--contextual-categories (no binary label); or none (no binary loss)."},
+        default="unlabelled",
+        metadata={"help": "The safe/unsafe label of a category row without a label column: none (no binary loss; "
+                          "default); unsafe; or unsafe except --contextual-categories (no binary label)."},
     )
     contextual_categories: list[str] = field(
         default_factory=lambda: ["S5"],
-        metadata={"help": "Categories a safe assistant may answer with care (S5 Specialized Advice), for "
-                          "--category-rows-binary unsafe_except_contextual."},
+        metadata={"help": "Categories a safe assistant may answer with care (S5 Specialized Advice): no binary label "
+                          "under --category-rows-binary unsafe_except_contextual, and outside the rows the category "
+                          "route's recall is chosen on (--category-route-recall)."},
     )
-    # Off by default: on validation the negatives cost 0.056 category macro F1 against joint scores,
-    # which keep category scores low on safe traffic too (README, *Category search*).
     safe_rows_category_negatives: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "Safe rows of the main source also teach every category 0, and category scores are "
-                          "reported as the head gives them (default: they add no category loss, and a category's "
+                          "reported as the head gives them (false: they add no category loss, and a category's "
                           "score is its sigmoid times P(unsafe), see README's *What a category score is*)."},
     )
 
@@ -139,6 +142,13 @@ class RunArguments:
     threshold_for_recall: float | None = field(
         default=None,
         metadata={"help": "Decision threshold: the one reaching this validation recall with the highest precision."},
+    )
+    category_route_recall: float = field(
+        default=0.9,
+        metadata={"help": "With a category head: where the decision threshold catches fewer than this share of the "
+                          "harmful category validation rows (all but --contextual-categories), also call a text "
+                          "unsafe when its largest category score reaches a second threshold, the highest that "
+                          "reaches this share (stored as category_route_threshold); 0: never."},
     )
 
 

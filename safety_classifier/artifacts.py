@@ -27,13 +27,15 @@ from .labels import LabelSchema
 from .modeling import load_sequence_classifier, load_tokenizer, resolve_dtype
 
 METADATA_FILE = "safety_classifier.json"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 """2: a stored `calibration` of P(unsafe), to which the threshold applies. A toolkit that reads only 1
 would ignore it and compare raw scores with a calibrated threshold, so it must refuse; this one
 reads 1 (no calibration: softmax[:, 1], as before) and 2. 3: `categories` (a category head); a
 binary classifier is still written as 2, so that toolkits reading 2 keep loading it. 4:
 `category_score_rule` "joint" (category scores times P(unsafe), `categories.py`), whose thresholds a
-toolkit reading 3 would compare with the head's bare sigmoids; a "conditional" one is still 3."""
+toolkit reading 3 would compare with the head's bare sigmoids; a "conditional" one is still 3. 5: a
+`category_route_threshold` (a second route to unsafe, `categories.py`), which a toolkit reading 4
+would ignore; a classifier without one keeps its earlier number."""
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -56,7 +58,9 @@ def write_metadata(directory: Path, metadata: dict) -> None:
     if not metadata.get("categories"):
         version = 2
     else:
-        version = 3 if category_score_rule_of(metadata) == "conditional" else FORMAT_VERSION
+        version = 3 if category_score_rule_of(metadata) == "conditional" else 4
+        if metadata.get("category_route_threshold") is not None:
+            version = FORMAT_VERSION  # older readers would drop the route and call fewer texts unsafe
     write_json_atomically(directory / METADATA_FILE, {**metadata, "format_version": version})
 
 

@@ -176,14 +176,16 @@ def reliability_curve(labels: ArrayLike, probabilities: ArrayLike, bins: int = E
 
 def bootstrap_f1_interval(labels: ArrayLike, probabilities: ArrayLike, threshold: float, *,
                           resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = 0.95,
-                          seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of F1 at a fixed threshold (rows resampled with replacement).
+                          seed: int = 0, predicted: ArrayLike | None = None) -> tuple[float, float]:
+    """Percentile bootstrap interval of F1 at a fixed threshold (rows resampled with replacement);
+    `predicted`: the verdicts, where they are more than `probabilities >= threshold`.
 
     The threshold is held fixed, so this is the sampling noise of the F1 figure itself; the noise
     of choosing the threshold on the same rows comes on top.
     """
     labels = np.asarray(labels, dtype=bool)
-    predicted = np.asarray(probabilities, dtype=np.float64) >= threshold
+    predicted = (np.asarray(probabilities, dtype=np.float64) >= threshold if predicted is None
+                 else np.asarray(predicted, dtype=bool))
     rows = np.random.default_rng(seed).integers(0, len(labels), size=(resamples, len(labels)))
     true_positive = (predicted & labels)[rows].sum(axis=1)
     false_positive = (predicted & ~labels)[rows].sum(axis=1)

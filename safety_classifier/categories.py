@@ -12,9 +12,17 @@ see alarms on nine safe prompts in ten. So such a classifier reports the "joint"
 sigmoid times the calibrated P(unsafe): P(harmful and of this category). A head also taught that
 safe rows have no category (`--safe-rows-category-negatives`) already scores safe traffic low and
 reports its sigmoid as it is ("conditional"), as do directories saved before the rule was stored.
+
+The category head can also be a second route to "unsafe": a text is unsafe when P(unsafe) reaches
+the decision threshold or its largest category score reaches the route threshold. Training stores
+one (`category_route_threshold`) only where the binary decision alone misses harmful category rows
+(`choose_route_threshold`): a binary head trained on the main source alone learns that source's
+notion of unsafe, not the categories' (README, *A second route to unsafe*).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -37,6 +45,18 @@ def category_score_rule_of(metadata: dict) -> str:
     return rule
 
 
+def category_route_threshold_of(metadata: dict) -> float | None:
+    """The stored route threshold (`category_route_threshold`); None: no route (and before it existed)."""
+    value = metadata.get("category_route_threshold")
+    if value is None:
+        return None
+    if not metadata.get("categories"):
+        raise ModelLoadError("category_route_threshold is stored without a category head")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ModelLoadError(f"category_route_threshold must be a number in [0, 1], not {value!r}")
+    return float(value)
+
+
 def reported_category_scores(category_probabilities: np.ndarray, unsafe_probabilities: np.ndarray,
                              rule: str) -> np.ndarray:
     """(rows x categories) scores as the classifier reports them: the head's sigmoids, times the
@@ -46,24 +66,56 @@ def reported_category_scores(category_probabilities: np.ndarray, unsafe_probabil
     return category_probabilities
 
 
-def flagged_categories(unsafe_probabilities: np.ndarray, category_scores: np.ndarray, threshold: float,
-                       category_thresholds: np.ndarray) -> np.ndarray:
-    """(rows x categories): a category is flagged when the verdict is unsafe and its score reaches
-    the category's own threshold, so a safe verdict never names a harm."""
+def unsafe_verdicts(unsafe_probabilities: np.ndarray, category_scores: np.ndarray | None, threshold: float,
+                    route_threshold: float | None = None) -> np.ndarray:
+    """Per row, the classifier's verdict: P(unsafe) at or over `threshold`, or (with a route) the
+    largest category score at or over `route_threshold`."""
     unsafe = np.asarray(unsafe_probabilities) >= threshold
-    return unsafe[:, None] & (np.asarray(category_scores) >= np.asarray(category_thresholds)[None, :])
+    if route_threshold is not None and category_scores is not None and np.size(category_scores):
+        unsafe = unsafe | (np.asarray(category_scores).max(axis=1) >= route_threshold)
+    return unsafe
+
+
+def flagged_categories(unsafe_probabilities: np.ndarray, category_scores: np.ndarray, threshold: float,
+                       category_thresholds: np.ndarray, route_threshold: float | None = None) -> np.ndarray:
+    """(rows x categories): a category is flagged when the verdict is unsafe and its score reaches
+    the category's own threshold, so a safe verdict never names a harm; a text whose largest score
+    reaches the route threshold also names that category (the one that made it unsafe)."""
+    scores = np.asarray(category_scores)
+    over = scores >= np.asarray(category_thresholds)[None, :]
+    if route_threshold is not None and scores.size:
+        routed = np.flatnonzero(scores.max(axis=1) >= route_threshold)
+        over[routed, scores[routed].argmax(axis=1)] = True
+    unsafe = unsafe_verdicts(unsafe_probabilities, scores, threshold, route_threshold)
+    return unsafe[:, None] & over
 
 
 def safe_row_alarms(unsafe_probabilities: np.ndarray, category_scores: np.ndarray, threshold: float,
-                    category_thresholds: np.ndarray) -> dict:
+                    category_thresholds: np.ndarray, route_threshold: float | None = None) -> dict:
     """On rows labelled safe (pass only those): the share with some category score at or over its
     threshold (what a client reading `category_scores` alone would see), and the share flagged with
     a category (`flagged_categories`, what `infer.py` and `serve.py` report)."""
     over = (np.asarray(category_scores) >= np.asarray(category_thresholds)[None, :]).any(axis=1)
-    flagged = flagged_categories(unsafe_probabilities, category_scores, threshold, category_thresholds).any(axis=1)
+    flagged = flagged_categories(unsafe_probabilities, category_scores, threshold, category_thresholds,
+                                 route_threshold).any(axis=1)
     n = len(over)
     return {"safe_rows_category_score_over_threshold": float(over.mean()) if n else None,
             "safe_rows_flagged_with_a_category": float(flagged.mean()) if n else None, "safe_rows_n": int(n)}
+
+
+def choose_route_threshold(binary_unsafe: np.ndarray, largest_category_scores: np.ndarray,
+                           target_recall: float) -> float | None:
+    """On harmful rows (pass only those): the highest threshold h of the largest category score at
+    which `binary_unsafe | (largest >= h)` reaches `target_recall`, so that the route flags as few
+    other texts as it can; None where the binary verdict alone reaches it (no route needed)."""
+    if not 0 < target_recall <= 1:
+        raise ValueError(f"a route's target recall must be in (0, 1], not {target_recall}")
+    binary_unsafe = np.asarray(binary_unsafe, dtype=bool)
+    needed = math.ceil(target_recall * len(binary_unsafe) - 1e-9) - int(binary_unsafe.sum())
+    if needed <= 0:
+        return None
+    missed = np.sort(np.asarray(largest_category_scores, dtype=np.float64)[~binary_unsafe])[::-1]
+    return float(missed[needed - 1])
 
 
 def category_loss_sum(category_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

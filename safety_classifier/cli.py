@@ -48,9 +48,13 @@ def train_main(strategy: str, argv: Sequence[str] | None = None) -> int:
 
     def train() -> None:
         from .calibration import check_threshold_targets
+        from .errors import ThresholdTargetError
 
         # A bad target is refused now, not after the training it would waste.
         check_threshold_targets(plan.run.threshold_for_precision, plan.run.threshold_for_recall)
+        if not 0.0 <= plan.run.category_route_recall <= 1.0:
+            raise ThresholdTargetError(f"--category-route-recall must be in [0, 1] (0: no route), "
+                                       f"got {plan.run.category_route_recall}")
         train_classifier(plan)
 
     return _exit_on_user_error(train)
@@ -128,7 +132,9 @@ def _infer(args: InferenceArguments) -> int:
             print(f"{result['label']:<7} {result['unsafe_probability']:.4f}  " + "  ".join([*flagged, preview]))
     if labels is not None:
         scores = [result["unsafe_probability"] for result in results]
-        metrics = classification_metrics(labels, scores, classifier.threshold)
+        # F1 and the like are of the verdicts printed (a category route included), AUPRC of P(unsafe).
+        metrics = classification_metrics(labels, scores, classifier.threshold,
+                                         predicted=[result["label"] == "unsafe" for result in results])
         print(format_metrics_table({Path(args.input_file).name: metrics}), file=sys.stderr if args.json else sys.stdout)
         if args.metrics_out:
             Path(args.metrics_out).write_text(json.dumps(metrics, indent=2) + "\n")

@@ -15,7 +15,13 @@ from transformers import PreTrainedTokenizerBase
 
 from .artifacts import METADATA_FILE, load_classifier_model, read_metadata
 from .calibration import IDENTITY, Calibration
-from .categories import category_score_rule_of, flagged_categories, reported_category_scores
+from .categories import (
+    category_route_threshold_of,
+    category_score_rule_of,
+    flagged_categories,
+    reported_category_scores,
+    unsafe_verdicts,
+)
 from .errors import ModelLoadError
 from .labels import LabelSchema, split_logits
 from .modeling import ID2LABEL, default_device
@@ -268,6 +274,8 @@ class Classifier:
         self.category_score_rule = category_score_rule_of(self.metadata)
         self.category_thresholds = np.asarray(
             [float(entry.get("threshold", 0.5)) for entry in self.metadata.get("categories") or []], dtype=np.float64)
+        # A text is also unsafe when its largest category score reaches this (None: no route).
+        self.category_route_threshold = category_route_threshold_of(self.metadata)
 
     @property
     def category_codes(self) -> list[str]:
@@ -298,20 +306,24 @@ class Classifier:
         categories = reported_category_scores(category_scores_of(logits), unsafe, self.category_score_rule)
         return np.concatenate([unsafe[:, None], categories], axis=1)
 
-    def label(self, unsafe_probability: float) -> str:
-        return ID2LABEL[int(unsafe_probability >= self.threshold)]
+    def unsafe(self, scores: np.ndarray) -> np.ndarray:
+        """The verdict per row of `scores`: P(unsafe) at or over the threshold, or, where the
+        classifier stores a category route, its largest category score at or over the route's."""
+        scores = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1)
+        return unsafe_verdicts(scores[:, 0], scores[:, 1:], self.threshold, self.category_route_threshold)
 
     def verdict(self, row: Sequence[float]) -> dict:
         """The answer for one row of `scores`: label and P(unsafe); with a category head, `categories`
         (a category is flagged when the prompt is unsafe and its score reaches the category's own
-        threshold, so a safe verdict never names a harm) and `category_scores`, the OpenAI
-        moderation API's field names."""
+        threshold, so a safe verdict never names a harm; a text the category route made unsafe
+        names the category that did) and `category_scores`, the OpenAI moderation API's field names."""
         unsafe_probability = float(row[0])
-        result = {"label": self.label(unsafe_probability), "unsafe_probability": unsafe_probability}
+        unsafe = bool(self.unsafe(np.asarray([row]))[0])
+        result = {"label": ID2LABEL[int(unsafe)], "unsafe_probability": unsafe_probability}
         if self.schema.has_categories:
             category_scores = np.asarray(row[1:], dtype=np.float64)
             flagged = flagged_categories(np.asarray([unsafe_probability]), category_scores[None, :],
-                                         self.threshold, self.category_thresholds)[0]
+                                         self.threshold, self.category_thresholds, self.category_route_threshold)[0]
             result["categories"] = {code: bool(on) for code, on in zip(self.category_codes, flagged)}
             result["category_scores"] = {code: float(score) for code, score in zip(self.category_codes, category_scores)}
         return result

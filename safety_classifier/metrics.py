@@ -43,16 +43,21 @@ def _ranking_metric(metric, labels: np.ndarray, scores: np.ndarray) -> float | N
     return None if math.isnan(value) else value
 
 
-def classification_metrics(labels: np.ndarray, unsafe_probabilities: np.ndarray, threshold: float) -> dict:
+def classification_metrics(labels: np.ndarray, unsafe_probabilities: np.ndarray, threshold: float,
+                           predicted: np.ndarray | None = None) -> dict:
     """accuracy, precision, recall, F1 (unsafe = positive class) at `threshold`, ROC-AUC and AUPRC, and
-    how well the scores are calibrated: ECE (15 equal-width bins) and Brier score."""
+    how well the scores are calibrated: ECE (15 equal-width bins) and Brier score. `predicted`: the
+    verdicts where they are more than P(unsafe) >= threshold (a category route,
+    `categories.unsafe_verdicts`); the ranking and calibration figures are P(unsafe)'s either way."""
     labels = np.asarray(labels, dtype=np.int64)
     scores = np.asarray(unsafe_probabilities, dtype=np.float64)
     if len(labels) != len(scores):
         raise ValueError(f"{len(labels)} labels but {len(scores)} scores")
     if len(labels) == 0:
         raise ValueError("no rows to compute metrics on")
-    predictions = (scores >= threshold).astype(np.int64)
+    predictions = (scores >= threshold if predicted is None else np.asarray(predicted, dtype=bool)).astype(np.int64)
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(labels)} labels but {len(predictions)} verdicts")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zero_division is handled explicitly below
         precision, recall, f1, _ = precision_recall_fscore_support(

@@ -77,9 +77,11 @@ from .categories import (
     category_metrics,
     category_rows,
     choose_category_thresholds,
+    choose_route_threshold,
     format_category_table,
     reported_category_scores,
     safe_row_alarms,
+    unsafe_verdicts,
 )
 from .console import EpochSummaryProgress
 from .data import LabelledSplit, Splits, load_splits
@@ -497,9 +499,11 @@ def write_predictions(path: Path, split: LabelledSplit, probabilities: np.ndarra
     pd.DataFrame(columns).to_csv(path, index=False, float_format="%.6g")
 
 
-def split_metrics(split: LabelledSplit, margins: np.ndarray, calibration: Calibration, threshold: float) -> dict:
-    """The metrics of calibrated scores at `threshold`, plus ECE and Brier of the uncalibrated softmax."""
-    metrics = classification_metrics(split.labels, calibration.probabilities(margins), threshold)
+def split_metrics(split: LabelledSplit, margins: np.ndarray, calibration: Calibration, threshold: float,
+                  verdicts: np.ndarray | None = None) -> dict:
+    """The metrics of calibrated scores at `threshold` (of `verdicts` where given: a category route),
+    plus ECE and Brier of the uncalibrated softmax."""
+    metrics = classification_metrics(split.labels, calibration.probabilities(margins), threshold, verdicts)
     raw = IDENTITY.probabilities(margins)
     metrics["uncalibrated"] = {"ece": expected_calibration_error(split.labels, raw),
                                "brier": brier_score(split.labels, raw)}
@@ -532,7 +536,7 @@ def clear_previous_results(output_dir: Path) -> None:
 
 # Options that change nothing about the trained weights may differ on resume.
 _RESUME_NEUTRAL_OPTIONS = ("resume", "keep_checkpoints", "merge", "logging_steps", "output_dir",
-                           "calibration", "threshold_for_precision", "threshold_for_recall")
+                           "calibration", "threshold_for_precision", "threshold_for_recall", "category_route_recall")
 _RUN_ARGUMENTS_FILE = "run_arguments.json"
 
 
@@ -778,11 +782,13 @@ class Evaluation:
     threshold: float
     threshold_rule: dict
     category_thresholds: np.ndarray | None
+    category_route_threshold: float | None = None
 
     def metadata(self, schema: LabelSchema) -> dict:
         """The entries of `safety_classifier.json` fitted on validation."""
         categories = ({"categories": [{**entry, "threshold": float(value)} for entry, value
-                                      in zip(schema.to_metadata(), self.category_thresholds)]}
+                                      in zip(schema.to_metadata(), self.category_thresholds)],
+                       "category_route_threshold": self.category_route_threshold}
                       if self.category_thresholds is not None else {})
         return {"calibration": self.calibration.to_metadata(), "threshold_rule": self.threshold_rule,
                 "threshold": self.threshold, **categories}
@@ -799,10 +805,24 @@ class Evaluation:
             f"Brier {validation['uncalibrated']['brier']:.4f} -> {validation['brier']:.4f}",
             f"decision threshold ({describe_rule(self.threshold_rule)}, calibrated scores): {self.threshold:.4f}; "
             f"validation F1 {validation['f1']:.4f}, 95 % bootstrap interval [{low:.4f}, {high:.4f}]",
-            *([f"categories (validation rows of the category sources; each at its own threshold; binary recall "
-               f"on them at the decision threshold: {validation['categories']['binary_recall']:.4f}):",
+            *([describe_category_route(validation["categories"]),
+               "categories (validation rows of the category sources; each at its own threshold):",
                format_category_table(validation["categories"])] if self.category_thresholds is not None else []),
         ]
+
+
+def describe_category_route(categories: dict) -> str:
+    """One line: the verdict's recall on the category validation rows, and the route's part in it."""
+    share = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
+    recall = (f"unsafe recall on the category validation rows {share(categories['binary_recall'], '.4f')}, on those "
+              f"outside the contextual categories {share(categories['binary_recall_harmful'], '.4f')}")
+    route = categories.get("category_route_threshold")
+    if route is None:
+        return recall + " (no category route)"
+    return (f"{recall}, with the category route (largest category score >= {route:.4f} is unsafe too; without "
+            f"it {share(categories['binary_recall_harmful_without_route'], '.4f')}); the main source's safe "
+            f"validation rows called unsafe {share(categories['safe_rows_unsafe'], '.2%')} (without the route "
+            f"{share(categories['safe_rows_unsafe_without_route'], '.2%')})")
 
 
 def evaluate_classifier(plan: TrainingPlan, splits: Splits, model: torch.nn.Module, tokenizer) -> Evaluation:
@@ -834,51 +854,64 @@ def evaluate_classifier(plan: TrainingPlan, splits: Splits, model: torch.nn.Modu
             f"{error}. The checkpoints are kept in {output_dir / 'checkpoints'}: a rerun with another target "
             f"resumes from the last one instead of training again"
         ) from None
-    metrics = {"validation": split_metrics(validation, validation_margins, calibration, threshold)}
-    f1_interval = bootstrap_f1_interval(validation.labels, validation_scores, threshold, seed=plan.run.seed)
-    metrics["validation"]["f1_interval"] = list(f1_interval)
-    if splits.validation.sources is not None:
-        labelled = splits.validation.binary_rows
-        metrics["validation"]["sources"] = source_metrics(
-            splits.validation.subset(labelled), all_validation_scores[labelled], threshold)
-    category_thresholds = None
     category_scores = lambda split_logits, unsafe: (  # noqa: E731 (as the classifier will report them)
         reported_category_scores(category_scores_of(split_logits), unsafe, category_score_rule_for(plan))
         if splits.schema.has_categories else None)
     validation_category_scores = category_scores(validation_logits, all_validation_scores)
+    category_thresholds = route_threshold = category_report = None
     if splits.schema.has_categories:
-        category_thresholds, metrics["validation"]["categories"] = evaluate_categories(
-            splits, validation_category_scores, all_validation_scores, threshold)
+        category_thresholds, route_threshold, category_report = evaluate_categories(
+            splits, validation_category_scores, all_validation_scores, threshold,
+            route_recall=plan.run.category_route_recall, contextual_categories=plan.data.contextual_categories)
+    # What the classifier will answer: P(unsafe) >= threshold, or a category route where one is stored.
+    verdicts = lambda unsafe, categories: unsafe_verdicts(unsafe, categories, threshold, route_threshold)  # noqa: E731
+    all_validation_verdicts = verdicts(all_validation_scores, validation_category_scores)
+    metrics = {"validation": split_metrics(validation, validation_margins, calibration, threshold,
+                                           all_validation_verdicts[calibration_rows])}
+    f1_interval = bootstrap_f1_interval(validation.labels, validation_scores, threshold, seed=plan.run.seed,
+                                        predicted=all_validation_verdicts[calibration_rows])
+    metrics["validation"]["f1_interval"] = list(f1_interval)
+    if splits.validation.sources is not None:
+        labelled = splits.validation.binary_rows
+        metrics["validation"]["sources"] = source_metrics(
+            splits.validation.subset(labelled), all_validation_scores[labelled], threshold,
+            all_validation_verdicts[labelled])
+    if category_report is not None:
+        metrics["validation"]["categories"] = category_report
     write_predictions(output_dir / "validation_predictions.csv", splits.validation, all_validation_scores,
                       validation_logits, splits.schema.codes, validation_category_scores)
     if splits.test is not None:
         test_logits = logits(splits.test)
         test_margins = margins_of(test_logits)
         test_scores = calibration.probabilities(test_margins)
-        metrics["test"] = split_metrics(splits.test, test_margins, calibration, threshold)
         test_category_scores = category_scores(test_logits, test_scores)
+        metrics["test"] = split_metrics(splits.test, test_margins, calibration, threshold,
+                                        verdicts(test_scores, test_category_scores))
         if category_thresholds is not None:
             safe = splits.test.labels == 0
             metrics["test"].update(safe_row_alarms(test_scores[safe], test_category_scores[safe], threshold,
-                                                   category_thresholds))
+                                                   category_thresholds, route_threshold))
         write_predictions(output_dir / "test_predictions.csv", splits.test, test_scores,
                           test_logits, splits.schema.codes, test_category_scores)
-    return Evaluation(metrics, calibration, threshold, threshold_rule, category_thresholds)
+    return Evaluation(metrics, calibration, threshold, threshold_rule, category_thresholds, route_threshold)
 
 
-def source_metrics(validation: LabelledSplit, scores: np.ndarray, threshold: float) -> dict:
+def source_metrics(validation: LabelledSplit, scores: np.ndarray, threshold: float, verdicts: np.ndarray) -> dict:
     """The safe/unsafe metrics of each source's validation rows (AUPRC is None for a source whose
     rows are all unsafe; its recall is what counts there)."""
-    return {str(name): classification_metrics(validation.labels[rows], scores[rows], threshold)
+    return {str(name): classification_metrics(validation.labels[rows], scores[rows], threshold, verdicts[rows])
             for name in dict.fromkeys(validation.sources)
             for rows in [np.flatnonzero(validation.sources == name)]}
 
 
-def evaluate_categories(splits: Splits, category_scores: np.ndarray, unsafe_scores: np.ndarray,
-                        threshold: float) -> tuple[np.ndarray, dict]:
+def evaluate_categories(splits: Splits, category_scores: np.ndarray, unsafe_scores: np.ndarray, threshold: float, *,
+                        route_recall: float, contextual_categories: list[str]) -> tuple[np.ndarray, float | None, dict]:
     """Per-category thresholds (max F1) and metrics on the category sources' validation rows (those
-    with a category), the binary decision's recall on them, overall and per category, and the
-    category alarms on the main source's safe validation rows (`safe_row_alarms`)."""
+    with a category); the category route's threshold (`categories.choose_route_threshold`, on the
+    rows with a category outside `contextual_categories`; None where the decision threshold alone
+    reaches `route_recall`, or it is 0); the verdict's recall on the category rows, overall, on the
+    harmful ones and per category; and the category alarms on the main source's safe validation
+    rows (`safe_row_alarms`)."""
     targets = splits.validation.categories
     rows = np.flatnonzero(targets.max(axis=1) >= 1) if targets.size else np.zeros(0, dtype=np.int64)
     if not len(rows):
@@ -886,16 +919,28 @@ def evaluate_categories(splits: Splits, category_scores: np.ndarray, unsafe_scor
     scores = category_scores[rows]
     thresholds = choose_category_thresholds(targets[rows], scores)
     metrics = category_metrics(splits.schema, targets[rows], scores, thresholds)
+    harmful_codes = [index for index, code in enumerate(splits.schema.codes) if code not in contextual_categories]
+    harmful = targets[rows][:, harmful_codes].max(axis=1) >= 1 if harmful_codes else np.zeros(len(rows), dtype=bool)
+    binary = unsafe_scores[rows] >= threshold
+    route = (choose_route_threshold(binary[harmful], scores[harmful].max(axis=1), route_recall)
+             if route_recall > 0 and harmful.any() else None)
     calibration_rows = splits.calibration_rows
     safe = calibration_rows[splits.validation.labels[calibration_rows] == 0]
-    metrics.update(safe_row_alarms(unsafe_scores[safe], category_scores[safe], threshold, thresholds))
-    flagged = unsafe_scores[rows] >= threshold
-    metrics["binary_recall"] = float(flagged.mean())
+    metrics.update(safe_row_alarms(unsafe_scores[safe], category_scores[safe], threshold, thresholds, route))
+    flagged = unsafe_verdicts(unsafe_scores[rows], scores, threshold, route)
+    safe_flagged = unsafe_verdicts(unsafe_scores[safe], category_scores[safe], threshold, route)
+    mean = lambda values: float(values.mean()) if len(values) else None  # noqa: E731
+    metrics.update({"category_route_threshold": route, "binary_recall": mean(flagged),
+                    "binary_recall_harmful": mean(flagged[harmful]), "safe_rows_unsafe": mean(safe_flagged)})
+    if route is not None:
+        metrics.update({"binary_recall_without_route": mean(binary),
+                        "binary_recall_harmful_without_route": mean(binary[harmful]),
+                        "safe_rows_unsafe_without_route": mean(unsafe_scores[safe] >= threshold)})
     metrics["binary_recall_per_category"] = {
         code: float(flagged[targets[rows, index] == 1].mean()) for index, code in enumerate(splits.schema.codes)
         if (targets[rows, index] == 1).any()
     }
-    return thresholds, metrics
+    return thresholds, route, metrics
 
 
 def write_merged_classifier(model, tokenizer, directory: Path, metadata: dict, plan: TrainingPlan) -> None:

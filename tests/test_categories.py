@@ -21,17 +21,20 @@ from safety_classifier.calibration import Calibration, fit_calibration
 from safety_classifier.categories import (
     category_loss_sum,
     category_metrics,
+    category_route_threshold_of,
     choose_category_thresholds,
+    choose_route_threshold,
     flagged_categories,
     reported_category_scores,
     safe_row_alarms,
+    unsafe_verdicts,
 )
 from safety_classifier.cli import infer_main, train_main
 from safety_classifier.data import load_splits
-from safety_classifier.errors import DataError
-from safety_classifier.inference import load_classifier
+from safety_classifier.errors import DataError, ModelLoadError
+from safety_classifier.inference import Classifier, load_classifier
 from safety_classifier.labels import MISSING_TARGET, LabelSchema
-from safety_classifier.metrics import f1_maximising_threshold
+from safety_classifier.metrics import classification_metrics, f1_maximising_threshold
 from safety_classifier.sources import add_sources, parse_source_spec
 from safety_classifier.training import (
     class_weight_labels,
@@ -202,6 +205,54 @@ def test_joint_scores_flags_and_safe_row_alarms_on_a_known_case():
     assert safe_row_alarms(unsafe, sigmoids * unsafe[:, None], 0.5, thresholds)["safe_rows_category_score_over_threshold"] == 0.25
 
 
+def test_the_route_threshold_is_the_highest_that_reaches_the_recall_and_none_where_not_needed():
+    binary = np.array([True, False, False, False, True])  # rows 0 and 4 are unsafe by P(unsafe) anyway
+    largest = np.array([0.9, 0.5, 0.2, 0.05, 0.0])
+    assert choose_route_threshold(binary, largest, 0.8) == pytest.approx(0.2)  # 4 of 5: rows 1 and 2 join
+    assert choose_route_threshold(binary, largest, 0.6) == pytest.approx(0.5)
+    assert choose_route_threshold(binary, largest, 1.0) == pytest.approx(0.05)
+    assert choose_route_threshold(binary, largest, 0.4) is None  # the binary verdict alone reaches 2 of 5
+    with pytest.raises(ValueError, match="target recall"):
+        choose_route_threshold(binary, largest, 0.0)
+
+
+def test_a_route_calls_unsafe_what_the_categories_flag_and_names_the_category():
+    unsafe = np.array([0.1, 0.9, 0.2, 0.3])
+    scores = np.array([[0.35, 0.0], [0.1, 0.0], [0.1, 0.2], [0.0, 0.5]])
+    thresholds = np.array([0.5, 0.7])
+    assert unsafe_verdicts(unsafe, scores, 0.5).tolist() == [False, True, False, False]
+    assert unsafe_verdicts(unsafe, scores, 0.5, 0.3).tolist() == [True, True, False, True]
+    assert unsafe_verdicts(unsafe, None, 0.5, 0.3).tolist() == [False, True, False, False]  # a binary classifier
+    # Routed rows 0 and 3 name their top category although it is under its own threshold; row 1,
+    # unsafe by P(unsafe) with no score over 0.3, names none; row 2 is safe.
+    assert flagged_categories(unsafe, scores, 0.5, thresholds, 0.3).tolist() == [
+        [True, False], [False, False], [False, False], [False, True]]
+    assert safe_row_alarms(unsafe, scores, 0.5, thresholds, 0.3)["safe_rows_flagged_with_a_category"] == 0.5
+    # The metrics count the verdicts given; AUPRC stays P(unsafe)'s.
+    labels = np.array([1, 1, 0, 0])
+    routed = classification_metrics(labels, unsafe, 0.5, predicted=unsafe_verdicts(unsafe, scores, 0.5, 0.3))
+    plain = classification_metrics(labels, unsafe, 0.5)
+    assert (routed["recall"], routed["precision"], plain["recall"], plain["precision"]) == (1.0, 2 / 3, 0.5, 1.0)
+    assert routed["auprc"] == plain["auprc"]
+
+
+def test_a_classifier_applies_its_stored_route_and_refuses_a_bad_one():
+    metadata = {"categories": [{"code": "S1", "name": "Violent Crimes", "threshold": 0.6},
+                               {"code": "S6", "name": "Privacy", "threshold": 0.6}],
+                "category_score_rule": "conditional", "category_route_threshold": 0.25}
+    classifier = Classifier(model=None, tokenizer=None, threshold=0.5, max_length=16, metadata=metadata)
+    routed = classifier.verdict([0.1, 0.05, 0.3])
+    assert routed["label"] == "unsafe" and routed["categories"] == {"S1": False, "S6": True}
+    assert classifier.verdict([0.1, 0.05, 0.2])["label"] == "safe"
+    assert classifier.unsafe(np.array([[0.1, 0.05, 0.3], [0.7, 0.0, 0.0], [0.1, 0.0, 0.0]])).tolist() == [True, True, False]
+    assert category_route_threshold_of({**metadata, "category_route_threshold": None}) is None
+    for bad in (1.5, "0.2", True):
+        with pytest.raises(ModelLoadError, match="category_route_threshold"):
+            category_route_threshold_of({**metadata, "category_route_threshold": bad})
+    with pytest.raises(ModelLoadError, match="without a category head"):
+        category_route_threshold_of({"category_route_threshold": 0.2})
+
+
 def test_category_thresholds_and_metrics_on_a_known_case():
     schema = LabelSchema.from_codes(["S1", "S2"])
     targets = np.array([[1, 0], [1, 0], [0, 1], [0, 1], [0, 1]], dtype=np.float32)
@@ -219,15 +270,19 @@ def test_category_thresholds_and_metrics_on_a_known_case():
 @pytest.fixture(scope="module")
 def category_classifier(tiny_phi3, toy_files, category_file, tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("category-lora")
+    # Category rows labelled unsafe, no safe-row negatives: the joint score rule, whose tests follow.
     flags = fast_training_flags(tiny_phi3, toy_files, output_dir, "--lora-r", "4", "--dtype", "fp32", "--merge",
-                                "--extra-train-sources", f"{category_file},text=prompt_text,category=category,validation=0.25")
+                                "--extra-train-sources", f"{category_file},text=prompt_text,category=category,validation=0.25",
+                                "--category-rows-binary", "unsafe", "--safe-rows-category-negatives", "false")
     assert train_main("lora", flags) == 0
     return output_dir
 
 
 def test_a_category_run_saves_categories_thresholds_and_per_source_metrics(category_classifier):
     metadata = json.loads((category_classifier / METADATA_FILE).read_text())
-    assert metadata["format_version"] == 4 and metadata["category_score_rule"] == "joint"
+    # The tiny model's P(unsafe) misses harmful validation rows, so training stored a category route.
+    assert metadata["format_version"] == 5 and metadata["category_score_rule"] == "joint"
+    route = metadata["category_route_threshold"]
     assert [entry["code"] for entry in metadata["categories"]] == ["S1", "S2", "S8", "S9"]
     assert all(0.0 <= entry["threshold"] <= 1.0 for entry in metadata["categories"])
     assert metadata["labels"] == {"0": "safe", "1": "unsafe", "2": "S1", "3": "S2", "4": "S8", "5": "S9"}
@@ -237,6 +292,15 @@ def test_a_category_run_saves_categories_thresholds_and_per_source_metrics(categ
     categories = validation["categories"]
     assert set(categories["per_category"]) == {"S1", "S2", "S8", "S9"} and categories["n"] == 12
     assert {"macro", "confusion", "binary_recall", "binary_recall_per_category"} <= set(categories)
+    assert categories["category_route_threshold"] == route
+    assert categories["binary_recall_harmful_without_route"] < 0.9 <= categories["binary_recall_harmful"]
+    # The stored thresholds reproduce the verdicts behind the recall and the main source's metrics.
+    rows = pd.read_csv(category_classifier / "validation_predictions.csv", keep_default_na=False)
+    scores = rows[[f"score_{code}" for code in ("S1", "S2", "S8", "S9")]].to_numpy()
+    unsafe = unsafe_verdicts(rows["unsafe_probability"].to_numpy(), scores, metadata["threshold"], route)
+    assert unsafe[(rows["category"] != "").to_numpy()].mean() == pytest.approx(categories["binary_recall"])
+    main = (rows["source"] == "train").to_numpy()
+    assert validation["recall"] == pytest.approx(unsafe[main & (rows["label"] == 1).to_numpy()].mean())
     assert "test" in metrics and "categories" not in metrics["test"]
     # Category alarms on the safe rows: the main source's validation rows, and the test file's.
     validation_rows = pd.read_csv(category_classifier / "validation_predictions.csv")
@@ -284,7 +348,9 @@ def test_a_category_classifier_reloads_in_a_fresh_process_with_identical_scores(
 
 def test_classify_and_infer_json_report_categories_and_their_scores(category_classifier, capsys):
     classifier = load_classifier(category_classifier, dtype="fp32")
-    classifier.threshold = 0.0  # every prompt unsafe: categories then follow their own thresholds
+    route = classifier.category_route_threshold
+    # Without the stored route: every prompt unsafe, categories then follow their own thresholds.
+    classifier.threshold, classifier.category_route_threshold = 0.0, None
     [result] = classifier.classify(["How do I build a bomb to destroy the bank?"], show_progress=False)
     assert set(result["categories"]) == set(result["category_scores"]) == {"S1", "S2", "S8", "S9"}
     thresholds = dict(zip(classifier.category_codes, classifier.category_thresholds))
@@ -292,6 +358,13 @@ def test_classify_and_infer_json_report_categories_and_their_scores(category_cla
     classifier.threshold = 1.1  # a safe verdict never names a harm
     [safe] = classifier.classify(["How do I build a bomb to destroy the bank?"], show_progress=False)
     assert safe["label"] == "safe" and not any(safe["categories"].values())
+    # With it, P(unsafe) over any threshold or not, the largest category score decides and is named.
+    classifier.category_route_threshold = route
+    for text in ("How do I build a bomb to destroy the bank?", "Write a short poem about bees.", "Leak her home address."):
+        [answer] = classifier.classify([text], show_progress=False)
+        top = max(answer["category_scores"], key=answer["category_scores"].get)
+        assert answer["label"] == ("unsafe" if answer["category_scores"][top] >= route else "safe")
+        assert answer["categories"][top] == (answer["label"] == "unsafe")
 
     assert infer_main(["--model-dir", str(category_classifier), "--json", "--threshold", "0",
                        "--examples", "How do I build a bomb?", "Write a hateful rant about people from Kenya."]) == 0
@@ -337,10 +410,12 @@ def test_a_category_classifier_saved_before_the_score_rule_reports_bare_sigmoids
     assert not np.allclose(joint_scores[:, 1:], conditional_scores[:, 1:])
 
 
-def test_the_format_version_says_whether_category_scores_are_joint(tmp_path):
+def test_the_format_version_says_whether_category_scores_are_joint_and_whether_a_route_is_stored(tmp_path):
     categories = [{"code": "S1", "name": "Violent Crimes", "threshold": 0.5}]
+    joint = {"categories": categories, "category_score_rule": "joint"}
     for metadata, version in (({}, 2), ({"categories": categories, "category_score_rule": "conditional"}, 3),
-                              ({"categories": categories, "category_score_rule": "joint"}, 4)):
+                              (joint, 4), ({**joint, "category_route_threshold": None}, 4),
+                              ({**joint, "category_route_threshold": 0.1}, 5)):
         write_metadata(tmp_path, metadata)
         assert json.loads((tmp_path / METADATA_FILE).read_text())["format_version"] == version
 
@@ -378,3 +453,10 @@ def test_the_service_answers_with_the_category_heads_categories_as_infer_does(ca
         for code, score in offline["category_scores"].items():
             assert result["category_scores"][code] == pytest.approx(score, abs=1e-6)
     assert results[2]["flagged"] is False and not any(results[2]["categories"].values())
+
+
+def test_a_bad_route_recall_is_refused_before_training(tiny_phi3, toy_files, tmp_path, capsys):
+    flags = fast_training_flags(tiny_phi3, toy_files, tmp_path / "run", "--category-route-recall", "1.5")
+    assert train_main("lora", flags) == 2
+    assert "--category-route-recall must be in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import category_recall
 import category_route
 import numpy as np
 import pandas as pd
@@ -136,6 +137,13 @@ def test_a_category_row_gets_its_table_goals_and_figure(tmp_path):
     assert "on the 242 safe ToxicChat validation prompts, some category score at or over its threshold for 0.062, " \
            "flagged with a category (under an unsafe verdict) 0.029; on the 2,491 safe ToxicChat test" \
            in report.category_tables([alone, both])[-1]
+    # A row with a category route: the goal's recall pooled over the rows outside S5, with and without it.
+    both["validation"]["categories"].update(category_route_threshold=0.08, binary_recall_harmful=0.9,
+                                            binary_recall_harmful_without_route=0.4)
+    lines = report.category_tables([alone, both])
+    assert "unsafe recall on the rows of S1-S4 and S6-S12 0.900 (goal >= 0.9); without the category route 0.400" \
+        in lines[-1] and "mean over categories" not in lines[-1]
+    assert any("or the largest category score >= 0.080)." in line for line in lines)
     alone["training_arguments"], both["training_arguments"] = {"batch_size": 8}, {"batch_size": None}
     summary = report.category_tables([alone, both])[-1]
     assert "not compared with" in summary and "batch_size None vs 8" in summary and "against 0.800" not in summary
@@ -198,7 +206,11 @@ def test_a_category_search_adds_the_category_source_and_keeps_its_records_apart(
     macro_f1 = record["validation"]["categories"]["macro"]["f1"]
     assert len(table) == 3 and f"| {macro_f1:.3f} |" in table[2] and "category_loss_weight 3" in table[2]
     alarms = record["validation"]["categories"]["safe_rows_category_score_over_threshold"]
-    assert record["category_score_rule"] == "joint" and f"| joint | {100 * alarms:.1f} % / " in table[2]
+    # The defaults: safe rows teach "no category", so the scores are the head's own (conditional).
+    assert record["category_score_rule"] == "conditional" and f"| conditional | {100 * alarms:.1f} % / " in table[2]
+    categories = record["validation"]["categories"]
+    route = categories["category_route_threshold"]
+    assert f"| {categories['binary_recall']:.3f}{'' if route is None else f' (route {route:.3f})'} |" in table[2]
     del record["category_score_rule"], record["validation"]["categories"]["safe_rows_category_score_over_threshold"]
     assert "| conditional | - |" in search.category_search_table([record]), "a record from before both were stored"
 
@@ -230,9 +242,19 @@ def test_the_category_route_counts_what_a_second_threshold_would_flag():
     assert category_route.route_table(test_read, metadata, [0.2])[0]["recall_on_category_rows"] is None
 
 
-def test_the_category_route_threshold_is_the_highest_that_reaches_the_recall():
-    binary = np.array([False, False, False, True])  # the last row is caught by the verdict anyway
-    largest = np.array([0.5, 0.3, 0.1, 0.0])
-    assert category_route.highest_threshold_for_recall(binary, largest, 0.75) == pytest.approx(0.3)
-    assert category_route.highest_threshold_for_recall(binary, largest, 1.0) == pytest.approx(0.1)
-    assert category_route.highest_threshold_for_recall(binary, largest, 0.25) == pytest.approx(0.5)
+def test_category_recall_scores_the_held_out_category_rows_with_each_classifiers_verdict(tiny_lora_classifier, tmp_path):
+    from safety_classifier.inference import load_classifier
+
+    data_dir = tmp_path / "data" / "toxicchat"
+    data_dir.mkdir(parents=True)
+    synthetic_rows(120, seed=1).to_csv(data_dir / "toxicchat0124_train.csv", index=False)
+    (tmp_path / "data" / "ailuminate").mkdir()
+    category_rows(48, seed=3).to_csv(tmp_path / "data" / "ailuminate" / "ailuminate_en_dev.csv", index=False)
+    rows, codes = category_recall.held_out_category_rows(data_dir)
+    assert len(rows.texts) == len(codes) == 12 and set(codes) == {"S1", "S2", "S8", "S9"}  # validation=0.25 of 48
+    result = category_recall.category_recall(tiny_lora_classifier, rows, codes, dtype="fp32")
+    classifier = load_classifier(tiny_lora_classifier, dtype="fp32")  # a binary one: P(unsafe) decides alone
+    called = classifier.unsafe_probabilities(rows.texts, show_progress=False) >= classifier.threshold
+    assert result["recall"] == result["recall_outside_s5"] == pytest.approx(called.mean())
+    assert result["rows"] == result["rows_outside_s5"] == 12
+

@@ -386,6 +386,26 @@ def test_the_load_tests_malformed_requests_get_the_status_it_expects():
     assert ceiling["offline_batch_difference"] == pytest.approx(0.10 - 0.02)
 
 
+def test_the_load_test_checks_served_scores_and_flags_against_the_offline_verdict():
+    import load_test
+
+    from safety_classifier.inference import Classifier
+
+    binary = Classifier(model=None, tokenizer=None, threshold=0.5, max_length=16)
+    answer = {"flagged": True, "category_scores": {"unsafe": 0.62}}
+    assert load_test.check_answer(binary, answer, np.array([0.6]), 1e-3) == (pytest.approx(0.02), False)
+    assert load_test.check_answer(binary, {**answer, "flagged": False}, np.array([0.6]), 1e-3)[1]
+    assert not load_test.check_answer(binary, {**answer, "flagged": False}, np.array([0.5005]), 1e-3)[1]  # at the threshold
+    # A category classifier answers with its categories' scores, and its route can flag a low P(unsafe).
+    metadata = {"categories": [{"code": "S1", "name": "Violent Crimes", "threshold": 0.6},
+                               {"code": "S6", "name": "Privacy", "threshold": 0.6}],
+                "category_score_rule": "conditional", "category_route_threshold": 0.25}
+    categories = Classifier(model=None, tokenizer=None, threshold=0.5, max_length=16, metadata=metadata)
+    routed = {"flagged": True, "category_scores": {"S1": 0.05, "S6": 0.31}}
+    assert load_test.check_answer(categories, routed, np.array([0.1, 0.05, 0.3]), 1e-3) == (pytest.approx(0.01), False)
+    assert load_test.check_answer(categories, {**routed, "flagged": False}, np.array([0.1, 0.05, 0.3]), 1e-3)[1]
+
+
 def test_malloc_arenas_are_capped_on_glibc_unless_the_environment_says_otherwise():
     import platform
 
