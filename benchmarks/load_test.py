@@ -249,9 +249,8 @@ def check_answer(classifier, answer: dict, offline_row: np.ndarray, tolerance: f
                       else [answer["category_scores"]["unsafe"]])
     difference = float(np.max(np.abs(served - (offline_row[1:] if codes else offline_row[:1]))))
     near_threshold = abs(offline_row[0] - classifier.threshold) <= tolerance
-    route = getattr(classifier, "category_route_threshold", None)
-    if route is not None:
-        near_threshold |= abs(offline_row[1:].max() - route) <= tolerance
+    if classifier.category_route_threshold is not None:
+        near_threshold |= abs(offline_row[1:].max() - classifier.category_route_threshold) <= tolerance
     expected = classifier.verdict(offline_row)["label"] == "unsafe"
     return difference, answer["flagged"] != expected and not near_threshold
 
