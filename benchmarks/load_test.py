@@ -3,7 +3,9 @@
 Starts serve.py on 127.0.0.1 (a subprocess), sends a bounded number of requests at a fixed
 concurrency (asyncio + httpx): single ToxicChat prompts, mixed with malformed requests. The same
 prompts are scored offline in one `Classifier.scores` call (what infer.py does)
-before the server starts and after it stops; the throughput ratio is against the mean of the two.
+before the server starts and after it stops; the throughput ratio is against the mean of the two
+(in half precision on CPU, after one untimed call that builds the kernels of every shape, as the
+server's warm-up does).
 Checks that every good request got 200 with the offline scores (within --tolerance; P(unsafe) for
 a binary classifier, each category's score for one with a category head) and the offline verdict,
 and every bad one a 4xx. Prints a table; the last line is one JSON object with every figure.
@@ -219,18 +221,35 @@ def prompts_per_s_by_tenth(results: list[dict], started: float, wall: float) -> 
     return [round(float(count / tenth), 2) for count in counts]
 
 
+def builds_kernels_per_shape(classifier) -> bool:
+    """Half precision on CPU: oneDNN and SDPA build (and keep) kernels for every new input shape, so
+    a first pass over a set of prompts is slower than the next (README, *Serving*)."""
+    from safety_classifier.packing import packs_in_steps
+
+    parameter = next(classifier.model.parameters())
+    return packs_in_steps(parameter.dtype, parameter.device)
+
+
 def batch_size_ceiling(classifier, prompts: list[str], batch_size: int) -> dict:
     """Offline prompts/s on the same prompts in one call and in consecutive batches of the served
     mean size. Their ratio is what batches of that size allow on this machine, however good the
     server: padded, a few prompts of mixed lengths take more passes and more padding than all of
-    them sorted by length (on CPU, packed rows avoid most of that: safety_classifier/packing.py)."""
-    started = time.perf_counter()
-    one_call = classifier.unsafe_probabilities(prompts, show_progress=False)
-    one_call_s = time.perf_counter() - started
-    started = time.perf_counter()
-    batched = np.concatenate([classifier.unsafe_probabilities(prompts[start:start + batch_size], show_progress=False)
-                              for start in range(0, len(prompts), batch_size)])
-    batched_s = time.perf_counter() - started
+    them sorted by length (on CPU, packed rows avoid most of that: safety_classifier/packing.py).
+    Where kernels are built per shape, each way runs once untimed first, as the server warms up."""
+    def one_call() -> np.ndarray:
+        return classifier.unsafe_probabilities(prompts, show_progress=False)
+
+    def batched() -> np.ndarray:
+        return np.concatenate([classifier.unsafe_probabilities(prompts[start:start + batch_size], show_progress=False)
+                               for start in range(0, len(prompts), batch_size)])
+
+    timed = {}
+    for name, score in (("one_call", one_call), ("batched", batched)):
+        if builds_kernels_per_shape(classifier):
+            score()
+        started = time.perf_counter()
+        timed[name] = score(), time.perf_counter() - started
+    (one_call, one_call_s), (batched, batched_s) = timed["one_call"], timed["batched"]
     return {"ceiling_prompts": len(prompts), "ceiling_batch_size": batch_size,
             "ceiling_one_call_prompts_per_s": round(len(prompts) / one_call_s, 2),
             "ceiling_batched_prompts_per_s": round(len(prompts) / batched_s, 2),
@@ -282,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         scores = classifier.scores(prompts, show_progress=False)
         return scores, time.perf_counter() - offline_started
 
+    # Where kernels are built per shape, the first pass over these prompts pays for building them
+    # (in bf16: 36.6 prompts/s against 59.8 for the same call after the served run); the server
+    # warms up before it is timed, so the offline call does too, untimed.
+    offline_warm_up_s = offline_pass()[1] if builds_kernels_per_shape(classifier) else None
     offline, offline_before_s = offline_pass()
 
     port = free_port()
@@ -365,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         "offline_prompts_per_s": round(offline_pps, 2), "served_vs_offline_ratio": round(served_pps / offline_pps, 3),
         "offline_prompts_per_s_before_after": [round(len(prompts) / offline_before_s, 2),
                                                round(len(prompts) / offline_after_s, 2)],
+        "offline_warm_up_prompts_per_s": round(len(prompts) / offline_warm_up_s, 2) if offline_warm_up_s else None,
         "offline_before_after_difference": float(np.nanmax(np.abs(offline - offline_after), initial=0.0)),
         **ceiling,
         "max_abs_score_difference": float(max(differences, default=0.0)), "tolerance": tolerance,
@@ -381,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
                                          f"{figures['prompts_per_model_second']:.1f} prompts per busy second")),
         ("offline prompts/s (one call)", (f"{offline_pps:.1f} (before {len(prompts) / offline_before_s:.1f}, after "
                                           f"{len(prompts) / offline_after_s:.1f}); served/offline "
-                                          f"{served_pps / offline_pps:.2f}")),
+                                          f"{served_pps / offline_pps:.2f}"
+                                          + (f"; untimed first pass {len(prompts) / offline_warm_up_s:.1f}"
+                                             if offline_warm_up_s else ""))),
         *([("offline in served-size batches", (
             f"{ceiling['ceiling_batched_prompts_per_s']:.1f} prompts/s in batches of {ceiling['ceiling_batch_size']} "
             f"against {ceiling['ceiling_one_call_prompts_per_s']:.1f} in one call on {ceiling['ceiling_prompts']} "

@@ -7,8 +7,10 @@ rounds (the machine's speed drifts): `padded`, length-sorted batches always (`pa
 `packed`, packed rows always, attention per prompt (`pack=True`); `auto`, what `load_classifier`
 does on CPU, whichever of the two costs less per call. With
 `--block-mask`, also packed rows under the block-diagonal mask transformers builds from restarting
-position ids (no span bounds), the approach tried first. Reports the largest logit difference from
-padded; the last line is one JSON object.
+position ids (no span bounds), the approach tried first. With `--profile`, the time each operator
+took in one padded call and in packed batches (a comparison of work that the machine's drift
+moves less than a clock). Reports the largest logit difference from padded; the last line is one
+JSON object.
 
     python benchmarks/packed_scoring.py --model-dir runs/demo-lora
 """
@@ -60,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--block-mask", action="store_true", help="Also time packed rows under a block-diagonal mask.")
     parser.add_argument("--block-mask-tokens", type=int, default=512, help="Most tokens in a block-mask row.")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "auto"],
+                        help="As infer.py's. In bf16 the first round also builds each shape's kernels: compare later rounds.")
+    parser.add_argument("--profile", action="store_true",
+                        help="After the rounds, PyTorch's profiler on one padded call and on packed batches: the "
+                             "operators' time, so that ways can be compared by work rather than by a drifting clock.")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
 
@@ -72,16 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_noise()
     pool = [text for text in pd.read_csv(DEFAULT_DATA)["user_input"].dropna().astype(str) if text.strip()]
     texts = random.Random(args.seed).sample(pool, args.prompts)
-    classifier = load_classifier(args.model_dir, dtype="fp32")
+    classifier = load_classifier(args.model_dir, dtype=args.dtype)
     if not uses_packed_attention(classifier.model):
         raise SystemExit("error: this model does not score packed here (see safety_classifier/packing.py)")
     ways = {name: (lambda chunk, pack=pack: classifier.logits(chunk, show_progress=False, pack=pack))
             for name, pack in (("padded", False), ("packed", True), ("auto", None))}
     if args.block_mask:
-        padded = load_classifier(args.model_dir, dtype="fp32", pack_prompts=False)  # plain sdpa
+        padded = load_classifier(args.model_dir, dtype=args.dtype, pack_prompts=False)  # plain sdpa
         ways["block_mask"] = lambda chunk: block_mask_logits(padded, chunk, args.block_mask_tokens)
     reference = ways["padded"](texts[:64])
-    figures: dict = {"prompts": len(texts), "batch_size": args.batch_size, "rounds": args.rounds}
+    figures: dict = {"prompts": len(texts), "batch_size": args.batch_size, "rounds": args.rounds, "dtype": args.dtype}
     for name, score in ways.items():
         figures[f"{name}_max_abs_logit_difference"] = float(np.abs(score(texts[:64]) - reference).max())  # and warm-up
     for round_number in range(args.rounds):
@@ -99,6 +106,19 @@ def main(argv: list[str] | None = None) -> int:
                   f"batches of {args.batch_size} {batched:6.2f}", flush=True)
     for name in ways:
         print(f"max |{name} - padded| logit {figures[f'{name}_max_abs_logit_difference']:.1e}")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, run in (("padded_one_call", lambda: ways["padded"](texts)),
+                          ("packed_batched", lambda: [ways["packed"](texts[start:start + args.batch_size])
+                                                      for start in range(0, len(texts), args.batch_size)])):
+            with profile(activities=[ProfilerActivity.CPU]) as profiler:
+                run()
+            averages = profiler.key_averages()
+            operator_s = sum(event.self_cpu_time_total for event in averages) / 1e6
+            figures[f"{name}_operator_s"] = round(operator_s, 3)
+            print(f"== {name}: {operator_s:.2f} s in operators")
+            print(averages.table(sort_by="self_cpu_time_total", row_limit=12))
     print(json.dumps(figures))
     return 0
 

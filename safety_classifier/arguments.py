@@ -108,10 +108,10 @@ class RunArguments:
                           "not lower the weight of the main source's unsafe rows."},
     )
     category_loss_weight: float = field(
-        default=4.0,
+        default=8.0,
         metadata={"help": "Weight of a category row's loss (the mean binary cross-entropy over categories) against the "
-                          "safe/unsafe cross-entropy; only with a category head. 4 was chosen on validation over 1 "
-                          "(README, Categories)."},
+                          "safe/unsafe cross-entropy; only with a category head. 8 was chosen on validation over 1 "
+                          "and 4 (README, Category search)."},
     )
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "true/false: recompute activations to save memory; on by default for QLoRA only."}
@@ -147,7 +147,7 @@ class RunArguments:
         default=0.9,
         metadata={"help": "With a category head: where the decision threshold catches fewer than this share of the "
                           "harmful category validation rows (all but --contextual-categories), also call a text "
-                          "unsafe when its largest category score reaches a second threshold, the highest that "
+                          "unsafe when its largest category score reaches a second threshold, one that "
                           "reaches this share (stored as category_route_threshold); 0: never."},
     )
 

@@ -105,9 +105,13 @@ def safe_row_alarms(unsafe_probabilities: np.ndarray, category_scores: np.ndarra
 
 def choose_route_threshold(binary_unsafe: np.ndarray, largest_category_scores: np.ndarray,
                            target_recall: float) -> float | None:
-    """On harmful rows (pass only those): the highest threshold h of the largest category score at
-    which `binary_unsafe | (largest >= h)` reaches `target_recall`, so that the route flags as few
-    other texts as it can; None where the binary verdict alone reaches it (no route needed)."""
+    """On harmful rows (pass only those): a threshold h of the largest category score at which
+    `binary_unsafe | (largest >= h)` reaches `target_recall` while flagging as few other texts as it
+    can; None where the binary verdict alone reaches it (no route needed).
+
+    The highest such h is the score of the last row needed, so that row would sit on the line and
+    fall either side of it as half-precision scores move with their batch: h is instead half-way,
+    in log-odds, between that score and the next lower missed one (the same rows reach it)."""
     if not 0 < target_recall <= 1:
         raise ValueError(f"a route's target recall must be in (0, 1], not {target_recall}")
     binary_unsafe = np.asarray(binary_unsafe, dtype=bool)
@@ -115,7 +119,11 @@ def choose_route_threshold(binary_unsafe: np.ndarray, largest_category_scores: n
     if needed <= 0:
         return None
     missed = np.sort(np.asarray(largest_category_scores, dtype=np.float64)[~binary_unsafe])[::-1]
-    return float(missed[needed - 1])
+    if needed == len(missed):
+        return float(missed[-1])
+    last_needed, next_lower = np.clip(missed[[needed - 1, needed]], 1e-12, 1 - 1e-12)
+    log_odds = (math.log(last_needed / (1 - last_needed)) + math.log(next_lower / (1 - next_lower))) / 2
+    return 1 / (1 + math.exp(-log_odds))
 
 
 def category_loss_sum(category_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -63,8 +63,17 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     _, heads, tokens, head_dim = query.shape
     output = query.new_empty(tokens, heads, head_dim)
-    for positions in _positions_by_span_length(cu_seq_lens_q, query.device):  # (spans, length)
-        # Each (1, heads, tokens, head dim) tensor's spans as a batch: (spans, heads, length, head dim).
+    for starts, length in _spans_by_length(cu_seq_lens_q):
+        if len(starts) == 1:
+            # The only span of its length (most, in a served batch): views of the (1, heads, tokens,
+            # head dim) tensors, no gathering or scattering of its positions.
+            span = slice(starts[0], starts[0] + length)
+            attended = sdpa_attention_forward(module, query[:, :, span], key[:, :, span], value[:, :, span], None,
+                                              **kwargs)[0]
+            output[span] = attended[0]
+            continue
+        # Spans of one length as a batch: (spans, heads, length, head dim).
+        positions = torch.tensor(starts, device=query.device)[:, None] + torch.arange(length, device=query.device)
         query_spans, key_spans, value_spans = (states[0][:, positions].transpose(0, 1) for states in (query, key, value))
         attended = sdpa_attention_forward(module, query_spans, key_spans, value_spans, None, **kwargs)[0]
         output[positions.reshape(-1)] = attended.reshape(-1, heads, head_dim)
@@ -77,14 +86,13 @@ def packs_in_steps(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype in (torch.bfloat16, torch.float16) and device.type == "cpu"
 
 
-def _positions_by_span_length(bounds: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
-    """Token positions of the spans between `bounds`, one (spans x length) tensor per span length."""
+def _spans_by_length(bounds: torch.Tensor) -> list[tuple[list[int], int]]:
+    """(start positions, length) of the spans between `bounds`, grouped by span length."""
     bounds = bounds.tolist()
     starts_by_length: dict[int, list[int]] = {}
     for start, end in zip(bounds[:-1], bounds[1:]):
         starts_by_length.setdefault(end - start, []).append(start)
-    return [torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
-            for length, starts in starts_by_length.items()]
+    return [(starts, length) for length, starts in starts_by_length.items()]
 
 
 def _register() -> None:

@@ -205,12 +205,17 @@ def test_joint_scores_flags_and_safe_row_alarms_on_a_known_case():
     assert safe_row_alarms(unsafe, sigmoids * unsafe[:, None], 0.5, thresholds)["safe_rows_category_score_over_threshold"] == 0.25
 
 
-def test_the_route_threshold_is_the_highest_that_reaches_the_recall_and_none_where_not_needed():
+def test_the_route_threshold_reaches_the_recall_with_a_margin_and_is_none_where_not_needed():
     binary = np.array([True, False, False, False, True])  # rows 0 and 4 are unsafe by P(unsafe) anyway
     largest = np.array([0.9, 0.5, 0.2, 0.05, 0.0])
-    assert choose_route_threshold(binary, largest, 0.8) == pytest.approx(0.2)  # 4 of 5: rows 1 and 2 join
-    assert choose_route_threshold(binary, largest, 0.6) == pytest.approx(0.5)
-    assert choose_route_threshold(binary, largest, 1.0) == pytest.approx(0.05)
+    # 4 of 5: rows 1 and 2 join; half-way in log-odds between row 2's 0.2 and row 3's 0.05
+    # (odds 1/4 and 1/19), so that row 2 does not sit on the line.
+    assert choose_route_threshold(binary, largest, 0.8) == pytest.approx(1 / (1 + (4 * 19) ** 0.5))
+    assert choose_route_threshold(binary, largest, 0.6) == pytest.approx(1 / (1 + (1 * 4) ** 0.5))
+    assert choose_route_threshold(binary, largest, 1.0) == pytest.approx(0.05)  # every missed row: no lower one
+    for target in (0.6, 0.8, 1.0):
+        threshold = choose_route_threshold(binary, largest, target)
+        assert unsafe_verdicts(np.where(binary, 1.0, 0.0), largest[:, None], 0.5, threshold).mean() >= target
     assert choose_route_threshold(binary, largest, 0.4) is None  # the binary verdict alone reaches 2 of 5
     with pytest.raises(ValueError, match="target recall"):
         choose_route_threshold(binary, largest, 0.0)

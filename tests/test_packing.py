@@ -147,9 +147,9 @@ def test_half_precision_cpu_packs_come_in_steps_and_score_as_padded(tiny_phi3, m
 
     pack_lengths.clear()
     span_lengths: list[int] = []
-    by_length = packing._positions_by_span_length
-    monkeypatch.setattr(packing, "_positions_by_span_length", lambda bounds, device: [
-        span_lengths.append(positions.shape[1]) or positions for positions in by_length(bounds, device)])
+    by_length = packing._spans_by_length
+    monkeypatch.setattr(packing, "_spans_by_length", lambda bounds: [
+        span_lengths.append(length) or (starts, length) for starts, length in by_length(bounds)])
     assert packing.warm_up_shapes(model, longest_pack=150, longest_prompt=20) == 3
     assert pack_lengths == [64, 128, 192]  # every pack length up to 150
     # The passes' own spans (one per layer and pass), then each prompt length's attention once.

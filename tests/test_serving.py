@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from conftest import REPO_ROOT
 from fastapi.testclient import TestClient
 
@@ -370,20 +371,26 @@ def test_the_load_tests_malformed_requests_get_the_status_it_expects():
     assert load_test.prompts_per_s_by_tenth(results, started=100.0, wall=10.0) == [2.0] + [0.0] * 8 + [2.0]
 
     # The batch-size ceiling scores the same prompts once in one call, then in consecutive served-size
-    # batches, and reports how far a score moved with its batch (here: 0.01 per text in the call).
+    # batches, and reports how far a score moved with its batch (here: 0.01 per text in the call);
+    # a bf16 model on CPU, whose kernels are built per shape, does each once untimed first.
     class RecordingClassifier:
-        calls: list[list[str]] = []
+        def __init__(self, dtype: torch.dtype):
+            self.model, self.calls = torch.nn.Linear(1, 1, dtype=dtype), []
 
         def unsafe_probabilities(self, texts, show_progress=True):
             self.calls.append(list(texts))
             return np.full(len(texts), 0.01 * len(texts))
 
     prompts = [f"prompt {i}" for i in range(10)]
-    ceiling = load_test.batch_size_ceiling(RecordingClassifier(), prompts, batch_size=4)
-    assert RecordingClassifier.calls == [prompts, prompts[0:4], prompts[4:8], prompts[8:10]]
-    assert ceiling["ceiling_prompts"] == 10 and ceiling["ceiling_batch_size"] == 4
-    assert ceiling["batch_size_ceiling"] > 0
-    assert ceiling["offline_batch_difference"] == pytest.approx(0.10 - 0.02)
+    one_call, batched = [prompts], [prompts[0:4], prompts[4:8], prompts[8:10]]
+    for dtype, calls in ((torch.float32, one_call + batched), (torch.bfloat16, 2 * one_call + 2 * batched)):
+        classifier = RecordingClassifier(dtype)
+        ceiling = load_test.batch_size_ceiling(classifier, prompts, batch_size=4)
+        assert classifier.calls == calls
+        assert load_test.builds_kernels_per_shape(classifier) == (dtype == torch.bfloat16)
+        assert ceiling["ceiling_prompts"] == 10 and ceiling["ceiling_batch_size"] == 4
+        assert ceiling["batch_size_ceiling"] > 0
+        assert ceiling["offline_batch_difference"] == pytest.approx(0.10 - 0.02)
 
 
 def test_the_load_test_checks_served_scores_and_flags_against_the_offline_verdict():
