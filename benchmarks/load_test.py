@@ -224,10 +224,9 @@ def prompts_per_s_by_tenth(results: list[dict], started: float, wall: float) -> 
 def builds_kernels_per_shape(classifier) -> bool:
     """Half precision on CPU: oneDNN and SDPA build (and keep) kernels for every new input shape, so
     a first pass over a set of prompts is slower than the next (README, *Serving*)."""
-    from safety_classifier.packing import packs_in_steps
+    from safety_classifier.packing import pack_token_multiple
 
-    parameter = next(classifier.model.parameters())
-    return packs_in_steps(parameter.dtype, parameter.device)
+    return pack_token_multiple(classifier.model) > 1
 
 
 def batch_size_ceiling(classifier, prompts: list[str], batch_size: int) -> dict:

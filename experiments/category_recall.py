@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 from compare_methods import AILUMINATE_FILE, CATEGORY_SOURCE, DATA_DIR, SEED
 
+from safety_classifier.categories import row_categories, rows_with_a_category
 from safety_classifier.console import quiet_library_noise
 from safety_classifier.data import LabelledSplit, load_splits
 from safety_classifier.inference import load_classifier
+from safety_classifier.labels import CONTEXTUAL_CATEGORIES
 from safety_classifier.sources import add_sources
-
-CONTEXTUAL_CATEGORIES = ("S5",)
 
 
 def held_out_category_rows(data_dir: Path, seed: int = SEED,
@@ -37,9 +37,8 @@ def held_out_category_rows(data_dir: Path, seed: int = SEED,
     spec = CATEGORY_SOURCE.replace("{ailuminate}", str(data_dir.parent / AILUMINATE_FILE))
     splits, schema = add_sources(splits, train_file.stem, [spec], seed=seed, validation_fraction=validation_fraction)
     validation = splits.validation
-    rows = np.flatnonzero(validation.categories.max(axis=1) >= 1)
-    codes = [schema.codes[index] for index in validation.categories[rows].argmax(axis=1)]
-    return validation.subset(rows), codes
+    rows = rows_with_a_category(validation.categories)
+    return validation.subset(rows), row_categories(validation.categories[rows], schema.codes)
 
 
 def category_recall(model_dir: Path, rows: LabelledSplit, codes: list[str], **load_options) -> dict:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .embedded import EMBEDDED_ALIAS
+from .labels import CONTEXTUAL_CATEGORIES
 
 
 @dataclass
@@ -60,7 +61,7 @@ class DataArguments:
                           "default); unsafe; or unsafe except --contextual-categories (no binary label)."},
     )
     contextual_categories: list[str] = field(
-        default_factory=lambda: ["S5"],
+        default_factory=lambda: list(CONTEXTUAL_CATEGORIES),
         metadata={"help": "Categories a safe assistant may answer with care (S5 Specialized Advice): no binary label "
                           "under --category-rows-binary unsafe_except_contextual, and outside the rows the category "
                           "route's recall is chosen on (--category-route-recall)."},

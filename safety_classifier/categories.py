@@ -138,8 +138,18 @@ def category_loss_sum(category_logits: torch.Tensor, targets: torch.Tensor) -> t
 
 
 def category_rows(targets: np.ndarray) -> np.ndarray:
-    """Rows that carry category targets."""
+    """Rows that carry category targets (a safe row taught "no category" among them)."""
     return np.flatnonzero(targets[:, 0] != MISSING_TARGET) if targets.size else np.zeros(0, dtype=np.int64)
+
+
+def rows_with_a_category(targets: np.ndarray) -> np.ndarray:
+    """Rows labelled with at least one category (the category sources' rows)."""
+    return np.flatnonzero(targets.max(axis=1) >= 1) if targets.size else np.zeros(0, dtype=np.int64)
+
+
+def row_categories(targets: np.ndarray, codes: list[str]) -> list[str]:
+    """Each row's category code (its first, where it has several); "" for a row without one."""
+    return [codes[int(np.argmax(row))] if row.max() >= 1 else "" for row in targets]
 
 
 def choose_category_thresholds(targets: np.ndarray, scores: np.ndarray) -> np.ndarray:

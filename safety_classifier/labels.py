@@ -35,6 +35,9 @@ PROJECT_TAXONOMY = {
     "S7": "Intellectual Property", "S8": "Indiscriminate Weapons", "S9": "Hate",
     "S10": "Suicide & Self-Harm", "S11": "Sexual Content", "S12": "Defamation",
 }
+CONTEXTUAL_CATEGORIES = ("S5",)
+"""Categories a safe assistant may answer with care (S5 Specialized Advice): the default of
+--contextual-categories, and the rows the categories issue's recall goal leaves out."""
 
 
 @dataclass(frozen=True)

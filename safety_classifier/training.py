@@ -80,6 +80,8 @@ from .categories import (
     choose_route_threshold,
     format_category_table,
     reported_category_scores,
+    row_categories,
+    rows_with_a_category,
     safe_row_alarms,
     unsafe_verdicts,
 )
@@ -493,7 +495,7 @@ def write_predictions(path: Path, split: LabelledSplit, probabilities: np.ndarra
         columns["source"] = split.sources
     if category_codes:
         if split.categories is not None:
-            columns["category"] = [category_codes[int(np.argmax(row))] if row.max() >= 1 else "" for row in split.categories]
+            columns["category"] = row_categories(split.categories, category_codes)
         for code, scores in zip(category_codes, category_scores.T):
             columns[f"score_{code}"] = scores
     pd.DataFrame(columns).to_csv(path, index=False, float_format="%.6g")
@@ -913,7 +915,7 @@ def evaluate_categories(splits: Splits, category_scores: np.ndarray, unsafe_scor
     harmful ones and per category; and the category alarms on the main source's safe validation
     rows (`safe_row_alarms`)."""
     targets = splits.validation.categories
-    rows = np.flatnonzero(targets.max(axis=1) >= 1) if targets.size else np.zeros(0, dtype=np.int64)
+    rows = rows_with_a_category(targets)
     if not len(rows):
         raise DataError("the category sources left no validation rows; raise their validation= share")
     scores = category_scores[rows]
