@@ -1,11 +1,15 @@
 """Load test of the moderation service (serve.py): throughput, latency, batching, memory, and correctness.
 
 Starts serve.py on 127.0.0.1 (a subprocess), sends a bounded number of requests at a fixed
-concurrency (asyncio + httpx): single ToxicChat prompts, mixed with malformed requests. The same
-prompts are scored offline in one `Classifier.scores` call (what infer.py does)
-before the server starts and after it stops; the throughput ratio is against the mean of the two
-(in half precision on CPU, after one untimed call that builds the kernels of every shape, as the
-server's warm-up does).
+concurrency (asyncio + aiohttp): single ToxicChat prompts, mixed with malformed requests. The
+requests are cut into `--segments` consecutive segments, and each segment's prompts are also
+scored offline in one `Classifier.scores` call (what infer.py does), right before or right after
+the segment is served (alternately: offline-served, served-offline, ...), so that the machine's
+drift (on shared machines up to 2x within minutes) weighs on both sides of the throughput ratio
+alike; the ratio is total offline time over total served time, the same prompts on each side, and
+each segment's own ratio shows how far one measurement can be trusted. In half precision on CPU
+the offline side first scores every prompt once untimed, building the kernels of every shape, as
+the server's warm-up does.
 Checks that every good request got 200 with the offline scores (within --tolerance; P(unsafe) for
 a binary classifier, each category's score for one with a category head) and the offline verdict,
 and every bad one a 4xx. Prints a table; the last line is one JSON object with every figure.
@@ -68,11 +72,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ceiling-prompts", type=int, default=640,
                         help="Prompts scored offline both in one call and in batches of the served mean batch size, "
                              "to measure what batches that small allow (0: skip).")
+    parser.add_argument("--segments", type=int, default=None,
+                        help="Segments the requests are cut into, each timed served and offline back to back "
+                             "(default 10; --quick: 2).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="A tiny smoke run: 40 requests at concurrency 8.")
     args = parser.parse_args(argv)
     args.requests = args.requests or (40 if args.quick else 2000)
     args.concurrency = args.concurrency or (8 if args.quick else 32)
+    args.segments = args.segments or (2 if args.quick else 10)
+    if args.segments < 1:
+        parser.error("--segments must be at least 1")
     return args
 
 
@@ -131,6 +141,14 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
+def main_thread_cpu_seconds(pid: int) -> float:
+    """CPU time of a process's main thread so far: in serve.py, the event loop's (HTTP, JSON, batching)."""
+    import psutil
+
+    return next((thread.user_time + thread.system_time for thread in psutil.Process(pid).threads() if thread.id == pid),
+                0.0)
+
+
 def wait_until_ready(url: str, process: subprocess.Popen, timeout: float) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
@@ -155,7 +173,8 @@ def metric_value(text: str, name: str) -> float:
 
 
 class RssSampler:
-    """The server's resident size once a second while the requests run, in a thread of this process."""
+    """The server's resident size once a second while the requests run, in a thread of this process
+    (its peak; the size at the end of each segment is read when the segment ends)."""
 
     def __init__(self, pid: int, interval_s: float = 1.0):
         self.pid, self.interval_s = pid, interval_s
@@ -178,47 +197,53 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
 
-    def by_tenth(self) -> list[float]:
-        """The sample at the end of each tenth of the run (fewer for a run of under 10 samples)."""
-        if not self.values:
-            return []
-        picks = sorted({min(len(self.values) - 1, round(len(self.values) * k / 10) - 1) for k in range(1, 11)})
-        return [round(self.values[i], 1) for i in picks if i >= 0]
-
 
 async def send_all(url: str, requests: list[tuple[str, bytes]], concurrency: int) -> list[dict]:
-    """Each request once, `concurrency` at a time: status, latency and body of each, in request order."""
+    """Each request once, `concurrency` at a time: status, latency and body of each, in request order.
+    aiohttp, not httpx: the load generator shares the server's cores, and aiohttp's client takes 0.4 ms
+    of CPU a request where httpx's takes 5 ms (benchmarks/client_cost.py)."""
+    import aiohttp
+
     results: list[dict] = [{} for _ in requests]
     queue = iter(range(len(requests)))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"content-type": "application/json"}
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker(session: aiohttp.ClientSession) -> None:
         for index in queue:
             kind, body = requests[index]
             started = time.perf_counter()
             try:
-                response = await client.post("/v1/moderations", content=body, headers={"content-type": "application/json"})
-                status, payload = response.status_code, response.json()
-            except (httpx.HTTPError, ValueError) as error:
+                async with session.post("/v1/moderations", data=body, headers=headers) as response:
+                    status, payload = response.status, json.loads(await response.read())
+            except (aiohttp.ClientError, TimeoutError, ValueError) as error:
                 status, payload = None, {"transport_error": repr(error)}
-            finished = time.perf_counter()
-            results[index] = {"kind": kind, "status": status, "latency": finished - started, "finished": finished,
-                              "body": payload}
+            results[index] = {"kind": kind, "status": status, "latency": time.perf_counter() - started, "body": payload}
 
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
     return results
 
 
-def prompts_per_s_by_tenth(results: list[dict], started: float, wall: float) -> list[float]:
-    """Good prompts answered 200 per second in each tenth of the run's wall time: a throughput
-    that falls as the run goes on shows here, where the run's average hides it."""
-    tenth = wall / 10
-    counts = np.zeros(10)
-    for result in results:
-        if result.get("kind") == "good" and result.get("status") == 200:
-            counts[min(9, int((result["finished"] - started) / tenth))] += 1
-    return [round(float(count / tenth), 2) for count in counts]
+def segment_order(count: int, segments: int) -> list[np.ndarray]:
+    """Positions 0..count-1 cut into `segments` consecutive parts of near-equal size."""
+    return [part for part in np.array_split(np.arange(count), min(segments, max(count, 1))) if len(part)]
+
+
+def offline_first(segment: int) -> bool:
+    """Offline-served, served-offline, offline-served, ...: each side goes first as often as the other,
+    and two passes of the same side are back to back, so a drift within a pair weighs on both sides."""
+    return segment % 2 == 0
+
+
+def throughput_ratios(served_s: list[float], offline_s: list[float]) -> dict:
+    """Served against offline throughput on the same prompts: overall (total offline time over total
+    served time) and each segment's, with their spread."""
+    per_segment = [offline / served for served, offline in zip(served_s, offline_s)]
+    return {"served_vs_offline_ratio": round(sum(offline_s) / sum(served_s), 3),
+            "served_vs_offline_by_segment": [round(ratio, 3) for ratio in per_segment],
+            "served_vs_offline_median": round(float(np.median(per_segment)), 3),
+            "served_vs_offline_range": [round(min(per_segment), 3), round(max(per_segment), 3)]}
 
 
 def builds_kernels_per_shape(classifier) -> bool:
@@ -234,7 +259,8 @@ def batch_size_ceiling(classifier, prompts: list[str], batch_size: int) -> dict:
     mean size. Their ratio is what batches of that size allow on this machine, however good the
     server: padded, a few prompts of mixed lengths take more passes and more padding than all of
     them sorted by length (on CPU, packed rows avoid most of that: safety_classifier/packing.py).
-    Where kernels are built per shape, each way runs once untimed first, as the server warms up."""
+    Timed one way, the other twice, the first again, so that a drift weighs on both alike; where
+    kernels are built per shape, each way runs once untimed first, as the server warms up."""
     def one_call() -> np.ndarray:
         return classifier.unsafe_probabilities(prompts, show_progress=False)
 
@@ -242,20 +268,22 @@ def batch_size_ceiling(classifier, prompts: list[str], batch_size: int) -> dict:
         return np.concatenate([classifier.unsafe_probabilities(prompts[start:start + batch_size], show_progress=False)
                                for start in range(0, len(prompts), batch_size)])
 
-    timed = {}
-    for name, score in (("one_call", one_call), ("batched", batched)):
-        if builds_kernels_per_shape(classifier):
+    ways = {"one_call": one_call, "batched": batched}
+    if builds_kernels_per_shape(classifier):
+        for score in ways.values():
             score()
+    scores, seconds = {}, dict.fromkeys(ways, 0.0)
+    for name in ("one_call", "batched", "batched", "one_call"):
         started = time.perf_counter()
-        timed[name] = score(), time.perf_counter() - started
-    (one_call, one_call_s), (batched, batched_s) = timed["one_call"], timed["batched"]
+        scores[name] = ways[name]()
+        seconds[name] += time.perf_counter() - started
     return {"ceiling_prompts": len(prompts), "ceiling_batch_size": batch_size,
-            "ceiling_one_call_prompts_per_s": round(len(prompts) / one_call_s, 2),
-            "ceiling_batched_prompts_per_s": round(len(prompts) / batched_s, 2),
-            "batch_size_ceiling": round(one_call_s / batched_s, 3),
+            "ceiling_one_call_prompts_per_s": round(2 * len(prompts) / seconds["one_call"], 2),
+            "ceiling_batched_prompts_per_s": round(2 * len(prompts) / seconds["batched"], 2),
+            "batch_size_ceiling": round(seconds["one_call"] / seconds["batched"], 3),
             # In half precision a prompt's score moves with the batch it is in (kernels, packing):
             # the served scores cannot match the offline ones more closely than the offline ones match each other.
-            "offline_batch_difference": float(np.nanmax(np.abs(one_call - batched), initial=0.0))}
+            "offline_batch_difference": float(np.nanmax(np.abs(scores["one_call"] - scores["batched"]), initial=0.0))}
 
 
 def check_answer(classifier, answer: dict, offline_row: np.ndarray, tolerance: float) -> tuple[float, bool]:
@@ -284,46 +312,64 @@ def main(argv: list[str] | None = None) -> int:
     plan += [(kind, body) for kind, body, _ in (kinds[i % len(kinds)] for i in range(bad_count))]
     order = list(range(len(plan)))
     rng.shuffle(order)
+    segments = segment_order(len(order), args.segments)
 
-    # Offline, as infer.py scores: all the prompts in one call, same device and dtype; once before the
-    # server starts and once after it stops, so that the machine's drift during the run (shared
-    # machines: 10-30 % within minutes) weighs on both sides of the ratio alike.
+    # Offline, as infer.py scores: each segment's prompts in one call, same device and dtype.
     from safety_classifier.console import quiet_library_noise
     from safety_classifier.inference import load_classifier
 
     quiet_library_noise()
     classifier = load_classifier(args.model_dir, device=args.device, dtype=args.dtype)
     classifier.scores(prompts[:8], show_progress=False)  # warm-up, as the server's
+    # Where kernels are built per shape, a first pass over these prompts pays for building them
+    # (in bf16: 39.5 prompts/s against 48.1 and 51.1 for the next two); the server warms up before it
+    # is timed, so the offline side does too, untimed.
+    offline_warm_up_s = None
+    if builds_kernels_per_shape(classifier):
+        warm_up_started = time.perf_counter()
+        classifier.scores(prompts, show_progress=False)
+        offline_warm_up_s = time.perf_counter() - warm_up_started
 
-    def offline_pass() -> tuple[np.ndarray, float]:
+    offline = np.full((len(prompts), 1 + len(classifier.category_codes)), np.nan)  # Classifier.scores' columns
+
+    def offline_segment(positions: np.ndarray) -> float:
+        """Score the segment's good prompts offline in one call; the seconds it took."""
+        indices = [order[position] for position in positions if order[position] < len(prompts)]
         offline_started = time.perf_counter()
-        scores = classifier.scores(prompts, show_progress=False)
-        return scores, time.perf_counter() - offline_started
-
-    # Where kernels are built per shape, the first pass over these prompts pays for building them
-    # (in bf16: 36.6 prompts/s against 59.8 for the same call after the served run); the server
-    # warms up before it is timed, so the offline call does too, untimed.
-    offline_warm_up_s = offline_pass()[1] if builds_kernels_per_shape(classifier) else None
-    offline, offline_before_s = offline_pass()
+        offline[indices] = classifier.scores([prompts[index] for index in indices], show_progress=False)
+        return time.perf_counter() - offline_started
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"load_test_server_{port}.log"
+    shuffled: list[dict] = []
+    served_s, offline_s, rss_by_segment = [], [], []
+    server_cpu = event_loop_cpu = client_cpu = 0.0
     with open(log_path, "w") as log:
         server = start_server(args, port, log)
         try:
             ready_s = wait_until_ready(url, server, args.ready_timeout)
             rss_start = rss_mb(server.pid)
             before = httpx.get(f"{url}/metrics", timeout=10).text
-            server_cpu_start, client_cpu_start = cpu_seconds(server.pid), cpu_seconds(os.getpid())
-            started = time.perf_counter()
             with RssSampler(server.pid) as sampler:
-                shuffled = asyncio.run(send_all(url, [plan[i] for i in order], args.concurrency))
-            wall = time.perf_counter() - started
-            server_cpu = cpu_seconds(server.pid) - server_cpu_start
-            client_cpu = cpu_seconds(os.getpid()) - client_cpu_start
+                for number, positions in enumerate(segments):
+                    if offline_first(number):
+                        offline_s.append(offline_segment(positions))
+                    server_cpu_start, client_cpu_start = cpu_seconds(server.pid), cpu_seconds(os.getpid())
+                    event_loop_cpu_start = main_thread_cpu_seconds(server.pid)
+                    segment_started = time.perf_counter()
+                    shuffled += asyncio.run(send_all(url, [plan[order[p]] for p in positions], args.concurrency))
+                    served_s.append(time.perf_counter() - segment_started)
+                    server_cpu += cpu_seconds(server.pid) - server_cpu_start
+                    event_loop_cpu += main_thread_cpu_seconds(server.pid) - event_loop_cpu_start
+                    client_cpu += cpu_seconds(os.getpid()) - client_cpu_start
+                    rss_by_segment.append(round(rss_mb(server.pid), 1))
+                    if not offline_first(number):
+                        offline_s.append(offline_segment(positions))
+                    print(f"segment {number + 1}/{len(segments)}: served {served_s[-1]:.1f} s, offline "
+                          f"{offline_s[-1]:.1f} s ({offline_s[-1] / served_s[-1]:.2f})", file=sys.stderr, flush=True)
             after = httpx.get(f"{url}/metrics", timeout=10).text
-            rss_end = rss_mb(server.pid)
+            rss_end = rss_by_segment[-1]
         finally:
             if server.poll() is None:
                 server.send_signal(signal.SIGTERM)
@@ -337,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         results[index] = shuffled[position]
     good, bad = results[:len(prompts)], results[len(prompts):]
 
-    offline_after, offline_after_s = offline_pass()
-    offline_s = (offline_before_s + offline_after_s) / 2
+    wall = sum(served_s)
+    good_by_segment = [sum(order[p] < len(prompts) for p in positions) for positions in segments]
     batches = metric_value(after, "moderation_batch_size_count") - metric_value(before, "moderation_batch_size_count")
     batched_texts = metric_value(after, "moderation_batch_size_sum") - metric_value(before, "moderation_batch_size_sum")
     ceiling = batch_size_ceiling(classifier, prompts[:args.ceiling_prompts], round(batched_texts / batches)) \
@@ -359,36 +405,37 @@ def main(argv: list[str] | None = None) -> int:
     model_seconds = (metric_value(after, "moderation_batch_duration_seconds_sum")
                      - metric_value(before, "moderation_batch_duration_seconds_sum"))
     served_pps = len(prompts) / wall
-    offline_pps = len(prompts) / offline_s
+    offline_pps = len(prompts) / sum(offline_s)
+    ratios = throughput_ratios(served_s, offline_s)
     statuses = Counter(str(r["status"]) if r["status"] is not None else "transport_error" for r in results)
     checks_passed = good_not_200 == 0 and bad_not_4xx == 0 and score_mismatches == 0 and flag_mismatches == 0 \
         and server_exit == 0
 
     figures = {
         "requests": len(plan), "good_requests": len(good), "bad_requests": len(bad), "concurrency": args.concurrency,
+        "segments": len(segments),
         "wall_s": round(wall, 3), "requests_per_s": round(len(plan) / wall, 2), "prompts_per_s": round(served_pps, 2),
         "latency_ms_p50": round(float(np.percentile(latencies_ms, 50)), 2),
         "latency_ms_p95": round(float(np.percentile(latencies_ms, 95)), 2),
         "latency_ms_p99": round(float(np.percentile(latencies_ms, 99)), 2),
         "status_counts": dict(sorted(statuses.items())),
         "batches": int(batches), "mean_batch_size": round(batched_texts / batches, 2) if batches else 0.0,
-        "prompts_per_s_by_tenth": prompts_per_s_by_tenth(results, started, wall),
+        "served_prompts_per_s_by_segment": [round(count / s, 2) for count, s in zip(good_by_segment, served_s)],
+        "offline_prompts_per_s_by_segment": [round(count / s, 2) for count, s in zip(good_by_segment, offline_s)],
         "server_cpu_share": round(server_cpu / (wall * CPU_COUNT), 3),
+        "server_event_loop_cpu_share": round(event_loop_cpu / (wall * CPU_COUNT), 3),
         "load_generator_cpu_share": round(client_cpu / (wall * CPU_COUNT), 3),
         "server_rss_mb_start": round(rss_start, 1), "server_rss_mb_end": round(rss_end, 1),
         "server_rss_mb_peak": round(max(sampler.values, default=rss_end), 1),
         "server_rss_growth": round(rss_end / rss_start - 1, 4),
-        "server_rss_mb_by_tenth": sampler.by_tenth(),
+        "server_rss_mb_by_segment": rss_by_segment,
         "server_ready_s": round(ready_s, 1), "server_exit_code": server_exit,
         # Where a gap to offline comes from: the model thread idle between batches (busy share below 1),
         # or batches that score fewer prompts per second of model time than the offline call.
         "model_busy_share": round(model_seconds / wall, 3),
         "prompts_per_model_second": round(batched_texts / model_seconds, 2) if model_seconds else 0.0,
-        "offline_prompts_per_s": round(offline_pps, 2), "served_vs_offline_ratio": round(served_pps / offline_pps, 3),
-        "offline_prompts_per_s_before_after": [round(len(prompts) / offline_before_s, 2),
-                                               round(len(prompts) / offline_after_s, 2)],
+        "offline_prompts_per_s": round(offline_pps, 2), **ratios,
         "offline_warm_up_prompts_per_s": round(len(prompts) / offline_warm_up_s, 2) if offline_warm_up_s else None,
-        "offline_before_after_difference": float(np.nanmax(np.abs(offline - offline_after), initial=0.0)),
         **ceiling,
         "max_abs_score_difference": float(max(differences, default=0.0)), "tolerance": tolerance,
         "score_mismatches": score_mismatches, "flag_mismatches": flag_mismatches,
@@ -397,36 +444,39 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
     }
     rows = [
-        ("requests (good + bad)", f"{len(plan)} ({len(good)} + {len(bad)}) at concurrency {args.concurrency}"),
+        ("requests (good + bad)", (f"{len(plan)} ({len(good)} + {len(bad)}) at concurrency {args.concurrency}, "
+                                   f"in {len(segments)} segments")),
         ("served prompts/s", f"{served_pps:.1f} ({len(plan) / wall:.1f} requests/s, {wall:.1f} s)"),
-        ("served prompts/s by tenth", " ".join(f"{value:.1f}" for value in figures["prompts_per_s_by_tenth"])),
-        ("model thread busy, its rate", (f"{100 * figures['model_busy_share']:.0f} % of the run, "
+        ("offline prompts/s", f"{offline_pps:.1f} ({sum(offline_s):.1f} s)" + (
+            f"; untimed first pass {len(prompts) / offline_warm_up_s:.1f}" if offline_warm_up_s else "")),
+        ("served / offline", (f"{ratios['served_vs_offline_ratio']:.2f} (segments: median "
+                              f"{ratios['served_vs_offline_median']:.2f}, "
+                              f"{ratios['served_vs_offline_range'][0]:.2f}-{ratios['served_vs_offline_range'][1]:.2f})")),
+        ("served prompts/s by segment", " ".join(f"{v:.1f}" for v in figures["served_prompts_per_s_by_segment"])),
+        ("offline prompts/s by segment", " ".join(f"{v:.1f}" for v in figures["offline_prompts_per_s_by_segment"])),
+        ("model thread busy, its rate", (f"{100 * figures['model_busy_share']:.0f} % of the served time, "
                                          f"{figures['prompts_per_model_second']:.1f} prompts per busy second")),
-        ("offline prompts/s (one call)", (f"{offline_pps:.1f} (before {len(prompts) / offline_before_s:.1f}, after "
-                                          f"{len(prompts) / offline_after_s:.1f}); served/offline "
-                                          f"{served_pps / offline_pps:.2f}"
-                                          + (f"; untimed first pass {len(prompts) / offline_warm_up_s:.1f}"
-                                             if offline_warm_up_s else ""))),
         *([("offline in served-size batches", (
             f"{ceiling['ceiling_batched_prompts_per_s']:.1f} prompts/s in batches of {ceiling['ceiling_batch_size']} "
             f"against {ceiling['ceiling_one_call_prompts_per_s']:.1f} in one call on {ceiling['ceiling_prompts']} "
             f"prompts: {ceiling['batch_size_ceiling']:.2f}"))] if ceiling else []),
-        ("CPU time: server, load gen.", (f"{100 * figures['server_cpu_share']:.0f} %, "
-                                         f"{100 * figures['load_generator_cpu_share']:.0f} % of {CPU_COUNT} cores' time")),
+        ("CPU: server (event loop), load gen.", (
+            f"{100 * figures['server_cpu_share']:.0f} % ({100 * figures['server_event_loop_cpu_share']:.0f} %), "
+            f"{100 * figures['load_generator_cpu_share']:.0f} % of {CPU_COUNT} cores' time while serving")),
         ("latency p50 / p95 / p99", (f"{figures['latency_ms_p50']:.1f} / {figures['latency_ms_p95']:.1f} / "
                                      f"{figures['latency_ms_p99']:.1f} ms")),
         ("status counts", ", ".join(f"{k}: {v}" for k, v in figures["status_counts"].items())),
         ("batches, mean batch size", f"{int(batches)}, {figures['mean_batch_size']}"),
         ("server RSS start / peak / end", (f"{rss_start:.0f} / {figures['server_rss_mb_peak']:.0f} / {rss_end:.0f} MiB "
                                            f"({100 * figures['server_rss_growth']:+.1f} %)")),
-        ("server RSS by tenth of the run", " ".join(f"{value:.0f}" for value in figures["server_rss_mb_by_tenth"])),
+        ("server RSS after each segment", " ".join(f"{value:.0f}" for value in rss_by_segment)),
         ("max |served - offline|", f"{figures['max_abs_score_difference']:.2e} (tolerance {tolerance:.1e})"),
         ("checks", "passed" if checks_passed else (
          f"FAILED: {good_not_200} good not 200, {bad_not_4xx} bad not the expected 4xx, {score_mismatches} scores "
          f"and {flag_mismatches} flags off, server exit {server_exit} (server log: {log_path})")),
     ]
     for name, value in rows:
-        print(f"{name:<30} {value}")
+        print(f"{name:<36} {value}")
     print(json.dumps(figures))
     return 0 if checks_passed else 1
 

@@ -12,8 +12,9 @@ command, validation AUPRC after each epoch, the saved classifier's validation AU
 its training time. A setting whose file exists is skipped, so a search stopped halfway goes on
 where it stopped. Any training option is a grid key: its `--option-name` with `_` for `-`.
 `--categories` adds the AILuminate category file as a second source, as the results table's
-`lora-r16-categories` row does; those records go to `results/search/<strategy>-categories/` and
-their own table (ToxicChat rows' AUPRC, category macro F1, the decision's recall on category rows).
+`lora-r16-categories` row does (the grid key `category_source_weight` sets that source's `weight=`);
+those records go to `results/search/<strategy>-categories/` and their own table (ToxicChat rows'
+AUPRC, category macro F1, the decision's recall on category rows).
 """
 
 from __future__ import annotations
@@ -77,16 +78,25 @@ def records_dir_name(strategy: str, categories: bool) -> str:
     return f"{strategy}-categories" if categories else strategy
 
 
+# A grid key of --categories searches: how many times an epoch the category source's rows are seen.
+CATEGORY_SOURCE_WEIGHT = "category_source_weight"
+
+
 def command_for(strategy: str, setting: dict[str, str], train_file: Path, run_dir: Path, model: str | None,
                 category_file: Path | None = None) -> list[str]:
     relative = lambda path: os.path.relpath(path, REPO_ROOT)  # noqa: E731 (the command runs in the repository root)
     options = {"max_length": str(MAX_LENGTH), "seed": str(SEED), **setting}
+    # Not a training option but a part of the category source's spec (its `weight=`).
+    category_source_weight = options.pop(CATEGORY_SOURCE_WEIGHT, None)
     command = ["python3", SCRIPTS[strategy], "--train-file", relative(train_file), "--output-dir", relative(run_dir),
                "--no-resume"]
     if model:
         command += ["--model", model]
     if category_file is not None:
-        command += ["--extra-train-sources", CATEGORY_SOURCE.format(ailuminate=relative(category_file))]
+        spec = CATEGORY_SOURCE.format(ailuminate=relative(category_file))
+        command += ["--extra-train-sources", spec + (f",weight={category_source_weight}" if category_source_weight else "")]
+    elif category_source_weight is not None:
+        raise SystemExit(f"error: {CATEGORY_SOURCE_WEIGHT} needs --categories")
     for key, value in options.items():
         command += [f"--{key.replace('_', '-')}", value]
     return command

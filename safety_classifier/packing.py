@@ -22,7 +22,7 @@ otherwise leaves the model as it was.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -182,21 +182,51 @@ def warm_up_shapes(model: nn.Module, longest_pack: int, longest_prompt: int) -> 
     can need exists before it comes. The number of forward passes (0 for any other model)."""
     if not scores_in_stepped_packs(model):
         return 0
-    multiple, parameter = pack_token_multiple(model), next(model.parameters())
+    multiple = pack_token_multiple(model)
     attention = next((module for module in model.modules() if type(module).__name__.endswith("Attention")
                       and hasattr(module, "head_dim")), None)
-    config = _backbone_owner(model).config
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
     pack_lengths = range(multiple, -(-longest_pack // multiple) * multiple + 1, multiple)
     with torch.inference_mode():
-        for length in pack_lengths:
+        def pack_pass(length: int) -> None:
             list(packed_forward(model, [[0] * length], [np.zeros(1, dtype=np.int64)]))
-        for length in range(1, longest_prompt + 1) if attention is not None else ():
-            query = parameter.new_zeros(1, heads, length, attention.head_dim)
-            key_value = parameter.new_zeros(1, kv_heads, length, attention.head_dim)
-            packed_sdpa_attention(attention, query, key_value, key_value, None,
+
+        layouts = _attention_layouts(lambda: pack_pass(pack_lengths[0]))
+        for length in pack_lengths[1:]:
+            pack_pass(length)
+        for length in range(1, longest_prompt + 1) if attention is not None and layouts else ():
+            # Laid out as a prompt's span reaches SDPA in traffic (a slice of the pack's projections,
+            # whose strides depend on the model: fused or separate projections), not contiguously:
+            # bf16 SDPA evidently builds and keeps kernels and buffers per layout as per shape (with
+            # contiguous probes, RSS +3.1 % in 240 served batches, +0.4 % with these;
+            # benchmarks/serving_memory.py --dtype bf16).
+            query, key, value = (torch.empty_strided((1, heads, length, head_dim), strides, dtype=dtype,
+                                                     device=device).zero_()
+                                 for heads, head_dim, strides, dtype, device in layouts)
+            packed_sdpa_attention(attention, query, key, value, None,
                                   cu_seq_lens_q=torch.tensor([0, length], dtype=torch.int32))
     return len(pack_lengths)
+
+
+def _attention_layouts(forward: Callable[[], object]) -> list[tuple] | None:
+    """(heads, head dim, strides, dtype, device) of the query, key and value that `forward` passes
+    to the first packed attention call: what a prompt's span is a slice of in traffic (its strides
+    hold for a span of any length; the batch stride does not matter at batch 1)."""
+    from transformers import AttentionInterface
+
+    recorded: list[tuple] = []
+
+    def recording(module, query, key, value, *args, **kwargs):
+        if not recorded:
+            recorded.extend((states.shape[1], states.shape[3], states.stride(), states.dtype, states.device)
+                            for states in (query, key, value))
+        return packed_sdpa_attention(module, query, key, value, *args, **kwargs)
+
+    AttentionInterface.register(PACKED_ATTENTION, recording)
+    try:
+        forward()
+    finally:
+        AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    return recorded or None
 
 
 def enable_packed_scoring(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> bool:

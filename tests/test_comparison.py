@@ -215,6 +215,22 @@ def test_a_category_search_adds_the_category_source_and_keeps_its_records_apart(
     assert "| conditional | - |" in search.category_search_table([record]), "a record from before both were stored"
 
 
+def test_the_category_sources_weight_is_a_grid_key_of_category_searches(tmp_path):
+    """`category_source_weight` is not a training option but the category source's `weight=`."""
+    import search
+
+    train_file, run_dir, category_file = tmp_path / "train.csv", tmp_path / "run", tmp_path / "ailuminate_en_dev.csv"
+    setting = {"category_source_weight": "2", "epochs": "1"}
+    command = search.command_for("lora", setting, train_file, run_dir, None, category_file)
+    spec = command[command.index("--extra-train-sources") + 1]
+    assert spec.endswith("category=category,validation=0.25,weight=2") and "--category-source-weight" not in command
+    assert command[command.index("--epochs") + 1] == "1" and setting["category_source_weight"] == "2"
+    plain = search.command_for("lora", {}, train_file, run_dir, None, category_file)
+    assert plain[plain.index("--extra-train-sources") + 1].endswith("validation=0.25")
+    with pytest.raises(SystemExit, match="category_source_weight needs --categories"):
+        search.command_for("lora", setting, train_file, run_dir, None, None)
+
+
 def test_the_category_route_counts_what_a_second_threshold_would_flag():
     predictions = pd.DataFrame({
         "label": [0, 0, 0, 1, 1, 1, 1],

@@ -150,10 +150,32 @@ def test_half_precision_cpu_packs_come_in_steps_and_score_as_padded(tiny_phi3, m
     by_length = packing._spans_by_length
     monkeypatch.setattr(packing, "_spans_by_length", lambda bounds: [
         span_lengths.append(length) or (starts, length) for starts, length in by_length(bounds)])
+    # What reaches SDPA for single-prompt spans: the shape of query, key and value, and their strides
+    # between tokens and within a head (the head stride moves with the pack's length).
+    from transformers.integrations import sdpa_attention
+
+    layouts: list[tuple] = []
+    attend = sdpa_attention.sdpa_attention_forward
+
+    def recording(module, query, key, value, *args, **kwargs):
+        if query.shape[0] == 1:
+            layouts.append(tuple((tuple(states.shape[1:]), states.stride()[2:]) for states in (query, key, value)))
+        return attend(module, query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", recording)
     assert packing.warm_up_shapes(model, longest_pack=150, longest_prompt=20) == 3
     assert pack_lengths == [64, 128, 192]  # every pack length up to 150
     # The passes' own spans (one per layer and pass), then each prompt length's attention once.
     assert span_lengths[-20:] == list(range(1, 21))
+    warmed_up = set(layouts)
+    # Served prompts of those lengths meet no layout the warm-up did not: Phi-3's value is a slice of
+    # its fused projection (a token stride of query, key and value heads together), not contiguous.
+    layouts.clear()
+    predict_logits(model, tokenizer, PROMPTS, max_length=20, pack=True, show_progress=False)
+    served = {layout for layout in layouts if layout[0][0][1] <= 20}
+    head_dim = served and next(iter(served))[2][0][2]
+    assert served and all(value_strides[0] > head_dim for _, _, (_, value_strides) in served)
+    assert served <= warmed_up
 
 
 def test_only_half_precision_models_on_cpu_step_their_shapes(tiny_phi3):

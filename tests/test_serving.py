@@ -365,14 +365,21 @@ def test_the_load_tests_malformed_requests_get_the_status_it_expects():
                  'moderation_requests_total{code="422"} 1.0\n'
     assert load_test.metric_value(exposition, "moderation_batch_size_sum") == 7.0
     assert load_test.metric_value(exposition, "moderation_requests_total") == 3.0
-    # Throughput by tenth of the run counts good requests answered 200, by when they finished.
-    results = [{"kind": "good", "status": 200, "finished": 100.0 + t} for t in (0.5, 0.5, 9.9, 10.0)]
-    results += [{"kind": "good", "status": 500, "finished": 101.0}, {"kind": "wrong_type", "status": 422, "finished": 101.0}]
-    assert load_test.prompts_per_s_by_tenth(results, started=100.0, wall=10.0) == [2.0] + [0.0] * 8 + [2.0]
+    # The requests are cut into consecutive segments, each served and scored offline back to back,
+    # offline first in every other one; the ratio is total offline over total served time.
+    parts = load_test.segment_order(10, 3)
+    assert [part.tolist() for part in parts] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert [part.tolist() for part in load_test.segment_order(2, 10)] == [[0], [1]]
+    assert [load_test.offline_first(number) for number in range(4)] == [True, False, True, False]
+    ratios = load_test.throughput_ratios(served_s=[10.0, 20.0, 10.0], offline_s=[8.0, 10.0, 12.0])
+    assert ratios["served_vs_offline_ratio"] == 0.75
+    assert ratios["served_vs_offline_by_segment"] == [0.8, 0.5, 1.2]
+    assert ratios["served_vs_offline_median"] == 0.8 and ratios["served_vs_offline_range"] == [0.5, 1.2]
 
-    # The batch-size ceiling scores the same prompts once in one call, then in consecutive served-size
-    # batches, and reports how far a score moved with its batch (here: 0.01 per text in the call);
-    # a bf16 model on CPU, whose kernels are built per shape, does each once untimed first.
+    # The batch-size ceiling scores the same prompts in one call and in consecutive served-size
+    # batches, timed one, the other twice, the first again, and reports how far a score moved with
+    # its batch (here: 0.01 per text in the call); a bf16 model on CPU, whose kernels are built per
+    # shape, does each way once untimed first.
     class RecordingClassifier:
         def __init__(self, dtype: torch.dtype):
             self.model, self.calls = torch.nn.Linear(1, 1, dtype=dtype), []
@@ -383,7 +390,8 @@ def test_the_load_tests_malformed_requests_get_the_status_it_expects():
 
     prompts = [f"prompt {i}" for i in range(10)]
     one_call, batched = [prompts], [prompts[0:4], prompts[4:8], prompts[8:10]]
-    for dtype, calls in ((torch.float32, one_call + batched), (torch.bfloat16, 2 * one_call + 2 * batched)):
+    timed = one_call + 2 * batched + one_call
+    for dtype, calls in ((torch.float32, timed), (torch.bfloat16, one_call + batched + timed)):
         classifier = RecordingClassifier(dtype)
         ceiling = load_test.batch_size_ceiling(classifier, prompts, batch_size=4)
         assert classifier.calls == calls
