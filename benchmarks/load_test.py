@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="Passed to the server.")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="Passed to the server.")
+    parser.add_argument("--return-wait-share", type=float, default=None, help="Passed to the server.")
     parser.add_argument("--max-inputs", type=int, default=64,
                         help="Passed to the server; the too-many-inputs requests send one more.")
     parser.add_argument("--tolerance", type=float, default=1e-3,
@@ -127,7 +128,7 @@ def start_server(args: argparse.Namespace, port: int, log) -> subprocess.Popen:
     command = [sys.executable, str(REPO_ROOT / "serve.py"), "--model-dir", args.model_dir, "--host", "127.0.0.1",
                "--port", str(port), "--dtype", args.dtype, "--max-inputs", str(args.max_inputs), "--log-level", "warning"]
     for flag, value in (("--device", args.device), ("--max-batch-tokens", args.max_batch_tokens),
-                        ("--max-wait-ms", args.max_wait_ms)):
+                        ("--max-wait-ms", args.max_wait_ms), ("--return-wait-share", args.return_wait_share)):
         if value is not None:
             command += [flag, str(value)]
     return subprocess.Popen(command, stdout=log, stderr=log, cwd=REPO_ROOT)

@@ -27,7 +27,7 @@ import time
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -80,6 +80,11 @@ class ServeArguments:
     )
     max_wait_ms: float = field(
         default=5.0, metadata={"help": "How long the oldest waiting request may wait for others to share its batch."}
+    )
+    return_wait_share: float = field(
+        default=0.05,
+        metadata={"help": "After a batch, wait up to this share of its model time for the clients it answered to "
+                          "send their next requests, so that they join the next batch (0: do not wait)."},
     )
     max_inputs: int = field(default=128, metadata={"help": "Most texts in one request (more: 413)."})
     max_body_bytes: int = field(default=1_048_576, metadata={"help": "Largest request body in bytes (larger: 413)."})
@@ -196,19 +201,26 @@ class Batcher:
     `scores` call scores the batch: it sorts the texts by length and pads each
     forward pass of at most `max_batch_tokens` to its own longest text, so requests of any mix of
     lengths share a call without padding short prompts to long ones. While a batch is on the
-    model thread the next one waits in the deque. A batch whose scoring raises fails its own
-    requests only.
+    model thread the next one waits in the deque. After a batch, the batcher waits up to
+    `return_wait_share` of its model time for as many new requests as it answered: clients that
+    send their next request once answered then share one batch instead of taking turns in two.
+    A batch whose scoring raises fails its own requests only.
     """
 
     def __init__(self, classifier: Classifier, *, max_batch_tokens: int | None = None, max_wait_ms: float = 5.0,
                  max_gather_tokens: int | None = None, metrics: ServiceMetrics | None = None,
-                 trim_heap: bool = False, model_thread: ThreadPoolExecutor | None = None) -> None:
+                 trim_heap: bool = False, model_thread: ThreadPoolExecutor | None = None,
+                 return_wait_share: float = 0.0) -> None:
+        if not 0.0 <= return_wait_share <= 1.0:
+            raise ValueError(f"return_wait_share must be between 0 and 1, not {return_wait_share}")
         self.classifier = classifier
         self.names = tuple(classifier.category_codes) or (BINARY_CATEGORY,)
         device = next(classifier.model.parameters()).device if hasattr(classifier.model, "parameters") else None
         self.max_batch_tokens = max_batch_tokens or (default_batch_tokens(device) if device is not None else 2048)
         self.max_gather_tokens = max_gather_tokens or GATHERED_FORWARD_PASSES * self.max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
+        self.return_wait_share = return_wait_share
+        self._arrivals = 0  # requests queued since the service started
         self.metrics = metrics or ServiceMetrics()
         self.trim_heap = trim_heap
         self.batches = 0
@@ -268,6 +280,7 @@ class Batcher:
         lengths = await loop.run_in_executor(self._tokenizer_thread, self._token_lengths, texts)
         job = _Job(texts, lengths, loop.create_future(), loop.time())
         self._jobs.append(job)
+        self._arrivals += 1
         self.metrics.queued.inc()
         self._arrived.set()
         try:
@@ -283,24 +296,37 @@ class Batcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        answered, arrivals_then, return_deadline = 0, 0, 0.0
         while True:
             while not self._jobs:
                 if self._closing:
                     return
                 self._arrived.clear()
                 await self._arrived.wait()
+            # The clients the last batch answered send their next requests within milliseconds; waiting
+            # for them (a bounded share of that batch's time) gives N clients one batch of N instead of
+            # two halves taking turns on the model.
+            while (self._arrivals - arrivals_then < answered and not self._closing and not self._full(self._jobs)
+                   and return_deadline > loop.time()):
+                await self._next_arrival(return_deadline)
             batch = self._gather_waiting([self._jobs.popleft()])
             deadline = batch[0].enqueued + self.max_wait
             # Wait for company until the deadline, unless the batch is full or the next request does not fit.
-            while (not self._jobs and not self._full(batch) and not self._closing
-                   and (remaining := deadline - loop.time()) > 0):
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-                except TimeoutError:
-                    pass
+            while not self._jobs and not self._full(batch) and not self._closing and deadline > loop.time():
+                await self._next_arrival(deadline)
                 batch = self._gather_waiting(batch)
+            started = loop.time()
             await self._score(batch)
+            answered, arrivals_then = len(batch), self._arrivals
+            return_deadline = loop.time() + self.return_wait_share * (loop.time() - started)
+
+    async def _next_arrival(self, deadline: float) -> None:
+        """Until a request arrives, or at the latest until the loop's clock reads `deadline`."""
+        self._arrived.clear()
+        try:
+            await asyncio.wait_for(self._arrived.wait(), deadline - asyncio.get_running_loop().time())
+        except TimeoutError:
+            pass
 
     def _gather_waiting(self, batch: list[_Job]) -> list[_Job]:
         """Move waiting requests into `batch` in arrival order while they fit the budget."""
@@ -313,7 +339,7 @@ class Batcher:
         tokens = sum(sum(j.lengths) for j in batch) + sum(job.lengths)
         return rows <= MAX_BATCH_ROWS and tokens <= self.max_gather_tokens
 
-    def _full(self, batch: list[_Job]) -> bool:
+    def _full(self, batch: Iterable[_Job]) -> bool:
         return (sum(len(j.texts) for j in batch) >= MAX_BATCH_ROWS
                 or sum(sum(j.lengths) for j in batch) >= self.max_gather_tokens)
 
@@ -455,7 +481,7 @@ def create_app(args: ServeArguments, load: Callable[[], Classifier] | None = Non
                 classifier.threshold = args.threshold
             batcher = Batcher(classifier, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
                               max_gather_tokens=args.max_gather_tokens, metrics=metrics, trim_heap=args.trim_heap,
-                              model_thread=model_thread)
+                              model_thread=model_thread, return_wait_share=args.return_wait_share)
             await batcher.start()
             state["batcher"] = batcher
             await batcher.warm_up()

@@ -225,6 +225,40 @@ def test_the_heap_is_trimmed_after_each_answered_batch(offline, monkeypatch):
     np.testing.assert_allclose(scores, offline.unsafe_probabilities(TEXTS[:2], show_progress=False), rtol=0, atol=ATOL)
 
 
+def test_after_a_batch_the_batcher_waits_for_the_clients_it_answered(offline, monkeypatch):
+    """Clients that send their next request as soon as they are answered: waiting for them
+    (`return_wait_share`) gives N clients batches of N; without it, whoever is already waiting
+    is scored at once and the clients split into groups taking turns."""
+    from safety_classifier import serving
+
+    sizes: list[int] = []
+    score = serving.score_texts
+
+    def slow_score(classifier, texts, max_batch_tokens):
+        sizes.append(len(texts))
+        time.sleep(0.2)  # a batch long enough that the answered clients are back well within its share
+        return score(classifier, texts, max_batch_tokens)
+
+    monkeypatch.setattr(serving, "score_texts", slow_score)
+
+    async def clients(count: int, rounds: int) -> None:
+        batcher = Batcher(offline, max_batch_tokens=4096, max_wait_ms=0, return_wait_share=1.0)
+        await batcher.start()
+
+        async def client(name: int) -> None:
+            for round_ in range(rounds):
+                await batcher.submit([f"{TEXTS[name]} ({round_})"])
+
+        await asyncio.gather(*(client(name) for name in range(count)))
+        await batcher.close()
+
+    asyncio.run(clients(count=4, rounds=3))
+    # The first batch holds whoever arrived first; from then on each batch holds every client.
+    assert sum(sizes) == 12 and sizes[1:-1] == [4] * (len(sizes) - 2) and len(sizes) <= 4
+    with pytest.raises(ValueError, match="return_wait_share"):
+        Batcher(offline, return_wait_share=2.0)
+
+
 def test_the_gather_budget_splits_what_does_not_fit_in_one_batch(offline):
     longest = max(len(ids) for ids in offline.tokenizer(TEXTS)["input_ids"])
 
