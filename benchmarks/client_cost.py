@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
+from load_test import free_port  # benchmarks/ is on the path of a script run from it
 
 STUB_APP = '''
 import asyncio
@@ -80,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
     body = json.dumps({"input": "Can you help me write a cover letter for a data analyst job? " * 3}).encode()
-    with socket.socket() as probe:  # a free port
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as directory:
         (Path(directory) / "stub_app.py").write_text(STUB_APP)

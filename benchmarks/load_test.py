@@ -112,6 +112,20 @@ def bad_requests(max_inputs: int) -> list[tuple[str, bytes, int]]:
     ]
 
 
+def request_plan(data_file: str, requests: int, bad_fraction: float, max_inputs: int,
+                 seed: int) -> tuple[list[str], str, list[tuple[str, bytes]], list[int]]:
+    """The good prompts, where they came from, every request as (kind, body) (the good ones first,
+    in prompt order, then the malformed ones), and the seeded order in which they are sent."""
+    bad_count = round(requests * bad_fraction)
+    prompts, source = load_prompts(Path(data_file), requests - bad_count, seed)
+    kinds = bad_requests(max_inputs)
+    plan = [("good", json.dumps({"input": prompt}).encode()) for prompt in prompts]
+    plan += [(kind, body) for kind, body, _ in (kinds[i % len(kinds)] for i in range(bad_count))]
+    order = list(range(len(plan)))
+    random.Random(seed).shuffle(order)
+    return prompts, source, plan, order
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -304,15 +318,9 @@ def check_answer(classifier, answer: dict, offline_row: np.ndarray, tolerance: f
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rng = random.Random(args.seed)
-    bad_count = round(args.requests * args.bad_fraction)
-    prompts, source = load_prompts(Path(args.data_file), args.requests - bad_count, args.seed)
-    kinds = bad_requests(args.max_inputs)
-    expected_status = {kind: status for kind, _, status in kinds}
-    plan = [("good", json.dumps({"input": prompt}).encode()) for prompt in prompts]
-    plan += [(kind, body) for kind, body, _ in (kinds[i % len(kinds)] for i in range(bad_count))]
-    order = list(range(len(plan)))
-    rng.shuffle(order)
+    prompts, source, plan, order = request_plan(args.data_file, args.requests, args.bad_fraction, args.max_inputs,
+                                                args.seed)
+    expected_status = {kind: status for kind, _, status in bad_requests(args.max_inputs)}
     segments = segment_order(len(order), args.segments)
 
     # Offline, as infer.py scores: each segment's prompts in one call, same device and dtype.

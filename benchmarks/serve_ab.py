@@ -14,23 +14,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import shlex
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 from load_test import (
     DEFAULT_DATA,
     REPO_ROOT,
-    bad_requests,
     free_port,
-    load_prompts,
     metric_value,
     offline_first,
+    request_plan,
     segment_order,
     send_all,
     wait_until_ready,
@@ -50,13 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    bad_count = round(args.requests * args.bad_fraction)
-    prompts, _ = load_prompts(Path(args.data_file), args.requests - bad_count, args.seed)
-    kinds = bad_requests(max_inputs=64)
-    plan = [("good", json.dumps({"input": prompt}).encode()) for prompt in prompts]
-    plan += [(kind, body) for kind, body, _ in (kinds[i % len(kinds)] for i in range(bad_count))]
-    order = list(range(len(plan)))
-    random.Random(args.seed).shuffle(order)
+    prompts, _, plan, order = request_plan(args.data_file, args.requests, args.bad_fraction, 64, args.seed)
     segments = segment_order(len(order), args.segments)
 
     from safety_classifier.console import quiet_library_noise
