@@ -66,9 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-inputs", type=int, default=64,
                         help="Passed to the server; the too-many-inputs requests send one more.")
     parser.add_argument("--tolerance", type=float, default=1e-3,
-                        help="Largest |served - offline| P(unsafe) accepted, or twice the largest difference between "
-                             "the same prompts scored offline in one call and in served-size batches if that is "
-                             "larger (in bf16 it is).")
+                        help="Largest |served - offline| score accepted, or twice the largest difference between "
+                             "the same prompts scored offline two ways if that is larger (in bf16 it is): in one call "
+                             "and in served-size batches (the ceiling's prompts), and, in bf16, all prompts in one "
+                             "call and in their segments' calls.")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="Seconds to wait for the server's /ready.")
     parser.add_argument("--ceiling-prompts", type=int, default=640,
                         help="Prompts scored offline both in one call and in batches of the served mean batch size, "
@@ -301,6 +302,21 @@ def batch_size_ceiling(classifier, prompts: list[str], batch_size: int) -> dict:
             "offline_batch_difference": float(np.nanmax(np.abs(scores["one_call"] - scores["batched"]), initial=0.0))}
 
 
+def offline_pass_difference(first_pass: np.ndarray, segment_calls: np.ndarray) -> dict:
+    """The same prompts scored offline in one call and in their segments' calls: the largest score
+    difference, and its 99.9th percentile to show how far the largest stands out."""
+    differences = np.nanmax(np.abs(first_pass - segment_calls), axis=1)
+    differences = differences[~np.isnan(differences)]
+    return {"offline_pass_difference": float(differences.max(initial=0.0)),
+            "offline_pass_difference_p999": float(np.percentile(differences, 99.9)) if len(differences) else 0.0}
+
+
+def accepted_tolerance(floor: float, ceiling: dict, pass_difference: dict) -> float:
+    """`--tolerance`, or twice the largest offline-against-offline difference measured, if larger."""
+    measured = max(ceiling.get("offline_batch_difference", 0.0), pass_difference.get("offline_pass_difference", 0.0))
+    return max(floor, 2 * measured)
+
+
 def check_answer(classifier, answer: dict, offline_row: np.ndarray, tolerance: float) -> tuple[float, bool]:
     """A served moderation result against the offline `Classifier.scores` row of the same text: the
     largest score difference, and whether `flagged` differs from the offline verdict where no score
@@ -333,10 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     # Where kernels are built per shape, a first pass over these prompts pays for building them
     # (in bf16: 39.5 prompts/s against 48.1 and 51.1 for the next two); the server warms up before it
     # is timed, so the offline side does too, untimed.
-    offline_warm_up_s = None
+    offline_warm_up_s, first_pass = None, None
     if builds_kernels_per_shape(classifier):
         warm_up_started = time.perf_counter()
-        classifier.scores(prompts, show_progress=False)
+        first_pass = classifier.scores(prompts, show_progress=False)
         offline_warm_up_s = time.perf_counter() - warm_up_started
 
     offline = np.full((len(prompts), 1 + len(classifier.category_codes)), np.nan)  # Classifier.scores' columns
@@ -399,7 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = batch_size_ceiling(classifier, prompts[:args.ceiling_prompts], round(batched_texts / batches)) \
         if batches and args.ceiling_prompts > 0 else {}
 
-    tolerance = max(args.tolerance, 2 * ceiling.get("offline_batch_difference", 0.0))
+    # Every prompt is scored offline twice where kernels are built per shape (all in one call, then
+    # with its segment): their largest difference over all prompts, not only the ceiling's, bounds
+    # how far batch composition moves a score, so the served scores are held to twice that.
+    pass_difference = offline_pass_difference(first_pass, offline) if first_pass is not None else {}
+    tolerance = accepted_tolerance(args.tolerance, ceiling, pass_difference)
     good_not_200 = sum(result["status"] != 200 for result in good)
     bad_not_4xx = sum(result["status"] != expected_status[result["kind"]] for result in bad)
     differences, flag_mismatches = [], 0
@@ -445,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompts_per_model_second": round(batched_texts / model_seconds, 2) if model_seconds else 0.0,
         "offline_prompts_per_s": round(offline_pps, 2), **ratios,
         "offline_warm_up_prompts_per_s": round(len(prompts) / offline_warm_up_s, 2) if offline_warm_up_s else None,
-        **ceiling,
+        **ceiling, **pass_difference,
         "max_abs_score_difference": float(max(differences, default=0.0)), "tolerance": tolerance,
         "score_mismatches": score_mismatches, "flag_mismatches": flag_mismatches,
         "good_not_200": good_not_200, "bad_not_expected_4xx": bad_not_4xx, "checks_passed": checks_passed,
@@ -480,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
                                            f"({100 * figures['server_rss_growth']:+.1f} %)")),
         ("server RSS after each segment", " ".join(f"{value:.0f}" for value in rss_by_segment)),
         ("max |served - offline|", f"{figures['max_abs_score_difference']:.2e} (tolerance {tolerance:.1e})"),
+        *([("max |offline - offline|", (
+            f"{pass_difference['offline_pass_difference']:.2e} over all prompts, one call against their segments' "
+            f"(99.9th percentile {pass_difference['offline_pass_difference_p999']:.2e})"))] if pass_difference else []),
         ("checks", "passed" if checks_passed else (
          f"FAILED: {good_not_200} good not 200, {bad_not_4xx} bad not the expected 4xx, {score_mismatches} scores "
          f"and {flag_mismatches} flags off, server exit {server_exit} (server log: {log_path})")),

@@ -435,6 +435,22 @@ def test_the_load_tests_malformed_requests_get_the_status_it_expects():
         assert ceiling["offline_batch_difference"] == pytest.approx(0.10 - 0.02)
 
 
+def test_the_load_tests_tolerance_is_twice_the_largest_offline_difference_over_all_prompts():
+    import load_test
+
+    # Columns: P(unsafe) then two categories; the malformed requests' rows are never scored (NaN).
+    first_pass = np.array([[0.50, 0.1, 0.2], [0.30, 0.4, 0.4], [0.90, 0.0, 0.0]])
+    segment_calls = np.array([[0.51, 0.1, 0.2], [0.30, 0.4, 0.43], [np.nan, np.nan, np.nan]])
+    difference = load_test.offline_pass_difference(first_pass, segment_calls)
+    assert difference["offline_pass_difference"] == pytest.approx(0.03)
+    assert difference["offline_pass_difference_p999"] == pytest.approx(0.03, abs=1e-4)
+    ceiling = {"offline_batch_difference": 0.02}
+    assert load_test.accepted_tolerance(1e-3, ceiling, difference) == pytest.approx(0.06)
+    assert load_test.accepted_tolerance(1e-3, ceiling, {}) == pytest.approx(0.04)
+    assert load_test.accepted_tolerance(0.5, ceiling, difference) == 0.5
+    assert load_test.accepted_tolerance(1e-3, {}, {}) == 1e-3
+
+
 def test_the_load_test_checks_served_scores_and_flags_against_the_offline_verdict():
     import load_test
 
