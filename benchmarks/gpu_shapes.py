@@ -10,7 +10,10 @@ The timed runs then go through the toolkit's own path, as the scripts train and 
 * `qlora`: `train_qlora.py`'s session (NF4 backbone, gradient checkpointing) with the README's
   `--batch-size 4 --gradient-accumulation-steps 2`, on a sample of rows that holds the longest prompts
   of the file, so the peak memory is the epoch's worst batch at `--max-length`;
-* `score`: `predict_unsafe_probabilities` over the prompts (bf16 backbone, default token budget).
+* `score`: `predict_unsafe_probabilities` over the prompts (bf16 backbone, default token budget);
+* `serve`: a head-only classifier trained on the backbone for one epoch over a few hundred rows (the
+  head's values do not change the cost), then `benchmarks/load_test.py` against `serve.py` on it, at
+  each `--serve-concurrency`: served against offline prompts/s, latency, batch sizes, checks.
 
 Speed: real (non-pad) tokens/s and MFU = 4 x non-embedding parameters per real token (a frozen
 backbone's forward and its activations' backward; gradient checkpointing's recomputed forward is not
@@ -31,6 +34,7 @@ import gc
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +56,12 @@ from safety_classifier.console import quiet_library_noise  # noqa: E402
 from safety_classifier.embedded import EMBEDDED_ALIAS, resolve_model_reference  # noqa: E402
 from safety_classifier.inference import predict_unsafe_probabilities  # noqa: E402
 from safety_classifier.modeling import count_parameters, load_sequence_classifier, load_tokenizer  # noqa: E402
-from safety_classifier.training import build_training_session, load_training_splits, row_lengths  # noqa: E402
+from safety_classifier.training import (  # noqa: E402
+    build_training_session,
+    load_training_splits,
+    row_lengths,
+    train_classifier,
+)
 
 # The published configurations (config.json of each hub repository), less what only generation reads.
 # Phi-4-mini's longrope factors are placeholders: prompts here stay far below its original 4,096
@@ -207,6 +216,38 @@ def timed_scoring(shape: str, model_dir: Path, texts: list[str], device: str, pe
     return record
 
 
+# What each served run keeps of load_test.py's JSON line.
+SERVED_FIGURES = ("requests", "concurrency", "prompts_per_s", "offline_prompts_per_s", "served_vs_offline_ratio",
+                  "served_vs_offline_median", "served_vs_offline_range", "latency_ms_p50", "latency_ms_p95",
+                  "latency_ms_p99", "mean_batch_size", "batches", "model_busy_share", "prompts_per_model_second",
+                  "batch_size_ceiling", "server_cpu_share", "load_generator_cpu_share", "server_rss_growth",
+                  "server_ready_s", "max_abs_score_difference", "tolerance", "status_counts", "checks_passed")
+
+
+def head_only_classifier(model_dir: Path, rows_file: Path, output_dir: Path) -> Path:
+    """A classifier directory as the scripts write it: the frozen backbone and a head trained one epoch."""
+    plan = parse_training_plan("top_layers", [
+        "--model", str(model_dir), "--train-file", str(rows_file), "--num-layers", "0", "--epochs", "1",
+        "--output-dir", str(output_dir), "--logging-steps", "100000", "--no-resume"])
+    with contextlib.redirect_stdout(sys.stderr):
+        train_classifier(plan)
+    release_memory()
+    return output_dir
+
+
+def timed_serving(shape: str, classifier_dir: Path, data_file: str, requests: int, concurrency: int,
+                  segments: int) -> dict:
+    """benchmarks/load_test.py against serve.py on `classifier_dir` (a process of its own, as users run it)."""
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "load_test.py"), "--model-dir", str(classifier_dir),
+               "--data-file", data_file, "--requests", str(requests), "--concurrency", str(concurrency),
+               "--segments", str(segments)]
+    finished = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
+    sys.stderr.write(finished.stderr[-4000:] + finished.stdout[-4000:])
+    figures = json.loads(finished.stdout.strip().splitlines()[-1])
+    return {"measure": "serve", "shape": shape, **{name: figures.get(name) for name in SERVED_FIGURES},
+            "exit_code": finished.returncode}
+
+
 def rows_with_the_longest(frame: pd.DataFrame, count: int, text_column: str, longest: int) -> pd.DataFrame:
     """`count` rows sampled with seed 0, the `longest` longest prompts (in characters) among them."""
     lengths = frame[text_column].astype(str).str.len()
@@ -224,7 +265,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--qlora-rows", type=int, default=256, help="QLoRA epoch rows, the 8 longest prompts included")
     parser.add_argument("--score-prompts", type=int, default=2000)
     parser.add_argument("--tiny", action="store_true", help="2-block, 64-wide versions of the shapes (CPU smoke test)")
-    parser.add_argument("--only", nargs="+", default=None, help="run names (and 'score') to run; default all")
+    parser.add_argument("--only", nargs="+", default=None, help="run names (and 'score', 'serve') to run; default all")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--serve-rows", type=int, default=400, help="rows the served head-only classifier trains on")
+    parser.add_argument("--serve-requests", type=int, default=4000, help="requests of each load test")
+    parser.add_argument("--serve-concurrency", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--serve-segments", type=int, default=6)
     args = parser.parse_args(argv)
     quiet_library_noise()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -252,9 +298,10 @@ def main(argv: list[str] | None = None) -> None:
         scratch = Path(scratch_name)
         lora_rows.to_csv(scratch / "lora_rows.csv", index=False)
         qlora_rows.to_csv(scratch / "qlora_rows.csv", index=False)
-        for shape in SHAPES:
+        frame.sample(n=min(args.serve_rows, len(frame)), random_state=0).to_csv(scratch / "serve_rows.csv", index=False)
+        for shape in args.shapes:
             runs = [run for run in TRAINING_RUNS if run[1] == shape and wanted(run[0])]
-            if not runs and not wanted("score"):
+            if not runs and not wanted("score") and not wanted("serve"):
                 continue
             model_dir = scratch / shape
             seconds = write_random_backbone(shape, args.tiny, model_dir, tokenizer_dir, device)
@@ -274,6 +321,16 @@ def main(argv: list[str] | None = None) -> None:
                     traceback.print_exc()
                     emit({"measure": "score", "shape": shape, "error": f"{type(error).__name__}: {error}"[:500]})
                     release_memory()
+            if wanted("serve"):
+                try:
+                    classifier_dir = head_only_classifier(model_dir, scratch / "serve_rows.csv", scratch / "served")
+                    for concurrency in args.serve_concurrency:
+                        emit(timed_serving(shape, classifier_dir, args.train_file, args.serve_requests, concurrency,
+                                           args.serve_segments))
+                except Exception as error:
+                    traceback.print_exc()
+                    emit({"measure": "serve", "shape": shape, "error": f"{type(error).__name__}: {error}"[:500]})
+                shutil.rmtree(scratch / "served", ignore_errors=True)
             shutil.rmtree(model_dir, ignore_errors=True)
 
 

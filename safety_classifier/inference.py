@@ -88,6 +88,15 @@ PASS_OVERHEAD_SHARE = 1 / 32
 """A forward pass costs about as much as this share of the budget in padded tokens besides its own
 tokens (the weights are read once per pass); a rough estimate from timing single passes of 8 to
 512 tokens on 2 CPU cores."""
+GPU_PASS_OVERHEAD_SHARE = 0.6
+"""The same on a GPU, where an eager forward pass is mostly its fixed cost (most likely launching each layer's
+kernels from Python): Phi-4-mini on an H100 took about 80 ms a pass whatever its size up to the
+16,384-token budget, as much as ~10,000 padded tokens' compute (README, *Serving*, on a GPU)."""
+
+
+def pass_overhead_tokens(device: torch.device, max_batch_tokens: int) -> float:
+    """What one more forward pass costs on `device`, in padded tokens of a `max_batch_tokens` budget."""
+    return max_batch_tokens * (GPU_PASS_OVERHEAD_SHARE if device.type == "cuda" else PASS_OVERHEAD_SHARE)
 
 
 def scoring_batches(lengths: np.ndarray, max_batch_tokens: int, max_batch_rows: int = 256,
@@ -136,7 +145,8 @@ def padded_batches(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[Seque
         yield batch, pad_rows(tokenizer, input_ids, batch)
 
 
-def scoring_plan(lengths: np.ndarray, max_batch_tokens: int, pack: bool | None = None) -> tuple[bool, list[np.ndarray]]:
+def scoring_plan(lengths: np.ndarray, max_batch_tokens: int, pack: bool | None = None,
+                 overhead_tokens: float | None = None) -> tuple[bool, list[np.ndarray]]:
     """(packed, row groups): padded batches (`scoring_batches`) or packs (`packing.pack_rows`);
     with `pack=None`, whichever costs less.
 
@@ -145,10 +155,10 @@ def scoring_plan(lengths: np.ndarray, max_batch_tokens: int, pack: bool | None =
     element-wise work on a longer row leaves the cache). Thousands of prompts sorted by length
     (a file) pad little and stay padded; a few prompts of mixed lengths (a served batch) pack.
     """
-    batches = None if pack else scoring_batches(lengths, max_batch_tokens)
+    overhead = max_batch_tokens * PASS_OVERHEAD_SHARE if overhead_tokens is None else overhead_tokens
+    batches = None if pack else scoring_batches(lengths, max_batch_tokens, pass_overhead_tokens=overhead)
     packs = None if pack is False else pack_rows(lengths, min(max_batch_tokens, MAX_PACK_TOKENS))
     if pack is None:
-        overhead = max_batch_tokens * PASS_OVERHEAD_SHARE
         padded_cost = sum(len(batch) * int(lengths[batch].max()) for batch in batches) + overhead * len(batches)
         pack = PACKED_TOKEN_COST * int(lengths.sum()) + overhead * len(packs) < padded_cost
     return (True, packs) if pack else (False, batches)
@@ -184,7 +194,7 @@ def predict_logits(
     device = next(model.parameters()).device
     max_batch_tokens = max_batch_tokens or default_batch_tokens(device)
     packed, groups = scoring_plan(np.asarray([len(ids) for ids in input_ids]), max_batch_tokens,
-                                  pack if packable else False)
+                                  pack if packable else False, pass_overhead_tokens(device, max_batch_tokens))
 
     def padded_forward() -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         for batch in groups:

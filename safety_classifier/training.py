@@ -44,7 +44,9 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arguments import (
+    CATEGORY_HEAD_LEARNING_RATE,
     DEFAULT_BATCH_ROWS,
+    HEAD_LEARNING_RATE,
     STRATEGIES,
     DataArguments,
     LoraArguments,
@@ -89,7 +91,14 @@ from .console import EpochSummaryProgress
 from .data import LabelledSplit, Splits, load_splits
 from .embedded import resolve_model_reference
 from .errors import DataError, ResumeMismatchError, ThresholdTargetError, TrainingDivergedError
-from .inference import category_scores_of, default_batch_tokens, margins_of, predict_logits, scoring_batches
+from .inference import (
+    category_scores_of,
+    default_batch_tokens,
+    margins_of,
+    pass_overhead_tokens,
+    predict_logits,
+    scoring_batches,
+)
 from .labels import BINARY_LABELS, MISSING_TARGET, LabelSchema, split_logits
 from .metrics import classification_metrics, f1_maximising_threshold, format_metrics_table
 from .modeling import (
@@ -108,7 +117,7 @@ from .prefix_cache import (
     TopLayersOnCachedPrefix,
     build_cached_dataset,
 )
-from .sources import add_sources
+from .sources import add_sources, parse_source_spec
 
 
 def class_weights_for(labels: np.ndarray, scheme: str = "balanced") -> torch.Tensor:
@@ -314,6 +323,17 @@ class TrainingPlan:
         return self.run.learning_rate or STRATEGIES[self.strategy].learning_rate
 
     @property
+    def trains_categories(self) -> bool:
+        """Whether a further training source brings category labels (and so a category head)."""
+        return any(parse_source_spec(spec).category_column for spec in self.data.extra_train_sources or [])
+
+    @property
+    def head_learning_rate(self) -> float:
+        if self.run.head_learning_rate is not None:
+            return self.run.head_learning_rate
+        return CATEGORY_HEAD_LEARNING_RATE if self.trains_categories else HEAD_LEARNING_RATE
+
+    @property
     def batch_rows(self) -> int | None:
         """Rows per training batch, or None for batches that fill `--max-batch-tokens`."""
         if self.run.batch_size is not None:
@@ -332,6 +352,7 @@ class TrainingPlan:
             if part is not None:
                 record.update(dataclasses.asdict(part))
         record["learning_rate"] = self.learning_rate
+        record["head_learning_rate"] = self.head_learning_rate
         record["batch_size"] = self.batch_rows
         record["gradient_checkpointing"] = self.gradient_checkpointing
         return record
@@ -433,7 +454,8 @@ class ClassifierTrainer(Trainer):
         if self.args.world_size > 1:
             return super().get_eval_dataloader(eval_dataset)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        batches = scoring_batches(np.asarray(row_lengths(dataset)), self.eval_batch_tokens)
+        batches = scoring_batches(np.asarray(row_lengths(dataset)), self.eval_batch_tokens,
+                                  pass_overhead_tokens=pass_overhead_tokens(self.args.device, self.eval_batch_tokens))
         return self._loader(dataset, [batch.tolist() for batch in batches], "evaluation")
 
     def _loader(self, dataset, batch_sampler, description: str) -> DataLoader:
@@ -662,7 +684,7 @@ def build_training_session(plan: TrainingPlan, splits: Splits, *, clock: Trainin
     trainer = ClassifierTrainer(
         model=trained_module,
         head_parameters=trainable_head_parameters(model),
-        head_learning_rate=plan.run.head_learning_rate,
+        head_learning_rate=plan.head_learning_rate,
         clock=clock,
         train_batch_sampler=sampler,
         eval_batch_tokens=plan.run.max_batch_tokens,

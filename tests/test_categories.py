@@ -311,8 +311,18 @@ def test_a_category_run_saves_categories_thresholds_and_per_source_metrics(categ
     validation_rows = pd.read_csv(category_classifier / "validation_predictions.csv")
     assert categories["safe_rows_n"] == int(((validation_rows["source"] == "train") & (validation_rows["label"] == 0)).sum())
     assert metrics["test"]["safe_rows_n"] == int((pd.read_csv(category_classifier / "test_predictions.csv")["label"] == 0).sum())
+    # The test file's shares follow from its predictions and the stored thresholds. A prompt the route
+    # made unsafe names its top category under that category's own threshold, so either share may be
+    # the larger; the flagged ones are among those called unsafe.
     test = metrics["test"]
-    assert 0.0 <= test["safe_rows_flagged_with_a_category"] <= test["safe_rows_category_score_over_threshold"]
+    test_rows = pd.read_csv(category_classifier / "test_predictions.csv")
+    safe = test_rows[test_rows["label"] == 0]
+    safe_scores = safe[[f"score_{code}" for code in ("S1", "S2", "S8", "S9")]].to_numpy()
+    thresholds = np.array([entry["threshold"] for entry in metadata["categories"]])
+    over = (safe_scores >= thresholds[None, :]).any(axis=1).mean()
+    assert test["safe_rows_category_score_over_threshold"] == pytest.approx(over)
+    called_unsafe = unsafe_verdicts(safe["unsafe_probability"].to_numpy(), safe_scores, metadata["threshold"], route)
+    assert 0.0 <= test["safe_rows_flagged_with_a_category"] <= called_unsafe.mean()
     predictions = pd.read_csv(category_classifier / "validation_predictions.csv", keep_default_na=False)
     assert {"source", "category", "score_S1", "score_S9"} <= set(predictions.columns)
     assert (predictions["category"] != "").sum() == 12
@@ -465,3 +475,19 @@ def test_a_bad_route_recall_is_refused_before_training(tiny_phi3, toy_files, tmp
     assert train_main("lora", flags) == 2
     assert "--category-route-recall must be in [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_category_head_trains_at_its_own_default_head_learning_rate():
+    from safety_classifier.cli import parse_training_plan
+
+    common = ["--model", "model-dir", "--train-file", "train.csv"]
+    binary = parse_training_plan("lora", common)
+    assert binary.head_learning_rate == 1e-3 and not binary.trains_categories
+    with_categories = parse_training_plan("lora", [*common, "--extra-train-sources", "hazards.csv,text=t,category=c"])
+    assert with_categories.trains_categories and with_categories.head_learning_rate == 3e-3
+    assert with_categories.arguments_record()["head_learning_rate"] == 3e-3
+    binary_source = parse_training_plan("lora", [*common, "--extra-train-sources", "more.csv,text=t,label=l"])
+    assert binary_source.head_learning_rate == 1e-3
+    chosen = parse_training_plan("top_layers", [*common, "--extra-train-sources", "hazards.csv,text=t,category=c",
+                                                "--head-learning-rate", "5e-4"])
+    assert chosen.head_learning_rate == 5e-4

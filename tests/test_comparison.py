@@ -274,3 +274,15 @@ def test_category_recall_scores_the_held_out_category_rows_with_each_classifiers
     assert result["recall"] == result["recall_outside_s5"] == pytest.approx(called.mean())
     assert result["rows"] == result["rows_outside_s5"] == 12
 
+
+
+def test_heads_at_their_own_default_learning_rates_are_the_same_recipe():
+    category_spec = "ailuminate.csv,text=prompt_text,category=category"
+    binary = {"training_arguments": {"head_learning_rate": 1e-3, "extra_train_sources": None, "epochs": 2}}
+    categories = {"training_arguments": {"head_learning_rate": 3e-3, "extra_train_sources": [category_spec], "epochs": 2}}
+    assert report.recipe_differences(categories, binary) == []
+    chosen = {"training_arguments": {"head_learning_rate": 1e-3, "extra_train_sources": [category_spec], "epochs": 2}}
+    assert report.recipe_differences(chosen, binary) == []  # the same rate, whatever the defaults
+    assert report.recipe_differences(chosen, categories) == ["head_learning_rate 0.001 vs 0.003"]
+    longer = {"training_arguments": {**categories["training_arguments"], "epochs": 3}}
+    assert report.recipe_differences(longer, binary) == ["epochs 3 vs 2"]

@@ -41,3 +41,17 @@ def test_tiny_shapes_give_every_figure(tokenizer_only, toy_files, tmp_path):
     scores = [record for record in records if record["measure"] == "score"]
     assert [record["shape"] for record in scores] == ["phi-4-mini", "phi-4"]
     assert all(record["prompts"] == 20 and record["prompts_per_s"] > 0 for record in scores)
+
+
+def test_tiny_serving_trains_a_head_and_load_tests_the_server(tokenizer_only, toy_files, tmp_path):
+    out = tmp_path / "serve.jsonl"
+    gpu_shapes.main(["--tiny", "--out", str(out), "--train-file", str(toy_files["train"]),
+                     "--tokenizer", str(tokenizer_only), "--only", "serve", "--shapes", "phi-4-mini",
+                     "--serve-rows", "60", "--serve-requests", "30", "--serve-concurrency", "4", "--serve-segments", "2"])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    served = [record for record in records if record["measure"] == "serve"]
+    assert [record.get("error") for record in served] == [None]
+    record = served[0]
+    assert record["shape"] == "phi-4-mini" and record["requests"] == 30 and record["concurrency"] == 4
+    assert record["checks_passed"] and record["exit_code"] == 0
+    assert record["status_counts"]["200"] == 27 and record["served_vs_offline_ratio"] > 0

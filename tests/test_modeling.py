@@ -7,7 +7,15 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from safety_classifier.inference import predict_unsafe_probabilities, scoring_batches, token_budget_batches
+from safety_classifier.inference import (
+    GPU_PASS_OVERHEAD_SHARE,
+    PASS_OVERHEAD_SHARE,
+    pass_overhead_tokens,
+    predict_unsafe_probabilities,
+    scoring_batches,
+    scoring_plan,
+    token_budget_batches,
+)
 from safety_classifier.modeling import (
     LoraSettings,
     build_model,
@@ -169,6 +177,21 @@ def test_scoring_batches_are_the_cheapest_split_within_budget():
                    if all(len(g) * lengths[g].max() <= 512 or len(g) == 1 for g in grouping))
     chosen = scoring_batches(lengths, 512, pass_overhead_tokens=64)
     assert padded_cost(lengths, chosen, 64) == cheapest
+
+
+def test_on_a_gpu_a_served_batch_takes_fewer_passes():
+    """A GPU pass costs mostly its fixed cost, so the plan pads more to run fewer passes; a CPU's stays."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert pass_overhead_tokens(cpu, 2048) == 2048 * PASS_OVERHEAD_SHARE
+    assert pass_overhead_tokens(cuda, 16384) == 16384 * GPU_PASS_OVERHEAD_SHARE
+    # 30 prompts as a server gathers them: a few long ones among many short ones.
+    lengths = np.array([512, 300, 120, 40, 30, *range(25, 0, -1)])
+    _, cpu_plan = scoring_plan(lengths, 16384, pack=False, overhead_tokens=pass_overhead_tokens(cpu, 16384))
+    _, gpu_plan = scoring_plan(lengths, 16384, pack=False, overhead_tokens=pass_overhead_tokens(cuda, 16384))
+    assert len(gpu_plan) < len(cpu_plan)
+    assert sorted(np.concatenate(gpu_plan).tolist()) == list(range(len(lengths)))
+    default_plan = scoring_plan(lengths, 16384, pack=False)[1]  # as before: the CPU's share
+    assert [batch.tolist() for batch in default_plan] == [batch.tolist() for batch in cpu_plan]
 
 def test_class_weighted_loss_is_the_weighted_cross_entropy():
     labels = np.array([0] * 9 + [1])
