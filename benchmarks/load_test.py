@@ -7,9 +7,10 @@ scored offline in one `Classifier.scores` call (what infer.py does), right befor
 the segment is served (alternately: offline-served, served-offline, ...), so that the machine's
 drift (on shared machines up to 2x within minutes) weighs on both sides of the throughput ratio
 alike; the ratio is total offline time over total served time, the same prompts on each side, and
-each segment's own ratio shows how far one measurement can be trusted. In half precision on CPU
-the offline side first scores every prompt once untimed, building the kernels of every shape, as
-the server's warm-up does.
+each segment's own ratio shows how far one measurement can be trusted. In half precision the
+offline side first scores every prompt once untimed (on CPU building the kernels of every shape,
+as the server's warm-up does), and that pass against the segments' calls estimates how far a score
+moves with its batch.
 Checks that every good request got 200 with the offline scores (within --tolerance; P(unsafe) for
 a binary classifier, each category's score for one with a category head) and the offline verdict,
 and every bad one a 4xx. Prints a table; the last line is one JSON object with every figure.
@@ -352,11 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_noise()
     classifier = load_classifier(args.model_dir, device=args.device, dtype=args.dtype)
     classifier.scores(prompts[:8], show_progress=False)  # warm-up, as the server's
-    # Where kernels are built per shape, a first pass over these prompts pays for building them
-    # (in bf16: 39.5 prompts/s against 48.1 and 51.1 for the next two); the server warms up before it
-    # is timed, so the offline side does too, untimed.
+    # In half precision, an untimed first pass over every prompt: on CPU it pays for building each
+    # shape's kernels (in bf16: 39.5 prompts/s against 48.1 and 51.1 for the next two), as the
+    # server's warm-up does, and on any device its scores against the segments' give the tolerance.
     offline_warm_up_s, first_pass = None, None
-    if builds_kernels_per_shape(classifier) or scores_move_with_batch(classifier):
+    if scores_move_with_batch(classifier):
         warm_up_started = time.perf_counter()
         first_pass = classifier.scores(prompts, show_progress=False)
         offline_warm_up_s = time.perf_counter() - warm_up_started

@@ -28,9 +28,9 @@ from compare_methods import (
     TOXICCHAT_SOURCE,
 )
 
-from safety_classifier.arguments import CATEGORY_HEAD_LEARNING_RATE, HEAD_LEARNING_RATE
+from safety_classifier.arguments import default_head_learning_rate
 from safety_classifier.labels import CONTEXTUAL_CATEGORIES
-from safety_classifier.sources import parse_source_spec
+from safety_classifier.sources import brings_categories
 
 README = REPO_ROOT / "README.md"
 FIGURES_DIR = REPO_ROOT / "screenshots"
@@ -164,20 +164,17 @@ RECIPE_KEYS = ("batch_size", "max_batch_tokens", "learning_rate", "head_learning
                "max_length", "class_weights", "seed")
 
 
-def default_head_learning_rate(arguments: dict) -> float:
-    """The head's default for a run's arguments: higher where a further source trains a category head."""
-    trains_categories = any(parse_source_spec(spec).category_column for spec in arguments.get("extra_train_sources") or [])
-    return CATEGORY_HEAD_LEARNING_RATE if trains_categories else HEAD_LEARNING_RATE
-
-
 def recipe_differences(row: dict, other: dict) -> list[str]:
     """The training settings that differ between two rows' runs, as `key a vs b`; two heads each at
     its own default learning rate (a category head's is higher) are the same recipe."""
     mine, theirs = row.get("training_arguments", {}), other.get("training_arguments", {})
+    def at_its_default(arguments: dict) -> bool:
+        default = default_head_learning_rate(brings_categories(arguments.get("extra_train_sources")))
+        return arguments.get("head_learning_rate") == default
+
     differences = []
     for key in RECIPE_KEYS:
-        if key == "head_learning_rate" and mine.get(key) == default_head_learning_rate(mine) \
-                and theirs.get(key) == default_head_learning_rate(theirs):
+        if key == "head_learning_rate" and at_its_default(mine) and at_its_default(theirs):
             continue
         if mine.get(key) != theirs.get(key):
             differences.append(f"{key} {mine.get(key)} vs {theirs.get(key)}")

@@ -217,6 +217,10 @@ HEAD_LEARNING_RATE = 1e-3
 CATEGORY_HEAD_LEARNING_RATE = 3e-3
 
 
+def default_head_learning_rate(trains_categories: bool) -> float:
+    return CATEGORY_HEAD_LEARNING_RATE if trains_categories else HEAD_LEARNING_RATE
+
+
 @dataclass
 class InferenceArguments:
     model_dir: str = field(metadata={"help": "A classifier directory written by a train_*.py script."})

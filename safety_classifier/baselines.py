@@ -85,7 +85,8 @@ def frozen_features(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts:
     backbone.eval()
     with torch.inference_mode(), tqdm(total=len(input_ids), desc=description, unit="prompt",
                                       disable=not show_progress) as bar:
-        for batch, padded in padded_batches(tokenizer, input_ids, max_batch_tokens or default_batch_tokens(device)):
+        for batch, padded in padded_batches(tokenizer, input_ids, max_batch_tokens or default_batch_tokens(device),
+                                            device):
             hidden = backbone(input_ids=padded["input_ids"].to(device),
                               attention_mask=padded["attention_mask"].to(device)).last_hidden_state
             last = torch.as_tensor(lengths[batch] - 1, device=device)

@@ -90,8 +90,9 @@ tokens (the weights are read once per pass); a rough estimate from timing single
 512 tokens on 2 CPU cores."""
 GPU_PASS_OVERHEAD_SHARE = 0.6
 """The same on a GPU, where an eager forward pass is mostly its fixed cost (most likely launching each layer's
-kernels from Python): Phi-4-mini on an H100 took about 80 ms a pass whatever its size up to the
-16,384-token budget, as much as ~10,000 padded tokens' compute (README, *Serving*, on a GPU)."""
+kernels from Python): Phi-4-mini on an H100 took 85-100 ms a pass whether it held ~450 or ~2,300
+tokens, a fixed part worth roughly 14,000 tokens' compute; 0.6 of the 16,384-token budget is a
+rough estimate of that order (README, *Serving*, on a GPU)."""
 
 
 def pass_overhead_tokens(device: torch.device, max_batch_tokens: int) -> float:
@@ -138,10 +139,11 @@ def pad_rows(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[Sequence[in
 
 
 def padded_batches(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[Sequence[int]],
-                   max_batch_tokens: int) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
-    """`scoring_batches` of tokenized rows: (row indices, right-padded input_ids and attention_mask)."""
+                   max_batch_tokens: int, device: torch.device) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """`scoring_batches` of tokenized rows for `device`: (row indices, right-padded input_ids and attention_mask)."""
     lengths = np.asarray([len(ids) for ids in input_ids])
-    for batch in scoring_batches(lengths, max_batch_tokens):
+    for batch in scoring_batches(lengths, max_batch_tokens,
+                                 pass_overhead_tokens=pass_overhead_tokens(device, max_batch_tokens)):
         yield batch, pad_rows(tokenizer, input_ids, batch)
 
 

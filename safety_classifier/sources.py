@@ -88,6 +88,11 @@ def parse_source_spec(spec: str) -> SourceSpec:
     return SourceSpec(path, options["text"], options.get("label"), options.get("category"), weight, fraction)
 
 
+def brings_categories(specs: list[str] | None) -> bool:
+    """Whether any of these training-source specs names a category column (so a category head is trained)."""
+    return any(parse_source_spec(spec).category_column for spec in specs or [])
+
+
 def extract_categories(frame, column: str, source: str, known: dict[str, str] | None) -> list[str]:
     """The category code of every row; empty cells and codes outside `known` are refused with their rows."""
     _require_column(frame, column, source, "category= in --extra-train-sources")

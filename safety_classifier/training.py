@@ -44,15 +44,14 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arguments import (
-    CATEGORY_HEAD_LEARNING_RATE,
     DEFAULT_BATCH_ROWS,
-    HEAD_LEARNING_RATE,
     STRATEGIES,
     DataArguments,
     LoraArguments,
     ModelArguments,
     RunArguments,
     TopLayersArguments,
+    default_head_learning_rate,
 )
 from .artifacts import (
     METADATA_FILE,
@@ -117,7 +116,7 @@ from .prefix_cache import (
     TopLayersOnCachedPrefix,
     build_cached_dataset,
 )
-from .sources import add_sources, parse_source_spec
+from .sources import add_sources, brings_categories
 
 
 def class_weights_for(labels: np.ndarray, scheme: str = "balanced") -> torch.Tensor:
@@ -325,13 +324,13 @@ class TrainingPlan:
     @property
     def trains_categories(self) -> bool:
         """Whether a further training source brings category labels (and so a category head)."""
-        return any(parse_source_spec(spec).category_column for spec in self.data.extra_train_sources or [])
+        return brings_categories(self.data.extra_train_sources)
 
     @property
     def head_learning_rate(self) -> float:
         if self.run.head_learning_rate is not None:
             return self.run.head_learning_rate
-        return CATEGORY_HEAD_LEARNING_RATE if self.trains_categories else HEAD_LEARNING_RATE
+        return default_head_learning_rate(self.trains_categories)
 
     @property
     def batch_rows(self) -> int | None:
