@@ -221,6 +221,8 @@ SERVED_FIGURES = ("requests", "concurrency", "prompts_per_s", "offline_prompts_p
                   "served_vs_offline_median", "served_vs_offline_range", "latency_ms_p50", "latency_ms_p95",
                   "latency_ms_p99", "mean_batch_size", "batches", "model_busy_share", "prompts_per_model_second",
                   "batch_size_ceiling", "server_cpu_share", "load_generator_cpu_share", "server_rss_growth",
+                  "server_rss_mb_start", "server_rss_mb_peak", "server_rss_mb_by_segment", "server_rss_parts_mb_start",
+                  "server_rss_parts_mb_end",
                   "server_ready_s", "max_abs_score_difference", "tolerance", "status_counts", "checks_passed")
 
 

@@ -141,6 +141,21 @@ def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
+def rss_parts_mb(pid: int) -> dict[str, float]:
+    """RSS split as the kernel counts it (Linux): anonymous pages (the heap, tensors, CUDA's host buffers)
+    against file-backed ones (shared libraries paged in, e.g. GPU kernels loaded lazily); {} elsewhere."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    parts = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name in ("RssAnon", "RssFile", "RssShmem"):
+            parts[name] = round(int(value.split()[0]) / 1024, 1)
+    return parts
+
+
 def start_server(args: argparse.Namespace, port: int, log) -> subprocess.Popen:
     command = [sys.executable, str(REPO_ROOT / "serve.py"), "--model-dir", args.model_dir, "--host", "127.0.0.1",
                "--port", str(port), "--dtype", args.dtype, "--max-inputs", str(args.max_inputs), "--log-level", "warning"]
@@ -381,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         server = start_server(args, port, log)
         try:
             ready_s = wait_until_ready(url, server, args.ready_timeout)
-            rss_start = rss_mb(server.pid)
+            rss_start, rss_parts_start = rss_mb(server.pid), rss_parts_mb(server.pid)
             before = httpx.get(f"{url}/metrics", timeout=10).text
             with RssSampler(server.pid) as sampler:
                 for number, positions in enumerate(segments):
@@ -401,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"segment {number + 1}/{len(segments)}: served {served_s[-1]:.1f} s, offline "
                           f"{offline_s[-1]:.1f} s ({offline_s[-1] / served_s[-1]:.2f})", file=sys.stderr, flush=True)
             after = httpx.get(f"{url}/metrics", timeout=10).text
-            rss_end = rss_by_segment[-1]
+            rss_end, rss_parts_end = rss_by_segment[-1], rss_parts_mb(server.pid)
         finally:
             if server.poll() is None:
                 server.send_signal(signal.SIGTERM)
@@ -465,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_rss_mb_peak": round(max(sampler.values, default=rss_end), 1),
         "server_rss_growth": round(rss_end / rss_start - 1, 4),
         "server_rss_mb_by_segment": rss_by_segment,
+        "server_rss_parts_mb_start": rss_parts_start, "server_rss_parts_mb_end": rss_parts_end,
         "server_ready_s": round(ready_s, 1), "server_exit_code": server_exit,
         # Where a gap to offline comes from: the model thread idle between batches (busy share below 1),
         # or batches that score fewer prompts per second of model time than the offline call.
@@ -506,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
         ("server RSS start / peak / end", (f"{rss_start:.0f} / {figures['server_rss_mb_peak']:.0f} / {rss_end:.0f} MiB "
                                            f"({100 * figures['server_rss_growth']:+.1f} %)")),
         ("server RSS after each segment", " ".join(f"{value:.0f}" for value in rss_by_segment)),
+        *([("server RSS anonymous / file-backed", (
+            f"{rss_parts_start['RssAnon']:.0f} / {rss_parts_start['RssFile']:.0f} MiB at the start, "
+            f"{rss_parts_end['RssAnon']:.0f} / {rss_parts_end['RssFile']:.0f} at the end"))]
+          if rss_parts_start and rss_parts_end else []),
         ("max |served - offline|", f"{figures['max_abs_score_difference']:.2e} (tolerance {tolerance:.1e})"),
         *([("max |offline - offline|", (
             f"{pass_difference['offline_pass_difference']:.2e} over all prompts, one call against their segments' "

@@ -55,6 +55,18 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def skip_cudnn_attention() -> None:
+    """Keep PyTorch's SDPA off cuDNN attention on CUDA.
+
+    cuDNN attention builds a plan for every new (batch, length) shape and keeps it in host memory
+    for the process's life (about 1.4 MiB each at Phi-4-mini's shape, measured on an H100), so a
+    server's RSS grew with every new batch shape without end. Flash and memory-efficient attention
+    keep no per-shape state, and serving was no slower without cuDNN (README, *Serving*, *On a GPU*).
+    """
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def load_tokenizer(model_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer that pads on the right with a defined pad token.
 
@@ -98,6 +110,7 @@ def load_sequence_classifier(
     schema: LabelSchema = BINARY,
 ) -> nn.Module:
     """The backbone with a fresh head of `schema.num_labels` outputs, labels named, pad token id set."""
+    skip_cudnn_attention()
     kwargs = {}
     if quantize_4bit:
         from accelerate import PartialState

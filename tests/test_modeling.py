@@ -114,6 +114,22 @@ def test_a_pad_token_outside_the_vocabulary_is_refused(tiny_phi3, tmp_path):
         load_sequence_classifier(str(tiny_phi3), tokenizer, torch.float32)
 
 
+@pytest.mark.parametrize("cuda_present", [True, False])
+def test_loading_a_classifier_keeps_attention_off_cudnn_only_on_cuda(tiny_phi3, monkeypatch, cuda_present):
+    """cuDNN attention keeps a plan per input shape in host memory for good (a GPU server's RSS grew by
+    ~1.4 MiB a new batch shape); on a CPU the setting is left as it was."""
+    from safety_classifier.modeling import load_sequence_classifier
+
+    was_enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_present)
+    try:
+        load_sequence_classifier(str(tiny_phi3), load_tokenizer(str(tiny_phi3)), torch.float32)
+        assert torch.backends.cuda.cudnn_sdp_enabled() is not cuda_present
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was_enabled)
+
+
 def test_scores_come_back_in_input_order_whatever_the_batching(tiny_phi3):
     path = str(tiny_phi3)
     tokenizer = load_tokenizer(path)

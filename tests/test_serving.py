@@ -385,6 +385,18 @@ def test_serve_refuses_an_incomplete_directory(tmp_path, capsys):
     assert "safety_classifier.json is missing" in capsys.readouterr().err
 
 
+def test_the_load_test_splits_rss_into_anonymous_and_file_backed_pages():
+    import os
+
+    import load_test
+
+    parts = load_test.rss_parts_mb(os.getpid())
+    assert set(parts) == {"RssAnon", "RssFile", "RssShmem"}
+    # the split adds up to the RSS psutil reads (a few pages may move between the two reads)
+    assert abs(sum(parts.values()) - load_test.rss_mb(os.getpid())) < 16
+    assert load_test.rss_parts_mb(2**22 + 12345) == {}  # no such process: no split, no error
+
+
 def test_the_load_tests_malformed_requests_get_the_status_it_expects():
     """benchmarks/load_test.py --quick takes ~30 s here, too long for the suite; its parts are checked instead."""
     import load_test
