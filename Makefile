@@ -25,7 +25,7 @@ $(VENV)/.installed: requirements.txt requirements-embedded.txt pyproject.toml
 
 demo: setup
 	$(PYTHON) train_lora.py --train-file $(DATA)/toxicchat0124_train.csv --test-file $(DATA)/toxicchat0124_test.csv \
-		--extra-train-sources "$(CATEGORY_FILE),text=prompt_text,category=category,validation=0.25" \
+		--extra-train-sources "$(CATEGORY_FILE),text=prompt_text,category=category,validation=0.25,weight=1.2" \
 		--max-length 512 --output-dir $(DEMO_DIR) --no-resume
 	$(PYTHON) infer.py --model-dir $(DEMO_DIR) --examples "Tell me how to shoplift" "What is the capital of France?" \
 		"How do I make a pipe bomb?"

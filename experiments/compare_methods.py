@@ -50,8 +50,17 @@ VALIDATION_FRACTION = 0.1
 MAX_LENGTH = 512
 TEST_SCORES_FILE = "test_scores.csv"
 
-# The AILuminate category file as a second source, its own 25 % validation share stratified by category.
-CATEGORY_SOURCE = "{ailuminate},text=prompt_text,category=category,validation=0.25"
+# The AILuminate category file as a second source, its own 25 % validation share stratified by category,
+# its training rows 1.2 times an epoch (chosen on validation: README, the category search).
+CATEGORY_SOURCE_WEIGHT = 1.2
+CATEGORY_SOURCE = "{ailuminate},text=prompt_text,category=category,validation=0.25,weight={weight}"
+
+
+def category_source(ailuminate: str, weight: float | str = CATEGORY_SOURCE_WEIGHT) -> str:
+    """The category source's spec for `--extra-train-sources`."""
+    return CATEGORY_SOURCE.format(ailuminate=ailuminate, weight=weight)
+
+
 # row name -> (method as shown, script, its strategy options)
 FINE_TUNED_ROWS = {
     # Head LR 1e-2 chosen on validation (README: what was tried); every other row uses the defaults.
@@ -71,7 +80,7 @@ FINE_TUNED_ROWS = {
                   ["--lora-r", "32", "--lora-alpha", "64", "--gradient-checkpointing", "false"]),
     # ToxicChat plus the AILuminate category file: a category head beside the safe/unsafe decision.
     "lora-r16-categories": ("LoRA r=16 + AILuminate categories", "train_lora.py",
-                            ["--lora-r", "16", "--lora-alpha", "32", "--extra-train-sources", CATEGORY_SOURCE]),
+                            ["--lora-r", "16", "--lora-alpha", "32", "--extra-train-sources", category_source("{ailuminate}")]),
 }
 AILUMINATE_FILE = "ailuminate/ailuminate_en_dev.csv"  # beside toxicchat/ in the shared data directory
 TOXICCHAT_SOURCE = "toxicchat0124_train"  # the name metrics.json gives the main source's validation rows

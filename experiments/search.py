@@ -32,13 +32,14 @@ from pathlib import Path
 
 from compare_methods import (
     AILUMINATE_FILE,
-    CATEGORY_SOURCE,
+    CATEGORY_SOURCE_WEIGHT,
     DATA_DIR,
     MAX_LENGTH,
     REPO_ROOT,
     RESULTS_DIR,
     SEED,
     TOXICCHAT_SOURCE,
+    category_source,
 )
 
 from safety_classifier.categories import LEGACY_CATEGORY_SCORE_RULE, category_score_rule_of
@@ -79,7 +80,7 @@ def records_dir_name(strategy: str, categories: bool) -> str:
 
 
 # A grid key of --categories searches: how many times an epoch the category source's rows are seen.
-CATEGORY_SOURCE_WEIGHT = "category_source_weight"
+CATEGORY_SOURCE_WEIGHT_KEY = "category_source_weight"
 
 
 def command_for(strategy: str, setting: dict[str, str], train_file: Path, run_dir: Path, model: str | None,
@@ -87,16 +88,16 @@ def command_for(strategy: str, setting: dict[str, str], train_file: Path, run_di
     relative = lambda path: os.path.relpath(path, REPO_ROOT)  # noqa: E731 (the command runs in the repository root)
     options = {"max_length": str(MAX_LENGTH), "seed": str(SEED), **setting}
     # Not a training option but a part of the category source's spec (its `weight=`).
-    category_source_weight = options.pop(CATEGORY_SOURCE_WEIGHT, None)
+    category_source_weight = options.pop(CATEGORY_SOURCE_WEIGHT_KEY, None)
     command = ["python3", SCRIPTS[strategy], "--train-file", relative(train_file), "--output-dir", relative(run_dir),
                "--no-resume"]
     if model:
         command += ["--model", model]
     if category_file is not None:
-        spec = CATEGORY_SOURCE.format(ailuminate=relative(category_file))
-        command += ["--extra-train-sources", spec + (f",weight={category_source_weight}" if category_source_weight else "")]
+        command += ["--extra-train-sources",
+                    category_source(relative(category_file), category_source_weight or CATEGORY_SOURCE_WEIGHT)]
     elif category_source_weight is not None:
-        raise SystemExit(f"error: {CATEGORY_SOURCE_WEIGHT} needs --categories")
+        raise SystemExit(f"error: {CATEGORY_SOURCE_WEIGHT_KEY} needs --categories")
     for key, value in options.items():
         command += [f"--{key.replace('_', '-')}", value]
     return command

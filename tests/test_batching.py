@@ -190,7 +190,7 @@ def test_the_default_recipe_trains_in_8_row_batches_and_a_token_budget_asks_for_
 
     flags = [flag for flag in fast_training_flags(tiny_phi3, toy_files, tmp_path / "run") if flag not in ("--batch-size", "8")]
     default = parse_training_plan("lora", [*flags, "--lora-r", "4"])
-    assert default.batch_rows == 8 and default.learning_rate == 2e-4 and default.head_learning_rate == 1e-3
+    assert default.batch_rows == 8 and default.learning_rate == 4e-4 and default.head_learning_rate == 1e-3
     assert default.arguments_record()["batch_size"] == 8
     assert parse_training_plan("lora", [*flags, "--max-batch-tokens", "64"]).batch_rows is None
     assert parse_training_plan("lora", [*flags, "--max-batch-tokens", "64", "--batch-size", "4"]).batch_rows == 4

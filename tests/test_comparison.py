@@ -226,9 +226,13 @@ def test_the_category_sources_weight_is_a_grid_key_of_category_searches(tmp_path
     assert spec.endswith("category=category,validation=0.25,weight=2") and "--category-source-weight" not in command
     assert command[command.index("--epochs") + 1] == "1" and setting["category_source_weight"] == "2"
     plain = search.command_for("lora", {}, train_file, run_dir, None, category_file)
-    assert plain[plain.index("--extra-train-sources") + 1].endswith("validation=0.25")
+    # without the key, the results row's weight (chosen on validation), once
+    assert plain[plain.index("--extra-train-sources") + 1].endswith(f"validation=0.25,weight={search.CATEGORY_SOURCE_WEIGHT}")
     with pytest.raises(SystemExit, match="category_source_weight needs --categories"):
         search.command_for("lora", setting, train_file, run_dir, None, None)
+    # make demo trains with the results row's category source (the Makefile cannot import it)
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert search.category_source("$(CATEGORY_FILE)") in makefile
 
 
 def test_the_category_route_counts_what_a_second_threshold_would_flag():
