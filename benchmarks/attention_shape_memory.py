@@ -9,6 +9,7 @@ Needs a CUDA GPU (run on an H100: results/attention-shape-memory-h100.txt):
     python benchmarks/attention_shape_memory.py
 """
 
+import os
 import random
 import sys
 from pathlib import Path
@@ -18,13 +19,14 @@ from transformers import AutoModelForSequenceClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_shapes import shape_config  # noqa: E402
+from load_test import rss_parts_mb  # noqa: E402
 
 
 def anonymous_rss_mib() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+    parts = rss_parts_mb(os.getpid())
+    if "RssAnon" not in parts:
+        raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+    return parts["RssAnon"]
 
 
 def main() -> None:

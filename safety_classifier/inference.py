@@ -138,12 +138,16 @@ def pad_rows(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[Sequence[in
     return tokenizer.pad({"input_ids": [input_ids[i] for i in rows]}, return_tensors="pt")
 
 
+def device_scoring_batches(lengths: np.ndarray, max_batch_tokens: int, device: torch.device) -> list[np.ndarray]:
+    """`scoring_batches` priced for `device`: each pass costs what `pass_overhead_tokens` says it does there."""
+    return scoring_batches(lengths, max_batch_tokens, pass_overhead_tokens=pass_overhead_tokens(device, max_batch_tokens))
+
+
 def padded_batches(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[Sequence[int]],
                    max_batch_tokens: int, device: torch.device) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
-    """`scoring_batches` of tokenized rows for `device`: (row indices, right-padded input_ids and attention_mask)."""
+    """`device_scoring_batches` of tokenized rows: (row indices, right-padded input_ids and attention_mask)."""
     lengths = np.asarray([len(ids) for ids in input_ids])
-    for batch in scoring_batches(lengths, max_batch_tokens,
-                                 pass_overhead_tokens=pass_overhead_tokens(device, max_batch_tokens)):
+    for batch in device_scoring_batches(lengths, max_batch_tokens, device):
         yield batch, pad_rows(tokenizer, input_ids, batch)
 
 

@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .inference import default_batch_tokens, encode_prompts, pass_overhead_tokens, scoring_batches
+from .inference import default_batch_tokens, device_scoring_batches, encode_prompts
 from .modeling import find_head_name, find_transformer_blocks
 
 DEFAULT_MAX_CACHE_BYTES = 4 * 1024**3
@@ -184,8 +184,7 @@ def prefix_hidden_states_from_ids(
     model.eval()
     bar = tqdm(total=len(lengths), desc=description, unit="prompt", disable=not show_progress)
     try:
-        for batch in scoring_batches(lengths, max_batch_tokens,
-                                     pass_overhead_tokens=pass_overhead_tokens(device, max_batch_tokens)):
+        for batch in device_scoring_batches(lengths, max_batch_tokens, device):
             longest = int(lengths[batch].max())
             ids = torch.full((len(batch), longest), pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(batch), longest), dtype=torch.long)

@@ -90,14 +90,7 @@ from .console import EpochSummaryProgress
 from .data import LabelledSplit, Splits, load_splits
 from .embedded import resolve_model_reference
 from .errors import DataError, ResumeMismatchError, ThresholdTargetError, TrainingDivergedError
-from .inference import (
-    category_scores_of,
-    default_batch_tokens,
-    margins_of,
-    pass_overhead_tokens,
-    predict_logits,
-    scoring_batches,
-)
+from .inference import category_scores_of, default_batch_tokens, device_scoring_batches, margins_of, predict_logits
 from .labels import BINARY_LABELS, MISSING_TARGET, LabelSchema, split_logits
 from .metrics import classification_metrics, f1_maximising_threshold, format_metrics_table
 from .modeling import (
@@ -453,8 +446,7 @@ class ClassifierTrainer(Trainer):
         if self.args.world_size > 1:
             return super().get_eval_dataloader(eval_dataset)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        batches = scoring_batches(np.asarray(row_lengths(dataset)), self.eval_batch_tokens,
-                                  pass_overhead_tokens=pass_overhead_tokens(self.args.device, self.eval_batch_tokens))
+        batches = device_scoring_batches(np.asarray(row_lengths(dataset)), self.eval_batch_tokens, self.args.device)
         return self._loader(dataset, [batch.tolist() for batch in batches], "evaluation")
 
     def _loader(self, dataset, batch_sampler, description: str) -> DataLoader:

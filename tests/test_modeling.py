@@ -209,6 +209,7 @@ def test_on_a_gpu_a_served_batch_takes_fewer_passes():
     default_plan = scoring_plan(lengths, 16384, pack=False)[1]  # as before: the CPU's share
     assert [batch.tolist() for batch in default_plan] == [batch.tolist() for batch in cpu_plan]
 
+
 def test_class_weighted_loss_is_the_weighted_cross_entropy():
     labels = np.array([0] * 9 + [1])
     weights = class_weights_for(labels)
