@@ -59,6 +59,7 @@ from safety_classifier.modeling import (  # noqa: E402
     LoraSettings,
     build_model,
     count_parameters,
+    cpu_model,
     load_sequence_classifier,
     load_tokenizer,
     resolve_dtype,
@@ -84,16 +85,6 @@ SETTINGS = {
     "default": dict(score_n=400, ref_score_n=32, ref_train_steps=2, ref_train_rows=2,
                     topn_rows=192, matmul_n=2048, train_pool=1024, epoch_rows=None, epoch_max_length=None),
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def peak_rss_mb() -> float:

@@ -38,6 +38,7 @@ import pandas as pd  # noqa: E402
 from safety_classifier.artifacts import read_metadata, write_json_atomically  # noqa: E402
 from safety_classifier.categories import category_route_threshold_of, unsafe_verdicts  # noqa: E402
 from safety_classifier.metrics import classification_metrics, f1_maximising_threshold  # noqa: E402
+from safety_classifier.modeling import cpu_model, resolve_dtype  # noqa: E402
 
 DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "toxicchat"
 RESULTS_DIR = REPO_ROOT / "results"
@@ -123,6 +124,12 @@ def write_test_scores(destination: Path, scores: np.ndarray, uncalibrated: np.nd
     pd.DataFrame(columns).to_csv(destination / TEST_SCORES_FILE, index=False, float_format="%.6g")
 
 
+def machine_description() -> str:
+    """Core count, CPU model and the dtype `--dtype auto` trains in: training times compare only within one."""
+    dtype = str(resolve_dtype("auto")).removeprefix("torch.")
+    return f"{os.cpu_count()} CPU cores, {cpu_model()}, {dtype}"
+
+
 def backbone_parameters() -> int:
     """Parameters of the embedded backbone without any head (embeddings tied, counted once)."""
     import torch
@@ -130,8 +137,10 @@ def backbone_parameters() -> int:
 
     from safety_classifier.embedded import EMBEDDED_ALIAS, resolve_model_reference
 
+    # Outside the meta context: on a fresh checkout this materialises the embedded model, reading its weights.
+    config = AutoConfig.from_pretrained(resolve_model_reference(EMBEDDED_ALIAS))
     with torch.device("meta"):  # shapes only, no weights read
-        model = AutoModel.from_config(AutoConfig.from_pretrained(resolve_model_reference(EMBEDDED_ALIAS)))
+        model = AutoModel.from_config(config)
     return sum(parameter.numel() for parameter in model.parameters())
 
 
@@ -264,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         record = {"row": row, "backbone": "—" if no_backbone else BACKBONE,
                   "backbone_parameters": None if no_backbone else backbone_params,
                   "max_length": MAX_LENGTH, "seed": SEED, "test_subset": "human-annotated test subset",
-                  "machine": f"{os.cpu_count()} CPU cores", **record}
+                  "machine": machine_description(), **record}
         # metrics.json last: its presence marks the row complete.
         write_json_atomically(RESULTS_DIR / row / "metrics.json", record)
         test = record["test"]

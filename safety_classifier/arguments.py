@@ -6,6 +6,7 @@ Each field becomes `--field-name` (and `--field_name`); a boolean defaulting to 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -80,8 +81,9 @@ class RunArguments:
     epochs: float = field(default=2.0, metadata={"help": "Training epochs."})
     learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Peak learning rate; unset: 5e-5 top-N, 4e-4 LoRA/QLoRA (chosen on validation with "
-                          "batches of 8 rows; README, the recipe search)."},
+        metadata={"help": "Peak learning rate; unset: 5e-5 top-N, 4e-4 LoRA/QLoRA at rank 16 or less and "
+                          "4e-4 x sqrt(16 / r) above (2e-4 at r=64; chosen on validation with batches of 8 rows; "
+                          "README, the recipe search)."},
     )
     head_learning_rate: float | None = field(
         default=None,
@@ -196,19 +198,32 @@ class Strategy:
     description: str
     arguments: type
     learning_rate: float
+    searched_lora_rank: int | None = None  # the rank `learning_rate` was chosen at (adapter strategies)
+
+    def default_learning_rate(self, lora_rank: int | None = None) -> float:
+        """`learning_rate`, lowered by sqrt(searched rank / r) for adapters of a higher rank.
+
+        At a fixed alpha / r an adapter's update grows with its rank (the rsLoRA analysis): at 4e-4,
+        QLoRA r=32 and LoRA r=64 scored below their 2e-4 runs on validation (README, the rate at
+        higher ranks). Ranks below the searched one keep its rate (a higher one was not tried there).
+        """
+        if self.searched_lora_rank is None or lora_rank is None or lora_rank <= self.searched_lora_rank:
+            return self.learning_rate
+        return self.learning_rate * math.sqrt(self.searched_lora_rank / lora_rank)
 
 
 # Learning rates chosen on the validation split with the default 8-row batches (README, the recipe
 # search: LoRA r=16 reaches validation AUPRC 0.861 at 4e-4, against 0.845 at 2e-4, and 8e-4 is worse;
-# token-budget batches, at any of the rates searched, stopped at 0.811-0.813). QLoRA takes LoRA's rate
-# (the same adapters; not searched apart). The top-N rate is the results table's.
+# token-budget batches, at any of the rates searched, stopped at 0.811-0.813), lowered above rank 16
+# (`Strategy.default_learning_rate`). QLoRA takes LoRA's rate (the same adapters; not searched apart).
+# The top-N rate is the results table's.
 STRATEGIES = {strategy.name: strategy for strategy in (
     Strategy("top_layers", "Fine-tune the top N transformer blocks and a classification head; the rest stays frozen.",
              TopLayersArguments, 5e-5),
     Strategy("lora", "Fine-tune LoRA adapters on every linear layer of the blocks, and a classification head.",
-             LoraArguments, 4e-4),
+             LoraArguments, 4e-4, searched_lora_rank=16),
     Strategy("qlora", "Fine-tune LoRA adapters on a 4-bit NF4 backbone (bitsandbytes), and a classification head.",
-             LoraArguments, 4e-4),
+             LoraArguments, 4e-4, searched_lora_rank=16),
 )}
 DEFAULT_BATCH_ROWS = 8  # training rows per device per step unless --batch-size or --max-batch-tokens says otherwise
 HEAD_LEARNING_RATE = 1e-3

@@ -95,23 +95,27 @@ tokens, a fixed part worth roughly 14,000 tokens' compute; 0.6 of the 16,384-tok
 rough estimate of that order (README, *Serving*, on a GPU)."""
 
 
+CPU = torch.device("cpu")
+
+
 def pass_overhead_tokens(device: torch.device, max_batch_tokens: int) -> float:
     """What one more forward pass costs on `device`, in padded tokens of a `max_batch_tokens` budget."""
     return max_batch_tokens * (GPU_PASS_OVERHEAD_SHARE if device.type == "cuda" else PASS_OVERHEAD_SHARE)
 
 
 def scoring_batches(lengths: np.ndarray, max_batch_tokens: int, max_batch_rows: int = 256,
-                    pass_overhead_tokens: float | None = None) -> list[np.ndarray]:
+                    overhead_tokens: float | None = None) -> list[np.ndarray]:
     """Row indices grouped for scoring: the cheapest split of the length-sorted rows into batches.
 
-    Cost = padded tokens (rows x longest row) + `pass_overhead_tokens` per forward pass, each batch
+    Cost = padded tokens (rows x longest row) + `overhead_tokens` per forward pass (default: a CPU's
+    `pass_overhead_tokens`), each batch
     within the budget (a longer row alone). Unlike the greedy fill of `token_budget_batches`, a few
     texts of mixed lengths (what a server gathers) are not padded to their longest: 500 + 3 x 30
     tokens cost two passes, not 4 x 500. Batches of neighbours in length order are optimal for this
     cost, so a dynamic programme over split points finds the cheapest in O(rows x max_batch_rows).
     """
     lengths = np.asarray(lengths, dtype=np.int64)
-    overhead = max_batch_tokens * PASS_OVERHEAD_SHARE if pass_overhead_tokens is None else pass_overhead_tokens
+    overhead = pass_overhead_tokens(CPU, max_batch_tokens) if overhead_tokens is None else overhead_tokens
     order = np.argsort(-lengths, kind="stable")
     longest_first = lengths[order]
     count = len(order)
@@ -140,7 +144,7 @@ def pad_rows(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[Sequence[in
 
 def device_scoring_batches(lengths: np.ndarray, max_batch_tokens: int, device: torch.device) -> list[np.ndarray]:
     """`scoring_batches` priced for `device`: each pass costs what `pass_overhead_tokens` says it does there."""
-    return scoring_batches(lengths, max_batch_tokens, pass_overhead_tokens=pass_overhead_tokens(device, max_batch_tokens))
+    return scoring_batches(lengths, max_batch_tokens, overhead_tokens=pass_overhead_tokens(device, max_batch_tokens))
 
 
 def padded_batches(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[Sequence[int]],
@@ -161,8 +165,8 @@ def scoring_plan(lengths: np.ndarray, max_batch_tokens: int, pack: bool | None =
     element-wise work on a longer row leaves the cache). Thousands of prompts sorted by length
     (a file) pad little and stay padded; a few prompts of mixed lengths (a served batch) pack.
     """
-    overhead = max_batch_tokens * PASS_OVERHEAD_SHARE if overhead_tokens is None else overhead_tokens
-    batches = None if pack else scoring_batches(lengths, max_batch_tokens, pass_overhead_tokens=overhead)
+    overhead = pass_overhead_tokens(CPU, max_batch_tokens) if overhead_tokens is None else overhead_tokens
+    batches = None if pack else scoring_batches(lengths, max_batch_tokens, overhead_tokens=overhead)
     packs = None if pack is False else pack_rows(lengths, min(max_batch_tokens, MAX_PACK_TOKENS))
     if pack is None:
         padded_cost = sum(len(batch) * int(lengths[batch].max()) for batch in batches) + overhead * len(batches)

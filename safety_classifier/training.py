@@ -312,7 +312,9 @@ class TrainingPlan:
 
     @property
     def learning_rate(self) -> float:
-        return self.run.learning_rate or STRATEGIES[self.strategy].learning_rate
+        if self.run.learning_rate:
+            return self.run.learning_rate
+        return STRATEGIES[self.strategy].default_learning_rate(self.lora.lora_r if self.lora else None)
 
     @property
     def trains_categories(self) -> bool:
@@ -645,7 +647,8 @@ class TrainingSession:
             f"{[round(w, 4) for w in self.class_weights.tolist()]}",
             *([f"frozen prefix cached: {sum(d.nbytes for d in datasets) / 2**20:,.1f} MiB"] if self.cached_prefix else []),
             *sources,
-            f"batches: {describe_batches(plan, self.sampler)}",
+            f"batches: {describe_batches(plan, self.sampler)}; learning rate {plan.learning_rate:.3g}, "
+            f"head {plan.head_learning_rate:.3g}",
         ]
 
 

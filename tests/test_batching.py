@@ -192,6 +192,12 @@ def test_the_default_recipe_trains_in_8_row_batches_and_a_token_budget_asks_for_
     default = parse_training_plan("lora", [*flags, "--lora-r", "4"])
     assert default.batch_rows == 8 and default.learning_rate == 4e-4 and default.head_learning_rate == 1e-3
     assert default.arguments_record()["batch_size"] == 8
+    # Above the rank the rate was searched at (16), the default falls as 1 / sqrt(r); a given rate wins.
+    assert parse_training_plan("lora", [*flags, "--lora-r", "64"]).learning_rate == pytest.approx(2e-4)
+    assert parse_training_plan("qlora", [*flags, "--lora-r", "32"]).arguments_record()["learning_rate"] == \
+        pytest.approx(4e-4 / 2 ** 0.5)
+    assert parse_training_plan("lora", [*flags, "--lora-r", "64", "--learning-rate", "4e-4"]).learning_rate == 4e-4
+    assert parse_training_plan("top_layers", flags).learning_rate == 5e-5
     assert parse_training_plan("lora", [*flags, "--max-batch-tokens", "64"]).batch_rows is None
     assert parse_training_plan("lora", [*flags, "--max-batch-tokens", "64", "--batch-size", "4"]).batch_rows == 4
 

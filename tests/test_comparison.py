@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 
 import category_recall
 import category_route
+import compare_methods
 import numpy as np
 import pandas as pd
 import pytest
@@ -52,6 +54,20 @@ def test_the_probe_picks_c_on_validation_and_separates_separable_features():
     model, c = fit_logistic_probe(features[:200], labels[:200], features[200:], labels[200:])
     scores = model.predict_proba(features[200:])[:, 1]
     assert ((scores >= 0.5) == labels[200:]).mean() > 0.95
+
+
+def test_the_backbone_is_counted_on_a_checkout_where_the_embedded_model_is_not_written_out_yet(tiny_phi3, monkeypatch):
+    """Writing the embedded model out reads its weights: it must not run under the meta device."""
+    from transformers import AutoConfig, AutoModel
+
+    def materialise(reference: str) -> str:
+        assert torch.empty(1).device.type == "cpu", "the embedded model was materialised on the meta device"
+        return str(tiny_phi3)
+
+    monkeypatch.setattr("safety_classifier.embedded.resolve_model_reference", materialise)
+    backbone = AutoModel.from_config(AutoConfig.from_pretrained(tiny_phi3))
+    assert compare_methods.backbone_parameters() == sum(parameter.numel() for parameter in backbone.parameters())
+    assert compare_methods.machine_description().startswith(f"{os.cpu_count()} CPU cores, ")
 
 
 def _row(name: str, auprc: float) -> dict:

@@ -166,7 +166,7 @@ def test_scoring_batches_are_the_cheapest_split_within_budget():
     rng = np.random.default_rng(0)
     for lengths in (np.array([400, 30, 30, 30]), np.array([5, 300, 17, 17, 1, 64, 64, 2, 900, 33]),
                     rng.integers(1, 512, 300), np.array([7])):
-        batches = scoring_batches(lengths, max_batch_tokens=2048, pass_overhead_tokens=64)
+        batches = scoring_batches(lengths, max_batch_tokens=2048, overhead_tokens=64)
         assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
         for batch in batches:
             assert len(batch) == 1 or lengths[batch].max() * len(batch) <= 2048
@@ -174,7 +174,7 @@ def test_scoring_batches_are_the_cheapest_split_within_budget():
         assert padded_cost(lengths, batches, 64) <= padded_cost(lengths, greedy, 64)
     # A long prompt gathered with short ones gets a pass of its own instead of padding them to 400.
     lengths = np.array([30, 400, 30, 30])
-    assert [sorted(b.tolist()) for b in scoring_batches(lengths, 2048, pass_overhead_tokens=64)] == [[1], [0, 2, 3]]
+    assert [sorted(b.tolist()) for b in scoring_batches(lengths, 2048, overhead_tokens=64)] == [[1], [0, 2, 3]]
     # No grouping of these five rows at all (not only of neighbours in length order) is cheaper.
     lengths = np.array([30, 400, 29, 120, 31])
 
@@ -191,7 +191,7 @@ def test_scoring_batches_are_the_cheapest_split_within_budget():
     cheapest = min(padded_cost(lengths, [np.array(g) for g in grouping], 64)
                    for grouping in groupings(list(range(5)))
                    if all(len(g) * lengths[g].max() <= 512 or len(g) == 1 for g in grouping))
-    chosen = scoring_batches(lengths, 512, pass_overhead_tokens=64)
+    chosen = scoring_batches(lengths, 512, overhead_tokens=64)
     assert padded_cost(lengths, chosen, 64) == cheapest
 
 
