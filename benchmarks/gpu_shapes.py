@@ -10,6 +10,9 @@ The timed runs then go through the toolkit's own path, as the scripts train and 
 * `qlora`: `train_qlora.py`'s session (NF4 backbone, gradient checkpointing) with the README's
   `--batch-size 4 --gradient-accumulation-steps 2`, on a sample of rows that holds the longest prompts
   of the file, so the peak memory is the epoch's worst batch at `--max-length`;
+* `lora-categories-batch8`: the same 8-row LoRA epoch with the AILuminate category file as a second
+  source (`--category-file`, as the results table's category row: a category head, 1.2 x the file's
+  training rows an epoch), so its cost beside `lora-batch8` is measured in one run;
 * `score`: `predict_unsafe_probabilities` over the prompts (bf16 backbone, default token budget);
 * `serve`: a head-only classifier trained on the backbone for one epoch over a few hundred rows (the
   head's values do not change the cost), then `benchmarks/load_test.py` against `serve.py` on it, at
@@ -49,7 +52,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from benchmark import non_embedding_parameters  # noqa: E402
-from transformers import AutoModelForSequenceClassification, Phi3Config  # noqa: E402
+from transformers import AutoModelForCausalLM, Phi3Config  # noqa: E402
 
 from safety_classifier.cli import parse_training_plan  # noqa: E402
 from safety_classifier.console import quiet_library_noise  # noqa: E402
@@ -86,12 +89,15 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_atte
             vocab_size=49152)
 TINY_ROPE = {"type": "longrope", "short_factor": [1.0] * 6, "long_factor": [1.0] * 6}
 
+# The category source of the results table's `lora-r16-categories` row (experiments/compare_methods.py).
+CATEGORY_SOURCE = "{category_file},text=prompt_text,category=category,validation=0.25,weight=1.2"
 # (name, shape, strategy, extra training arguments) of each timed training run.
 TRAINING_RUNS = [
     ("lora-batch8", "phi-4-mini", "lora", ["--batch-size", "8"]),
     ("lora-batch8-checkpointing", "phi-4-mini", "lora", ["--batch-size", "8", "--gradient-checkpointing", "true"]),
     ("lora-token-budget", "phi-4-mini", "lora", ["--max-batch-tokens", "16384"]),  # the GPU scoring budget
     ("lora-4096-tokens", "phi-4-mini", "lora", ["--max-batch-tokens", "4096"]),
+    ("lora-categories-batch8", "phi-4-mini", "lora", ["--batch-size", "8", "--extra-train-sources", CATEGORY_SOURCE]),
     ("top4-batch8", "phi-4-mini", "top_layers", ["--num-layers", "4", "--batch-size", "8"]),
     ("qlora-batch4x2", "phi-4", "qlora", ["--batch-size", "4", "--gradient-accumulation-steps", "2"]),
     ("qlora-4096-tokens", "phi-4", "qlora", ["--max-batch-tokens", "4096"]),
@@ -108,11 +114,14 @@ def shape_config(shape: str, tiny: bool) -> Phi3Config:
 
 
 def write_random_backbone(shape: str, tiny: bool, directory: Path, tokenizer_dir: Path, device: str) -> float:
-    """A randomly initialised backbone of `shape` saved (bf16 safetensors) with the tokenizer; seconds taken."""
+    """A randomly initialised backbone of `shape` saved (bf16 safetensors) with the tokenizer; seconds taken.
+
+    Saved as a causal LM, like the hub's checkpoints: a saved sequence-classification model would carry
+    a 2-label `score` head, which a category head's larger one cannot load over."""
     started = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForSequenceClassification.from_config(shape_config(shape, tiny), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(shape_config(shape, tiny), dtype=torch.bfloat16)
     model.save_pretrained(directory)
     del model
     release_memory()
@@ -262,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="JSON-lines file the measurements are appended to")
     parser.add_argument("--train-file", default=str(REPO_ROOT.parent / "shared/data/toxicchat/toxicchat0124_train.csv"))
+    parser.add_argument("--category-file", default=str(REPO_ROOT.parent / "shared/data/ailuminate/ailuminate_en_dev.csv"),
+                        help="category-labelled prompts (prompt_text, category) of the lora-categories-batch8 run")
     parser.add_argument("--tokenizer", default=EMBEDDED_ALIAS, help="model directory whose tokenizer the backbones get")
     parser.add_argument("--rows", type=int, default=None, help="LoRA epoch rows (default: the whole training file)")
     parser.add_argument("--qlora-rows", type=int, default=256, help="QLoRA epoch rows, the 8 longest prompts included")
@@ -309,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
             seconds = write_random_backbone(shape, args.tiny, model_dir, tokenizer_dir, device)
             emit({"measure": "backbone", "shape": shape, "seconds_to_build_and_save": round(seconds, 1)})
             for name, _, strategy, extra in runs:
+                extra = [argument.format(category_file=args.category_file) for argument in extra]
                 rows_file = scratch / ("qlora_rows.csv" if strategy == "qlora" else "lora_rows.csv")
                 try:
                     emit(timed_training(name, shape, strategy, extra, model_dir, rows_file, scratch, peak))

@@ -81,6 +81,7 @@ def results_table(rows: list[dict]) -> str:
     if missing:
         lines += ["", f"Not run yet: {', '.join(f'`{row}`' for row in missing)}."]
     lines += ["", *validation_table(rows)]
+    lines += calibration_table(rows)
     lines += ["", *guard_model_table(rows)]
     lines += category_tables(rows)
     return "\n".join(lines)
@@ -203,9 +204,34 @@ def validation_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-# The tuned-recipe goal: the best row's AUPRC and F1 (F1 above GuardReasoner-8B's 78.8 on the same
-# prompts), and an AUPRC floor for every LoRA/QLoRA row.
-GOAL_AUPRC, GOAL_F1, GOAL_ADAPTER_AUPRC = 0.86, 0.79, 0.84
+# The tuned-recipe goal: the best row's AUPRC, F1 (above GuardReasoner-8B's 78.8 on the same
+# prompts) and jailbreak recall, an AUPRC floor for every LoRA/QLoRA row, and calibrated scores.
+GOAL_AUPRC, GOAL_F1, GOAL_JAILBREAK_RECALL, GOAL_ADAPTER_AUPRC, GOAL_ECE = 0.86, 0.79, 0.85, 0.84, 0.03
+
+
+def calibration_table(rows: list[dict]) -> list[str]:
+    """Test ECE and Brier of each fine-tuned row's P(unsafe), as trained and as calibrated on validation."""
+    tuned = [row for row in rows if row["row"] not in BASELINE_ROWS]
+    calibrated = [row for row in tuned if "uncalibrated" in row["test"]]
+    if not calibrated:
+        return []
+    lines = ["", "Calibration on the test subset: expected calibration error (15 equal-width bins) and Brier score "
+             "of P(unsafe) as the model gives it (uncalibrated) and after the calibration fitted on the validation "
+             "logits (Platt scaling, the default).", "",
+             "| Method | ECE uncalibrated | ECE calibrated | Brier uncalibrated | Brier calibrated |",
+             "|---|---:|---:|---:|---:|"]
+    for row in calibrated:
+        test, before = row["test"], row["test"]["uncalibrated"]
+        lines.append(f"| {row['method']} | {before['ece']:.3f} | {test['ece']:.3f} | {before['brier']:.3f} "
+                     f"| {test['brier']:.3f} |")
+    missed = [row["method"] for row in calibrated
+              if not (row["test"]["ece"] <= GOAL_ECE and row["test"]["brier"] < row["test"]["uncalibrated"]["brier"])]
+    goal = f"Goal, every fine-tuned row: test ECE <= {GOAL_ECE} and a Brier score below the uncalibrated one: "
+    lines += ["", goal + (f"not met by {', '.join(missed)}." if missed else "met.")]
+    unmeasured = [row["method"] for row in tuned if row not in calibrated]
+    if unmeasured:
+        lines[-1] += f" Run before calibration existed, without these figures: {', '.join(unmeasured)}."
+    return lines
 
 
 def summary_lines(rows: list[dict]) -> list[str]:
@@ -217,8 +243,10 @@ def summary_lines(rows: list[dict]) -> list[str]:
     best = max(tuned, key=lambda row: row["test"]["auprc"])
     test = best["test"]
     met = test["auprc"] >= GOAL_AUPRC and test["f1"] >= GOAL_F1
+    jailbreak_met = test["jailbreak_recall"] >= GOAL_JAILBREAK_RECALL
     line = (f"Best fine-tuned row by test AUPRC: {best['method']}, AUPRC {test['auprc']:.3f} and F1 {test['f1']:.3f}; "
-            f"the goal (AUPRC >= {GOAL_AUPRC}, F1 >= {GOAL_F1}) is {'met' if met else 'not met'}.")
+            f"the goal (AUPRC >= {GOAL_AUPRC}, F1 >= {GOAL_F1}) is {'met' if met else 'not met'}; its jailbreak recall "
+            f"{test['jailbreak_recall']:.3f} (goal >= {GOAL_JAILBREAK_RECALL}, {'met' if jailbreak_met else 'not met'}).")
     # The floor is for the ToxicChat-only recipe; a category row trades some of it (its own goals above).
     adapters = [row for row in tuned if FINE_TUNED_ROWS.get(row["row"], ("", ""))[1] in ("train_lora.py", "train_qlora.py")
                 and not row["validation"].get("categories")]

@@ -197,7 +197,7 @@ def test_the_default_recipe_trains_in_8_row_batches_and_a_token_budget_asks_for_
     assert parse_training_plan("qlora", [*flags, "--lora-r", "32"]).arguments_record()["learning_rate"] == \
         pytest.approx(4e-4 / 2 ** 0.5)
     assert parse_training_plan("lora", [*flags, "--lora-r", "64", "--learning-rate", "4e-4"]).learning_rate == 4e-4
-    assert parse_training_plan("top_layers", flags).learning_rate == 5e-5
+    assert parse_training_plan("top_layers", flags).learning_rate == 3e-4
     assert parse_training_plan("lora", [*flags, "--max-batch-tokens", "64"]).batch_rows is None
     assert parse_training_plan("lora", [*flags, "--max-batch-tokens", "64", "--batch-size", "4"]).batch_rows == 4
 

@@ -93,13 +93,28 @@ def test_the_table_shows_each_rows_file_and_names_the_missing_rows(tmp_path):
     assert "2.1 min" in lines[2]
     assert "Not run yet:" in table and "`qlora-r32`" in table and "`lora-r16`" not in table.split("Not run yet:")[1]
     assert ("Best fine-tuned row by test AUPRC: method lora-r16, AUPRC 0.700 and F1 0.550; the goal "
-            "(AUPRC >= 0.86, F1 >= 0.79) is not met. Lowest LoRA/QLoRA row: method lora-r16, AUPRC 0.700 (goal: every "
+            "(AUPRC >= 0.86, F1 >= 0.79) is not met; its jailbreak recall 0.750 (goal >= 0.85, not met). "
+            "Lowest LoRA/QLoRA row: method lora-r16, AUPRC 0.700 (goal: every "
             "one >= 0.84, not met). Best baseline: method tfidf-logreg, AUPRC 0.750") in table
+    assert "Calibration on the test subset" not in table, "no row here has uncalibrated figures"
     validation = table.split("Validation split")[1].splitlines()
     assert validation[2] == ("| Method | AUPRC after epoch 1 | AUPRC after epoch 2 | Saved classifier: AUPRC "
                              "| Saved classifier: F1 at its threshold |")
     assert validation[4:7] == ["| method tfidf-logreg | — | — | 0.760 | 0.600 |",
                                "| method lora-r16 | 0.650 | 0.710 | 0.710 | 0.600 |", ""], "baselines have no epochs"
+
+
+def test_the_calibration_table_reports_each_fine_tuned_rows_ece_and_brier_against_the_goal():
+    calibrated, miscalibrated, older = _row("lora-r16", 0.7), _row("top-1", 0.6), _row("top-2", 0.65)
+    calibrated["test"].update(ece=0.025, brier=0.04, uncalibrated={"ece": 0.05, "brier": 0.05})
+    miscalibrated["test"].update(ece=0.032, brier=0.07, uncalibrated={"ece": 0.08, "brier": 0.09})
+    lines = report.calibration_table([_row("tfidf-logreg", 0.75), older, calibrated, miscalibrated])
+    body = [line for line in lines if line.startswith("| method")]
+    assert body == ["| method lora-r16 | 0.050 | 0.025 | 0.050 | 0.040 |",
+                    "| method top-1 | 0.080 | 0.032 | 0.090 | 0.070 |"], "fine-tuned rows with both figures only"
+    assert lines[-1] == ("Goal, every fine-tuned row: test ECE <= 0.03 and a Brier score below the uncalibrated one: "
+                         "not met by method top-1. Run before calibration existed, without these figures: method top-2.")
+    assert report.calibration_table([calibrated])[-1].endswith("the uncalibrated one: met.")
 
 
 def test_the_guard_model_table_puts_our_f1_among_the_published_ones_best_first():

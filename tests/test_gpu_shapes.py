@@ -11,6 +11,7 @@ import shutil
 
 import gpu_shapes
 import pytest
+from conftest import category_rows
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -26,15 +27,22 @@ def tokenizer_only(tiny_phi3, tmp_path):
 
 def test_tiny_shapes_give_every_figure(tokenizer_only, toy_files, tmp_path):
     out = tmp_path / "shapes.jsonl"
+    category_file = tmp_path / "categories.csv"
+    category_rows(40, seed=3).to_csv(category_file, index=False)
     gpu_shapes.main(["--tiny", "--out", str(out), "--train-file", str(toy_files["train"]),
+                     "--category-file", str(category_file),
                      "--tokenizer", str(tokenizer_only), "--rows", "24", "--qlora-rows", "12", "--score-prompts", "20",
-                     "--only", "lora-batch8", "top4-batch8", "qlora-batch4x2", "score"])
+                     "--only", "lora-batch8", "lora-categories-batch8", "top4-batch8", "qlora-batch4x2", "score"])
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert not [record for record in records if "error" in record]
     training = {record["run"]: record for record in records if record["measure"] == "train"}
-    assert set(training) == {"lora-batch8", "top4-batch8", "qlora-batch4x2"}
+    assert set(training) == {"lora-batch8", "lora-categories-batch8", "top4-batch8", "qlora-batch4x2"}
     lora, qlora = training["lora-batch8"], training["qlora-batch4x2"]
     assert lora["rows"] == 24 and lora["optimizer_steps"] == 3 and 0 < lora["train_mfu"]
+    # 30 category rows left after the 25 % validation carve, 1.2 times an epoch; the head gains 4 category outputs.
+    with_categories = training["lora-categories-batch8"]
+    assert with_categories["rows"] == 24 + 36 and with_categories["optimizer_steps"] == 8
+    assert with_categories["trainable_parameters"] == lora["trainable_parameters"] + 4 * 64
     # 12 rows in batches of 4, two accumulated per optimizer step; checkpointing is QLoRA's default.
     assert qlora["rows"] == 12 and qlora["optimizer_steps"] == 2 and qlora["gradient_checkpointing"] is True
     assert training["top4-batch8"]["train_mfu"] is None
