@@ -1,13 +1,20 @@
 """Where a LoRA training step's time goes: the toolkit's `Trainer` epoch against a bare loop on the same batches.
 
-Both run one epoch over the same token-budget batches of the same rows (a seeded sample of the
-training file), the bare loop as forward + class-free cross-entropy + backward + AdamW and
-nothing else, the `Trainer` as `train_lora.py` trains (no evaluation or checkpoint). A gap
-between them is the `Trainer`'s own overhead; `--lora-dropout` shows what dropout on the
-adapters' inputs costs. Prints one JSON line per mode.
+Both run one epoch over the same batches of the same rows (a seeded sample of the training file;
+`train_lora.py`'s default 8-row length-grouped batches, or `--max-batch-tokens N` token-budget
+ones), the bare loop as forward + class-free cross-entropy + backward + AdamW and nothing else,
+the `Trainer` as `train_lora.py` trains (no evaluation or checkpoint). A gap between them is the
+`Trainer`'s own overhead; `--lora-dropout` shows what dropout on the adapters' inputs costs;
+`--attention sdpa training` compares PyTorch's SDPA with the attention training uses on a CPU
+(`safety_classifier/attention.py`), the bare loop running each batch with both in turn (the order
+alternating), so that the machine's drift falls on both alike. Prints one JSON line per mode and
+attention.
 
     python benchmarks/profile_step.py --rows 300 --lora-dropout 0.05 --modes bare
     python benchmarks/profile_step.py --rows 300 --lora-dropout 0 --modes bare trainer
+    python benchmarks/profile_step.py --rows 400 --modes bare --attention sdpa training
+    python benchmarks/profile_step.py --rows 400 --modes bare --attention sdpa training \
+        --train-file ../shared/data/ailuminate/ailuminate_en_dev.csv --text-column prompt_text
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from benchmark import matmul_tflops, non_embedding_parameters
 
+from safety_classifier.attention import TRAINING_ATTENTION, use_training_attention
 from safety_classifier.cli import parse_training_plan
 from safety_classifier.console import quiet_library_noise
 from safety_classifier.modeling import resolve_dtype
@@ -34,20 +42,48 @@ from safety_classifier.training import build_training_session, load_training_spl
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def bare_epoch(session, batches: list[list[int]]) -> None:
-    """forward, cross-entropy, backward, AdamW step: the least a training step must do."""
-    trainer = session.trainer
-    model, dataset, collate = trainer.model, trainer.train_dataset, trainer.data_collator
+ATTENTIONS = {"sdpa": "sdpa", "training": TRAINING_ATTENTION}
+
+
+def set_attention(model: torch.nn.Module, attention: str) -> None:
+    if attention == "training":
+        use_training_attention(model)
+    else:
+        model.get_base_model().set_attn_implementation(ATTENTIONS[attention])
+
+
+def bare_step(model, optimizer, batch: dict, bf16: bool) -> float:
+    """Seconds of forward, cross-entropy, backward and AdamW step: the least a training step must do."""
+    started = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    F.cross_entropy(logits[:, :2].float(), batch["labels"].reshape(len(logits), -1)[:, 0].clamp(0, 1)).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+def bare_epoch(session, batches: list[dict], attentions: list[str]) -> dict[str, float]:
+    """Seconds per attention of one bare epoch; each batch runs with every attention in turn."""
+    model = session.trainer.model
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    for batch_rows in batches:
-        batch = collate([{key: dataset[int(i)][key] for key in ("input_ids", "attention_mask", "labels")}
-                         for i in batch_rows])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer.args.bf16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        F.cross_entropy(logits.float(), batch["labels"]).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    seconds = dict.fromkeys(attentions, 0.0)
+    for index, batch in enumerate(batches):
+        for attention in attentions if index % 2 == 0 else attentions[::-1]:
+            set_attention(session.model, attention)
+            seconds[attention] += bare_step(model, optimizer, batch, session.trainer.args.bf16)
+    return seconds
+
+
+def sampled_rows_file(args: argparse.Namespace, path: Path) -> None:
+    """The sampled rows as the training scripts read them; a file without labels gets alternating ones
+    (the time of a step does not depend on its labels)."""
+    frame = pd.read_csv(args.train_file).sample(n=args.rows, random_state=0)
+    frame = frame.rename(columns={args.text_column: "user_input"})
+    if "toxicity" not in frame:
+        frame["toxicity"] = np.arange(len(frame)) % 2
+    frame[["user_input", "toxicity"]].to_csv(path, index=False)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,43 +91,55 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=300, help="training rows sampled (seed 0) from the file")
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-batch-tokens", type=int, default=None,
+                        help="token-budget batches of at most N padded tokens (default: 8-row batches)")
     parser.add_argument("--modes", nargs="+", choices=["bare", "trainer"], default=["bare", "trainer"])
+    parser.add_argument("--attention", nargs="+", choices=list(ATTENTIONS), default=["training"],
+                        help="attention during training (training: what the toolkit uses on a CPU)")
     parser.add_argument("--train-file", default=str(REPO_ROOT.parent / "shared/data/toxicchat/toxicchat0124_train.csv"))
+    parser.add_argument("--text-column", default="user_input")
     args = parser.parse_args(argv)
     quiet_library_noise()
     dtype = resolve_dtype("auto")
     peak = matmul_tflops(dtype, 2048, 2.0)
     with tempfile.TemporaryDirectory() as scratch:
         rows_file = Path(scratch) / "rows.csv"
-        pd.read_csv(args.train_file).sample(n=args.rows, random_state=0).to_csv(rows_file, index=False)
+        sampled_rows_file(args, rows_file)
         for mode in args.modes:
             plan = parse_training_plan("lora", [
                 "--train-file", str(rows_file), "--validation-file", str(rows_file), "--epochs", "1",
                 "--output-dir", str(Path(scratch) / mode), "--logging-steps", "100000",
-                "--max-length", str(args.max_length), "--lora-dropout", str(args.lora_dropout)])
+                "--max-length", str(args.max_length), "--lora-dropout", str(args.lora_dropout),
+                *(["--max-batch-tokens", str(args.max_batch_tokens)] if args.max_batch_tokens else [])])
             torch.manual_seed(0)
             with contextlib.redirect_stdout(sys.stderr):
                 session = build_training_session(plan, load_training_splits(plan), evaluate=False)
             session.trainer.args.disable_tqdm = True
-            lengths = np.asarray([len(ids) for ids in session.trainer.train_dataset["input_ids"]])
-            batches = list(session.sampler)
-            started = time.perf_counter()
+            # The Trainer's own batches (its length-grouped sampler, or the token-budget one), collated.
+            batches = list(session.trainer.get_train_dataloader())
             if mode == "trainer":
-                with contextlib.redirect_stdout(sys.stderr):
-                    session.trainer.train()
+                seconds = {}
+                for attention in args.attention:
+                    set_attention(session.model, attention)
+                    started = time.perf_counter()
+                    with contextlib.redirect_stdout(sys.stderr):
+                        session.trainer.train()
+                    seconds[attention] = time.perf_counter() - started
             else:
-                bare_epoch(session, batches)
-            seconds = time.perf_counter() - started
+                seconds = bare_epoch(session, batches, args.attention)
             # The frozen backbone's weights less its embedding: what the 4 x FLOPs a token are counted on.
             n_params = non_embedding_parameters(session.model, frozen_only=True)
-            real, padded = int(lengths.sum()), int(sum(len(b) * lengths[b].max() for b in batches))
-            print(json.dumps({
-                "mode": mode, "lora_dropout": args.lora_dropout, "rows": args.rows, "steps": len(batches),
-                "real_tokens": real, "padded_tokens": padded, "seconds": round(seconds, 2),
-                "seconds_per_step": round(seconds / len(batches), 3),
-                "mfu_real_tokens": round(4 * n_params * real / seconds / (peak * 1e12), 3),
-                "dtype": str(dtype).removeprefix("torch."), "matmul_peak_tflops": round(peak, 4),
-            }), flush=True)
+            real = int(sum(int(batch["attention_mask"].sum()) for batch in batches))
+            padded = int(sum(batch["attention_mask"].numel() for batch in batches))
+            for attention, spent in seconds.items():
+                print(json.dumps({
+                    "mode": mode, "attention": attention, "lora_dropout": args.lora_dropout,
+                    "file": Path(args.train_file).name, "rows": args.rows, "steps": len(batches),
+                    "real_tokens": real, "padded_tokens": padded, "seconds": round(spent, 2),
+                    "seconds_per_step": round(spent / len(batches), 3),
+                    "mfu_real_tokens": round(4 * n_params * real / spent / (peak * 1e12), 3),
+                    "dtype": str(dtype).removeprefix("torch."), "matmul_peak_tflops": round(peak, 4),
+                }), flush=True)
             del session
 
 
