@@ -59,6 +59,7 @@ from safety_classifier.console import quiet_library_noise  # noqa: E402
 from safety_classifier.embedded import EMBEDDED_ALIAS, resolve_model_reference  # noqa: E402
 from safety_classifier.inference import predict_unsafe_probabilities  # noqa: E402
 from safety_classifier.modeling import count_parameters, load_sequence_classifier, load_tokenizer  # noqa: E402
+from safety_classifier.sources import ailuminate_source_spec  # noqa: E402
 from safety_classifier.training import (  # noqa: E402
     build_training_session,
     load_training_splits,
@@ -89,8 +90,8 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_atte
             vocab_size=49152)
 TINY_ROPE = {"type": "longrope", "short_factor": [1.0] * 6, "long_factor": [1.0] * 6}
 
-# The category source of the results table's `lora-r16-categories` row (experiments/compare_methods.py).
-CATEGORY_SOURCE = "{category_file},text=prompt_text,category=category,validation=0.25,weight=1.2"
+# The category source of the results table's `lora-r16-categories` row, the file's path filled in later.
+CATEGORY_SOURCE = ailuminate_source_spec("{category_file}")
 # (name, shape, strategy, extra training arguments) of each timed training run.
 TRAINING_RUNS = [
     ("lora-batch8", "phi-4-mini", "lora", ["--batch-size", "8"]),

@@ -15,6 +15,11 @@ attention.
     python benchmarks/profile_step.py --rows 400 --modes bare --attention sdpa training
     python benchmarks/profile_step.py --rows 400 --modes bare --attention sdpa training \
         --train-file ../shared/data/ailuminate/ailuminate_en_dev.csv --text-column prompt_text
+    python benchmarks/profile_step.py --modes bare --attention sdpa training --lengths 24 64 128 256 320 384 512
+
+`--lengths` times random 8-row batches of each padded length instead of the file's (rows of 8/8 to
+1/8 of it, right-padded, as the tokenizer pads), each `--repeats` times, and prints the median
+step per length and attention.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -76,6 +82,38 @@ def bare_epoch(session, batches: list[dict], attentions: list[str]) -> dict[str,
     return seconds
 
 
+def random_batch(length: int, vocab_size: int, pad_token_id: int, generator: torch.Generator) -> dict:
+    """8 rows of random tokens, the longest `length`, the others shorter by eighths, right-padded."""
+    rows = 8
+    input_ids = torch.randint(100, vocab_size, (rows, length), generator=generator)
+    real = [max(1, length * (rows - row) // rows) for row in range(rows)]
+    attention_mask = (torch.arange(length)[None, :] < torch.tensor(real)[:, None]).long()
+    return {"input_ids": input_ids.masked_fill(attention_mask == 0, pad_token_id), "attention_mask": attention_mask,
+            "labels": torch.arange(rows) % 2}
+
+
+def steps_by_length(session, lengths: list[int], attentions: list[str], repeats: int) -> list[dict]:
+    """The median bare step of each padded length with each attention, the order alternating."""
+    model = session.trainer.model
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    vocab_size = session.model.get_input_embeddings().num_embeddings
+    results = []
+    for length in lengths:
+        seconds = {attention: [] for attention in attentions}
+        for repeat in range(repeats + 1):
+            batch = random_batch(length, vocab_size, session.tokenizer.pad_token_id, generator)
+            for attention in attentions if repeat % 2 == 0 else attentions[::-1]:
+                set_attention(session.model, attention)
+                spent = bare_step(model, optimizer, batch, session.trainer.args.bf16)
+                if repeat:  # the first round warms up this shape
+                    seconds[attention].append(spent)
+        medians = {attention: round(statistics.median(times), 3) for attention, times in seconds.items()}
+        results.append({"padded_length": length, "rows": 8, "median_step_seconds": medians})
+    return results
+
+
 def sampled_rows_file(args: argparse.Namespace, path: Path) -> None:
     """The sampled rows as the training scripts read them; a file without labels gets alternating ones
     (the time of a step does not depend on its labels)."""
@@ -98,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="attention during training (training: what the toolkit uses on a CPU)")
     parser.add_argument("--train-file", default=str(REPO_ROOT.parent / "shared/data/toxicchat/toxicchat0124_train.csv"))
     parser.add_argument("--text-column", default="user_input")
+    parser.add_argument("--lengths", nargs="+", type=int, default=None,
+                        help="time random 8-row batches of these padded lengths (bare loop) instead of the file's")
+    parser.add_argument("--repeats", type=int, default=6, help="timed steps per length and attention (--lengths)")
     args = parser.parse_args(argv)
     quiet_library_noise()
     dtype = resolve_dtype("auto")
@@ -117,6 +158,10 @@ def main(argv: list[str] | None = None) -> None:
             session.trainer.args.disable_tqdm = True
             # The Trainer's own batches (its length-grouped sampler, or the token-budget one), collated.
             batches = list(session.trainer.get_train_dataloader())
+            if args.lengths and mode == "bare":
+                for line in steps_by_length(session, args.lengths, args.attention, args.repeats):
+                    print(json.dumps({**line, "dtype": str(dtype).removeprefix("torch.")}), flush=True)
+                continue
             if mode == "trainer":
                 seconds = {}
                 for attention in args.attention:

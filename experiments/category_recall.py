@@ -3,7 +3,7 @@
     python experiments/category_recall.py runs/comparison/lora-r16 runs/comparison/lora-r16-categories
 
 Holds out the AILuminate prompts a category run holds out (the results table's split: the same
-source spec and seed, `compare_methods.category_source`), scores them with each classifier as
+source spec and seed, `safety_classifier.sources.ailuminate_source_spec`), scores them with each classifier as
 `infer.py` would (its stored thresholds, a category route included), and prints the share called
 unsafe: over all of them, and over those outside the contextual categories (S5), which the
 categories issue's recall goal counts. A classifier trained on ToxicChat alone never saw these
@@ -17,14 +17,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-from compare_methods import AILUMINATE_FILE, DATA_DIR, SEED, category_source
+from compare_methods import AILUMINATE_FILE, DATA_DIR, SEED
 
 from safety_classifier.categories import row_categories, rows_with_a_category
 from safety_classifier.console import quiet_library_noise
 from safety_classifier.data import LabelledSplit, load_splits
 from safety_classifier.inference import load_classifier
 from safety_classifier.labels import CONTEXTUAL_CATEGORIES
-from safety_classifier.sources import add_sources
+from safety_classifier.sources import add_sources, ailuminate_source_spec
 
 
 def held_out_category_rows(data_dir: Path, seed: int = SEED,
@@ -34,7 +34,7 @@ def held_out_category_rows(data_dir: Path, seed: int = SEED,
     train_file = data_dir / "toxicchat0124_train.csv"
     splits = load_splits(train_file=str(train_file), validation_file=None, test_file=None, text_column="user_input",
                          label_column="toxicity", validation_fraction=validation_fraction, seed=seed)
-    spec = category_source(str(data_dir.parent / AILUMINATE_FILE))
+    spec = ailuminate_source_spec(str(data_dir.parent / AILUMINATE_FILE))
     splits, schema = add_sources(splits, train_file.stem, [spec], seed=seed, validation_fraction=validation_fraction)
     validation = splits.validation
     rows = rows_with_a_category(validation.categories)

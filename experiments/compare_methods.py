@@ -39,6 +39,7 @@ from safety_classifier.artifacts import read_metadata, write_json_atomically  # 
 from safety_classifier.categories import category_route_threshold_of, unsafe_verdicts  # noqa: E402
 from safety_classifier.metrics import classification_metrics, f1_maximising_threshold  # noqa: E402
 from safety_classifier.modeling import cpu_model, resolve_dtype  # noqa: E402
+from safety_classifier.sources import ailuminate_source_spec  # noqa: E402
 
 DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "toxicchat"
 RESULTS_DIR = REPO_ROOT / "results"
@@ -50,17 +51,6 @@ VALIDATION_FRACTION = 0.1
 # capping there halves the memory of the longest training batch (about 19 GB at 1,024 here).
 MAX_LENGTH = 512
 TEST_SCORES_FILE = "test_scores.csv"
-
-# The AILuminate category file as a second source, its own 25 % validation share stratified by category,
-# its training rows 1.2 times an epoch (chosen on validation: README, the category search).
-CATEGORY_SOURCE_WEIGHT = 1.2
-CATEGORY_SOURCE = "{ailuminate},text=prompt_text,category=category,validation=0.25,weight={weight}"
-
-
-def category_source(ailuminate: str, weight: float | str = CATEGORY_SOURCE_WEIGHT) -> str:
-    """The category source's spec for `--extra-train-sources`."""
-    return CATEGORY_SOURCE.format(ailuminate=ailuminate, weight=weight)
-
 
 # row name -> (method as shown, script, its strategy options)
 FINE_TUNED_ROWS = {
@@ -81,7 +71,8 @@ FINE_TUNED_ROWS = {
                   ["--lora-r", "32", "--lora-alpha", "64", "--gradient-checkpointing", "false"]),
     # ToxicChat plus the AILuminate category file: a category head beside the safe/unsafe decision.
     "lora-r16-categories": ("LoRA r=16 + AILuminate categories", "train_lora.py",
-                            ["--lora-r", "16", "--lora-alpha", "32", "--extra-train-sources", category_source("{ailuminate}")]),
+                            ["--lora-r", "16", "--lora-alpha", "32",
+                             "--extra-train-sources", ailuminate_source_spec("{ailuminate}")]),
 }
 AILUMINATE_FILE = "ailuminate/ailuminate_en_dev.csv"  # beside toxicchat/ in the shared data directory
 TOXICCHAT_SOURCE = "toxicchat0124_train"  # the name metrics.json gives the main source's validation rows

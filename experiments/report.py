@@ -209,6 +209,9 @@ def validation_table(rows: list[dict]) -> list[str]:
 GOAL_AUPRC, GOAL_F1, GOAL_JAILBREAK_RECALL, GOAL_ADAPTER_AUPRC, GOAL_ECE = 0.86, 0.79, 0.85, 0.84, 0.03
 
 
+CALIBRATION_NAMES = {"platt": "Platt scaling", "temperature": "temperature", "none": "none"}
+
+
 def calibration_table(rows: list[dict]) -> list[str]:
     """Test ECE and Brier of each fine-tuned row's P(unsafe), as trained and as calibrated on validation."""
     tuned = [row for row in rows if row["row"] not in BASELINE_ROWS]
@@ -216,13 +219,14 @@ def calibration_table(rows: list[dict]) -> list[str]:
     if not calibrated:
         return []
     lines = ["", "Calibration on the test subset: expected calibration error (15 equal-width bins) and Brier score "
-             "of P(unsafe) as the model gives it (uncalibrated) and after the calibration fitted on the validation "
-             "logits (Platt scaling, the default).", "",
-             "| Method | ECE uncalibrated | ECE calibrated | Brier uncalibrated | Brier calibrated |",
-             "|---|---:|---:|---:|---:|"]
+             "of P(unsafe) as the model gives it (uncalibrated) and after the calibration each row fitted on the "
+             "validation logits (its `--calibration`: Platt scaling by default, or a temperature).", "",
+             "| Method | Calibration | ECE uncalibrated | ECE calibrated | Brier uncalibrated | Brier calibrated |",
+             "|---|---|---:|---:|---:|---:|"]
     for row in calibrated:
         test, before = row["test"], row["test"]["uncalibrated"]
-        lines.append(f"| {row['method']} | {before['ece']:.3f} | {test['ece']:.3f} | {before['brier']:.3f} "
+        method = CALIBRATION_NAMES.get(row.get("training_arguments", {}).get("calibration"), "—")
+        lines.append(f"| {row['method']} | {method} | {before['ece']:.3f} | {test['ece']:.3f} | {before['brier']:.3f} "
                      f"| {test['brier']:.3f} |")
     missed = [row["method"] for row in calibrated
               if not (row["test"]["ece"] <= GOAL_ECE and row["test"]["brier"] < row["test"]["uncalibrated"]["brier"])]

@@ -32,17 +32,16 @@ from pathlib import Path
 
 from compare_methods import (
     AILUMINATE_FILE,
-    CATEGORY_SOURCE_WEIGHT,
     DATA_DIR,
     MAX_LENGTH,
     REPO_ROOT,
     RESULTS_DIR,
     SEED,
     TOXICCHAT_SOURCE,
-    category_source,
 )
 
 from safety_classifier.categories import LEGACY_CATEGORY_SCORE_RULE, category_score_rule_of
+from safety_classifier.sources import AILUMINATE_SOURCE_WEIGHT, ailuminate_source_spec
 
 SCRIPTS = {"top_layers": "train_full_layers.py", "lora": "train_lora.py", "qlora": "train_qlora.py"}
 SEARCH_DIR = RESULTS_DIR / "search"
@@ -95,7 +94,7 @@ def command_for(strategy: str, setting: dict[str, str], train_file: Path, run_di
         command += ["--model", model]
     if category_file is not None:
         command += ["--extra-train-sources",
-                    category_source(relative(category_file), category_source_weight or CATEGORY_SOURCE_WEIGHT)]
+                    ailuminate_source_spec(relative(category_file), category_source_weight or AILUMINATE_SOURCE_WEIGHT)]
     elif category_source_weight is not None:
         raise SystemExit(f"error: {CATEGORY_SOURCE_WEIGHT_KEY} needs --categories")
     for key, value in options.items():

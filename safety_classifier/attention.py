@@ -1,14 +1,14 @@
 """Attention for training on a CPU: plain matrix products for short batches, SDPA for long ones.
 
 PyTorch's CPU SDPA (its flash-attention kernel) has a cost per call that dominates short
-sequences, in the backward pass above all: a LoRA r=16 training step of SmolLM2-135M on 8 rows,
-forward and backward, in bf16 on 2 cores, took 20-25 % less time with transformers' "eager"
-attention (matmul, softmax, matmul) at 24 to 64 tokens, 11-13 % less at 128 to 320, 2 % less at
-384, and 14 % more at 512, where eager's score matrices grow with the square of the length
-(interleaved medians of random batches). Most training batches are short (ToxicChat's prompts
-have 49 real tokens on average, AILuminate's 39), so `TRAINING_ATTENTION` picks per call: eager
-up to `EAGER_MAX_KEYS` keys, SDPA above; on real batches: `benchmarks/profile_step.py --attention`.
-On a GPU, SDPA's fused kernels win at every length, and nothing changes there.
+sequences, in the backward pass above all. Training steps of SmolLM2-135M with LoRA r=16 on
+8 rows, forward and backward, in bf16 on 2 cores, took 13-15 % less time with transformers'
+"eager" attention (matmul, softmax, matmul) at 24 to 128 padded tokens and 3-4 % less at 256 and
+320; above that its score matrices, which grow with the square of the length, leave it no gain
+(`benchmarks/profile_step.py --lengths`, README *Performance*). Most training batches are short
+(ToxicChat's prompts have 49 real tokens on average, AILuminate's 39), so `TRAINING_ATTENTION`
+picks per call: eager up to `EAGER_MAX_KEYS` keys, SDPA above. On a GPU, SDPA's fused kernels
+win at every length, and nothing changes there.
 
 It is registered with transformers' `AttentionInterface`, so any model that dispatches through it
 (Llama, Phi-3, Qwen and most current decoders) can use it; `use_training_attention` switches a
@@ -23,8 +23,9 @@ from torch import nn
 
 TRAINING_ATTENTION = "sdpa_long_eager_short"
 EAGER_MAX_KEYS = 320
-"""Longest key sequence computed with eager attention: below the crossover measured above (about
-384), as one batch of 373 real-length tokens ran 12 % slower eager, in a noisy run."""
+"""Longest key sequence computed with eager attention, a little below where it stops gaining: in a
+first measurement, before `--lengths` existed, eager was 2 % faster at 384 keys and 14 % slower
+at 512, and one real batch of 373 tokens ran 12 % slower eager."""
 
 
 def short_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

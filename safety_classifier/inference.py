@@ -108,11 +108,11 @@ def scoring_batches(lengths: np.ndarray, max_batch_tokens: int, max_batch_rows: 
     """Row indices grouped for scoring: the cheapest split of the length-sorted rows into batches.
 
     Cost = padded tokens (rows x longest row) + `overhead_tokens` per forward pass (default: a CPU's
-    `pass_overhead_tokens`), each batch
-    within the budget (a longer row alone). Unlike the greedy fill of `token_budget_batches`, a few
-    texts of mixed lengths (what a server gathers) are not padded to their longest: 500 + 3 x 30
-    tokens cost two passes, not 4 x 500. Batches of neighbours in length order are optimal for this
-    cost, so a dynamic programme over split points finds the cheapest in O(rows x max_batch_rows).
+    `pass_overhead_tokens`), each batch within the budget (a longer row alone). Unlike the greedy
+    fill of `token_budget_batches`, a few texts of mixed lengths (what a server gathers) are not
+    padded to their longest: 500 + 3 x 30 tokens cost two passes, not 4 x 500. Batches of
+    neighbours in length order are optimal for this cost, so a dynamic programme over split points
+    finds the cheapest in O(rows x max_batch_rows).
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     overhead = pass_overhead_tokens(CPU, max_batch_tokens) if overhead_tokens is None else overhead_tokens

@@ -8,6 +8,7 @@ category head, to one output per category: `labels.py`).
 from __future__ import annotations
 
 import platform
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def load_sequence_classifier(
         # bitsandbytes quantises as weights reach their device; each DDP rank takes its own GPU.
         kwargs["device_map"] = {"": PartialState().local_process_index if torch.cuda.is_available() else "cpu"}
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
             model_path,
             num_labels=schema.num_labels,
             id2label=schema.id2label,
@@ -139,10 +140,22 @@ def load_sequence_classifier(
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=_has_safetensors(model_path),
+            # A saved classifier's head of another size (a binary one, now trained with categories) starts
+            # afresh; any other weight of the wrong size is refused below.
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
             **kwargs,
         )
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load model {model_path!r} for sequence classification: {error}") from error
+    head = find_head_name(model)
+    mismatched = sorted(f"{name} {tuple(saved)} (this model: {tuple(wanted)})"
+                        for name, saved, wanted in loading["mismatched_keys"])
+    if any(not entry.startswith(f"{head}.") for entry in mismatched):
+        raise ModelLoadError(f"cannot load model {model_path!r}: weights of the wrong size: {'; '.join(mismatched)}")
+    if mismatched:
+        warnings.warn(f"{model_path} has a classification head of another size ({'; '.join(mismatched)}); it is "
+                      f"replaced by a new head of {schema.num_labels} outputs", stacklevel=2)
     rows = model.get_input_embeddings().num_embeddings
     if not 0 <= tokenizer.pad_token_id < rows:
         raise ModelLoadError(

@@ -45,6 +45,15 @@ from .labels import MISSING_TARGET, LabelSchema, category_targets, natural_key, 
 
 CATEGORY_ROWS_BINARY = ("unsafe", "unsafe_except_contextual", "unlabelled")
 _SPEC_KEYS = ("text", "label", "category", "weight", "validation")
+AILUMINATE_SOURCE_WEIGHT = 1.2
+"""How often the AILuminate file's training rows are seen an epoch (chosen on validation: README,
+*Category search*)."""
+
+
+def ailuminate_source_spec(path: str, weight: float | str = AILUMINATE_SOURCE_WEIGHT) -> str:
+    """The `--extra-train-sources` spec of an AILuminate prompt file as the results table's category
+    row trains on it: its own 25 % validation share (stratified by category), `weight` times an epoch."""
+    return f"{path},text=prompt_text,category=category,validation=0.25,weight={weight}"
 
 
 @dataclass

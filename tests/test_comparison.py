@@ -108,10 +108,13 @@ def test_the_calibration_table_reports_each_fine_tuned_rows_ece_and_brier_agains
     calibrated, miscalibrated, older = _row("lora-r16", 0.7), _row("top-1", 0.6), _row("top-2", 0.65)
     calibrated["test"].update(ece=0.025, brier=0.04, uncalibrated={"ece": 0.05, "brier": 0.05})
     miscalibrated["test"].update(ece=0.032, brier=0.07, uncalibrated={"ece": 0.08, "brier": 0.09})
+    calibrated["training_arguments"] = {"calibration": "platt"}
+    miscalibrated["training_arguments"] = {"calibration": "temperature"}
     lines = report.calibration_table([_row("tfidf-logreg", 0.75), older, calibrated, miscalibrated])
     body = [line for line in lines if line.startswith("| method")]
-    assert body == ["| method lora-r16 | 0.050 | 0.025 | 0.050 | 0.040 |",
-                    "| method top-1 | 0.080 | 0.032 | 0.090 | 0.070 |"], "fine-tuned rows with both figures only"
+    assert body == ["| method lora-r16 | Platt scaling | 0.050 | 0.025 | 0.050 | 0.040 |",
+                    "| method top-1 | temperature | 0.080 | 0.032 | 0.090 | 0.070 |"], \
+        "fine-tuned rows with both figures only, each with its own calibration"
     assert lines[-1] == ("Goal, every fine-tuned row: test ECE <= 0.03 and a Brier score below the uncalibrated one: "
                          "not met by method top-1. Run before calibration existed, without these figures: method top-2.")
     assert report.calibration_table([calibrated])[-1].endswith("the uncalibrated one: met.")
@@ -258,12 +261,12 @@ def test_the_category_sources_weight_is_a_grid_key_of_category_searches(tmp_path
     assert command[command.index("--epochs") + 1] == "1" and setting["category_source_weight"] == "2"
     plain = search.command_for("lora", {}, train_file, run_dir, None, category_file)
     # without the key, the results row's weight (chosen on validation), once
-    assert plain[plain.index("--extra-train-sources") + 1].endswith(f"validation=0.25,weight={search.CATEGORY_SOURCE_WEIGHT}")
+    assert plain[plain.index("--extra-train-sources") + 1].endswith(f"validation=0.25,weight={search.AILUMINATE_SOURCE_WEIGHT}")
     with pytest.raises(SystemExit, match="category_source_weight needs --categories"):
         search.command_for("lora", setting, train_file, run_dir, None, None)
     # make demo trains with the results row's category source (the Makefile cannot import it)
     makefile = (REPO_ROOT / "Makefile").read_text()
-    assert search.category_source("$(CATEGORY_FILE)") in makefile
+    assert search.ailuminate_source_spec("$(CATEGORY_FILE)") in makefile
 
 
 def test_the_category_route_counts_what_a_second_threshold_would_flag():

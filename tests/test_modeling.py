@@ -114,6 +114,23 @@ def test_a_pad_token_outside_the_vocabulary_is_refused(tiny_phi3, tmp_path):
         load_sequence_classifier(str(tiny_phi3), tokenizer, torch.float32)
 
 
+def test_a_saved_binary_classifier_gets_a_new_head_for_categories(tiny_phi3, tmp_path):
+    """Category training from a saved safe/unsafe classifier: its 2-output head gives way to a fresh one of
+    2 + categories outputs, with a warning; the backbone's weights are the saved ones."""
+    from safety_classifier.labels import Category, LabelSchema
+    from safety_classifier.modeling import find_head_name, load_sequence_classifier
+
+    tokenizer = load_tokenizer(str(tiny_phi3))
+    binary = load_sequence_classifier(str(tiny_phi3), tokenizer, torch.float32)
+    binary.save_pretrained(tmp_path / "binary")
+    schema = LabelSchema((Category("S1", "Violent Crimes"), Category("S9", "Hate")))
+    with pytest.warns(UserWarning, match=r"head of another size \(score.weight \(2, 64\).*new head of 4 outputs"):
+        model = load_sequence_classifier(str(tmp_path / "binary"), tokenizer, torch.float32, schema=schema)
+    assert getattr(model, find_head_name(model)).weight.shape == (4, 64)
+    assert model.config.id2label == {0: "safe", 1: "unsafe", 2: "S1", 3: "S9"}
+    torch.testing.assert_close(model.get_input_embeddings().weight, binary.get_input_embeddings().weight)
+
+
 @pytest.mark.parametrize("cuda_present", [True, False])
 def test_loading_a_classifier_keeps_attention_off_cudnn_only_on_cuda(tiny_phi3, monkeypatch, cuda_present):
     """cuDNN attention keeps a plan per input shape in host memory for good (a GPU server's RSS grew by
