@@ -3,11 +3,12 @@
     python experiments/category_recall.py runs/comparison/lora-r16 runs/comparison/lora-r16-categories
 
 Holds out the AILuminate prompts a category run holds out (the results table's split: the same
-source spec and seed, `safety_classifier.sources.ailuminate_source_spec`), scores them with each classifier as
-`infer.py` would (its stored thresholds, a category route included), and prints the share called
-unsafe: over all of them, and over those outside the contextual categories (S5), which the
-categories issue's recall goal counts. A classifier trained on ToxicChat alone never saw these
-prompts; one trained with the category file saw the other 75 % of them. Scores nothing else.
+source spec and seed, `safety_classifier.sources.ailuminate_source_spec`), scores them with each
+classifier as `infer.py` would (its stored thresholds, a category route included), and prints
+the share called unsafe: over all of them, and over those outside the contextual categories (S5),
+which the categories issue's recall goal counts. A classifier trained on ToxicChat alone never
+saw these prompts; one trained with the category file saw the other 75 % of them. Scores nothing
+else.
 """
 
 from __future__ import annotations

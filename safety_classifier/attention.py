@@ -69,11 +69,9 @@ def _attention_owner(model: nn.Module) -> nn.Module | None:
 
 
 def use_training_attention(model: nn.Module) -> bool:
-    """Switch a CPU model that runs SDPA to `TRAINING_ATTENTION`; True if switched."""
+    """Switch a model that runs SDPA, to be trained on a CPU, to `TRAINING_ATTENTION`; True if switched."""
     owner = _attention_owner(model)
     if owner is None or getattr(owner.config, "_attn_implementation", None) != "sdpa":
-        return False
-    if next(model.parameters()).device.type != "cpu":
         return False
     _register()
     try:

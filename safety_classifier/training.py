@@ -672,8 +672,11 @@ def build_training_session(plan: TrainingPlan, splits: Splits, *, clock: Trainin
     class_weights = class_weights_for(class_weight_labels(splits, plan.run.class_weights_rows), plan.run.class_weights)
     trained_module, train_dataset, validation_dataset, collator = training_inputs(plan, model, tokenizer, splits)
     cached_prefix = trained_module is not model
-    use_training_attention(model)  # after the prefix cache, which only scores
     arguments = training_arguments(plan, dtype, cached_prefix, evaluate=evaluate)
+    # The model is still on the CPU here, also where the Trainer will move it to a GPU; switched after
+    # the prefix cache, which only scores.
+    if arguments.device.type == "cpu":
+        use_training_attention(model)
     sampler = train_batch_sampler(plan, train_dataset, arguments.world_size)
     rows_per_step = (sampler.mean_rows_per_batch * arguments.world_size * arguments.gradient_accumulation_steps
                      if sampler is not None else None)
