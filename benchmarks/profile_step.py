@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from benchmark import matmul_tflops, non_embedding_parameters
 
-from safety_classifier.attention import TRAINING_ATTENTION, use_training_attention
+from safety_classifier.attention import TRAINING_ATTENTION, backbone_owner, use_training_attention
 from safety_classifier.cli import parse_training_plan
 from safety_classifier.console import quiet_library_noise
 from safety_classifier.modeling import resolve_dtype
@@ -55,7 +55,7 @@ def set_attention(model: torch.nn.Module, attention: str) -> None:
     if attention == "training":
         use_training_attention(model)
     else:
-        model.get_base_model().set_attn_implementation(ATTENTIONS[attention])
+        backbone_owner(model).set_attn_implementation(ATTENTIONS[attention])
 
 
 def bare_step(model, optimizer, batch: dict, bf16: bool) -> float:

@@ -54,29 +54,35 @@ def short_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
+def backbone_owner(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (or the model itself), whose config names the attention."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def register_attention(name: str, function) -> None:
+    """`function` as transformers' attention `name`, given SDPA's masks (boolean, or none where causal suffices)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(TRAINING_ATTENTION, short_eager_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(TRAINING_ATTENTION, sdpa_mask)
+    AttentionInterface.register(name, function)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
 
 
-def _attention_owner(model: nn.Module) -> nn.Module | None:
-    """The transformers model whose config names the attention (under a PeftModel, the base model)."""
-    owner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return owner if hasattr(owner, "set_attn_implementation") else None
+def switch_from_sdpa(model: nn.Module, name: str, function) -> bool:
+    """Switch a model that runs SDPA to `function`, registered as `name`; True if switched. A model on
+    another attention, or of a class that cannot switch, stays as it was."""
+    owner = backbone_owner(model)
+    config = getattr(owner, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    register_attention(name, function)
+    try:
+        owner.set_attn_implementation(name)
+    except Exception:  # a model class that cannot switch: stays on SDPA
+        return False
+    return config._attn_implementation == name
 
 
 def use_training_attention(model: nn.Module) -> bool:
     """Switch a model that runs SDPA, to be trained on a CPU, to `TRAINING_ATTENTION`; True if switched."""
-    owner = _attention_owner(model)
-    if owner is None or getattr(owner.config, "_attn_implementation", None) != "sdpa":
-        return False
-    _register()
-    try:
-        owner.set_attn_implementation(TRAINING_ATTENTION)
-    except (ValueError, NotImplementedError):  # a model class that cannot switch: stays on SDPA
-        return False
-    return owner.config._attn_implementation == TRAINING_ATTENTION
-
+    return switch_from_sdpa(model, TRAINING_ATTENTION, short_eager_attention)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from .attention import backbone_owner, register_attention, switch_from_sdpa
 from .modeling import find_head_name
 
 PACKED_ATTENTION = "packed_sdpa"
@@ -96,16 +97,7 @@ def _spans_by_length(bounds: torch.Tensor) -> list[tuple[list[int], int]]:
 
 
 def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)  # padded batches get sdpa's masks
-
-
-def _backbone_owner(model: nn.Module) -> nn.Module:
-    """The transformers model under a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    register_attention(PACKED_ATTENTION, packed_sdpa_attention)  # padded batches get sdpa's masks
 
 
 def pack_rows(lengths: np.ndarray, max_pack_tokens: int, max_pack_rows: int = 256) -> list[np.ndarray]:
@@ -232,16 +224,8 @@ def _attention_layouts(forward: Callable[[], object]) -> list[tuple] | None:
 def enable_packed_scoring(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> bool:
     """Switch a CPU model's sdpa attention to `packed_sdpa_attention` if packed scores then equal
     padded ones on `PROBE_TEXTS`; True if switched. Anything else stays as it was."""
-    owner = _backbone_owner(model)
-    config = getattr(owner, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa" or next(model.parameters()).device.type != "cpu":
-        return False
-    _register()
-    try:
-        owner.set_attn_implementation(PACKED_ATTENTION)
-    except Exception:  # a model class that cannot switch: stays on sdpa
-        return False
-    if config._attn_implementation != PACKED_ATTENTION:
+    if next(model.parameters()).device.type != "cpu" or not switch_from_sdpa(model, PACKED_ATTENTION,
+                                                                              packed_sdpa_attention):
         return False
     input_ids = tokenizer(list(PROBE_TEXTS))["input_ids"]
     with torch.inference_mode():
@@ -251,11 +235,11 @@ def enable_packed_scoring(model: nn.Module, tokenizer: PreTrainedTokenizerBase) 
         for rows, logits in packed_forward(model, input_ids, [np.arange(len(input_ids))]):
             packed[torch.as_tensor(rows)] = logits.to(packed.dtype)
     if (packed.float() - reference.float()).abs().max() > _PROBE_TOLERANCE.get(reference.dtype, 0.1):
-        owner.set_attn_implementation("sdpa")
+        backbone_owner(model).set_attn_implementation("sdpa")
         return False
     return True
 
 
 def uses_packed_attention(model: nn.Module) -> bool:
     """Whether `enable_packed_scoring` switched this model."""
-    return getattr(getattr(_backbone_owner(model), "config", None), "_attn_implementation", None) == PACKED_ATTENTION
+    return getattr(getattr(backbone_owner(model), "config", None), "_attn_implementation", None) == PACKED_ATTENTION
