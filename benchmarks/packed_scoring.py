@@ -34,12 +34,12 @@ DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "toxicchat" / "toxicchat01
 def block_mask_logits(classifier, texts: list[str], max_pack_tokens: int) -> np.ndarray:
     """Packed rows through plain sdpa: transformers finds the packed sequences in the position ids
     and masks attention across them, computing every pair of tokens in the row."""
-    from safety_classifier.inference import encode_prompts
+    from safety_classifier.formatting import encode_prompts
     from safety_classifier.modeling import find_head_name
     from safety_classifier.packing import pack_rows, packed_inputs
 
     model = classifier.model
-    input_ids = encode_prompts(classifier.tokenizer, texts, classifier.max_length)
+    input_ids = encode_prompts(classifier.tokenizer, texts, classifier.max_length, classifier.prompt_template)
     head_outputs: list[torch.Tensor] = []
     hook = getattr(model, find_head_name(model)).register_forward_hook(lambda m, i, output: head_outputs.append(output))
     logits = np.zeros((len(texts), model.config.num_labels))

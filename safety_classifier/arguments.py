@@ -27,6 +27,12 @@ class ModelArguments:
         default=False, metadata={"help": "Run code shipped with the model repository. Off unless asked for."}
     )
     max_length: int = field(default=1024, metadata={"help": "Truncate prompts to this many tokens (never pads)."})
+    prompt_template: str | None = field(
+        default=None,
+        metadata={"help": "Read each text in a template, stored with the classifier: 'chat' (the tokenizer's chat "
+                          "template, the text as the user's turn, then the assistant's turn begins) or a string with "
+                          "one {text}. Default: the text as it is."},
+    )
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .labels import LabelSchema
 from .modeling import load_sequence_classifier, load_tokenizer, resolve_dtype
 
 METADATA_FILE = "safety_classifier.json"
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 """2: a stored `calibration` of P(unsafe), to which the threshold applies. A toolkit that reads only 1
 would ignore it and compare raw scores with a calibrated threshold, so it must refuse; this one
 reads 1 (no calibration: softmax[:, 1], as before) and 2. 3: `categories` (a category head); a
@@ -35,7 +35,9 @@ binary classifier is still written as 2, so that toolkits reading 2 keep loading
 `category_score_rule` "joint" (category scores times P(unsafe), `categories.py`), whose thresholds a
 toolkit reading 3 would compare with the head's bare sigmoids; a "conditional" one is still 3. 5: a
 `category_route_threshold` (a second route to unsafe, `categories.py`), which a toolkit reading 4
-would ignore; a classifier without one keeps its earlier number."""
+would ignore; a classifier without one keeps its earlier number. 6: a `prompt_template` the texts
+are read in (`formatting.py`), which a toolkit reading 5 would not apply; without one, the number
+of the features above."""
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -60,7 +62,9 @@ def write_metadata(directory: Path, metadata: dict) -> None:
     else:
         version = 3 if category_score_rule_of(metadata) == "conditional" else 4
         if metadata.get("category_route_threshold") is not None:
-            version = FORMAT_VERSION  # older readers would drop the route and call fewer texts unsafe
+            version = 5  # older readers would drop the route and call fewer texts unsafe
+    if metadata.get("prompt_template") is not None:
+        version = FORMAT_VERSION  # older readers would score the bare texts
     write_json_atomically(directory / METADATA_FILE, {**metadata, "format_version": version})
 
 

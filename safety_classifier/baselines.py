@@ -25,7 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .inference import default_batch_tokens, encode_prompts, padded_batches
+from .formatting import encode_prompts
+from .inference import default_batch_tokens, padded_batches
 
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
@@ -69,14 +70,15 @@ def fit_logistic_probe(train_features: np.ndarray, train_labels: np.ndarray,
 
 def frozen_features(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[object], *,
                     max_length: int, max_batch_tokens: int | None = None, show_progress: bool = True,
-                    description: str = "frozen features") -> np.ndarray:
+                    description: str = "frozen features", prompt_template: str | None = None) -> np.ndarray:
     """[len(texts), hidden] float32: the backbone's final (normed) hidden state at each row's last token.
 
     `model` is a sequence-classification model (its `base_model` is the backbone) or a bare
-    backbone. Rows run in length-sorted token-budget batches, right-padded, in inference mode.
+    backbone. Rows run in length-sorted token-budget batches, right-padded, in inference mode, each
+    text in `prompt_template` (`formatting.py`; None: as it is).
     """
     backbone = getattr(model, "base_model", model)
-    input_ids = encode_prompts(tokenizer, texts, max_length)
+    input_ids = encode_prompts(tokenizer, texts, max_length, prompt_template)
     lengths = np.asarray([len(ids) for ids in input_ids])
     if len(lengths) and lengths.min() == 0:
         raise ValueError("a prompt gave no tokens; frozen features need at least one token per row")

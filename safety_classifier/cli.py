@@ -49,9 +49,11 @@ def train_main(strategy: str, argv: Sequence[str] | None = None) -> int:
     def train() -> None:
         from .calibration import check_threshold_targets
         from .errors import ThresholdTargetError
+        from .formatting import check_prompt_template
 
-        # A bad target is refused now, not after the training it would waste.
+        # A bad target or template is refused now, not after the training it would waste.
         check_threshold_targets(plan.run.threshold_for_precision, plan.run.threshold_for_recall)
+        check_prompt_template(plan.model.prompt_template)
         if not 0.0 <= plan.run.category_route_recall <= 1.0:
             raise ThresholdTargetError(f"--category-route-recall must be in [0, 1] (0: no route), "
                                        f"got {plan.run.category_route_recall}")

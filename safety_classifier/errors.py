@@ -23,3 +23,7 @@ class ResumeMismatchError(SafetyClassifierError):
 
 class ThresholdTargetError(SafetyClassifierError):
     """A target precision or recall for the decision threshold that is invalid or not reached on validation."""
+
+
+class PromptTemplateError(SafetyClassifierError, ValueError):
+    """A prompt template that is malformed, needs a chat template the tokenizer lacks, or leaves no room for a text."""

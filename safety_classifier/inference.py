@@ -23,6 +23,7 @@ from .categories import (
     unsafe_verdicts,
 )
 from .errors import ModelLoadError
+from .formatting import encode_prompts, normalise_prompt
 from .labels import LabelSchema, split_logits
 from .modeling import ID2LABEL, default_device
 from .packing import (
@@ -43,25 +44,6 @@ EMPTY_PROMPT_MARGIN = float("-inf")
 def default_batch_tokens(device: torch.device) -> int:
     """Scoring batch budget: small on CPU (measured fastest on 2 cores), large on GPU."""
     return 16384 if device.type == "cuda" else 2048
-
-
-def normalise_prompt(value: object) -> str:
-    """Any value as text the tokenizer accepts: None and NaN become empty, other values str(),
-    and code points that are not valid UTF-8 (lone surrogates) become U+FFFD."""
-    if value is None or (isinstance(value, float) and value != value):
-        return ""
-    text = value if isinstance(value, str) else str(value)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        # Through UTF-16: a split surrogate pair becomes its character, a lone one U+FFFD.
-        text = text.encode("utf-16-le", errors="surrogatepass").decode("utf-16-le", errors="replace")
-    return text
-
-
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[object], max_length: int) -> list[list[int]]:
-    """Token ids of each text as a classifier reads it: normalised, truncated to `max_length`, unpadded."""
-    return tokenizer([normalise_prompt(text) for text in texts], truncation=True, max_length=max_length)["input_ids"]
 
 
 def token_budget_batches(lengths: np.ndarray, max_batch_tokens: int, max_batch_rows: int = 256) -> list[np.ndarray]:
@@ -184,9 +166,11 @@ def predict_logits(
     show_progress: bool = True,
     description: str = "scoring",
     pack: bool | None = None,
+    prompt_template: str | None = None,
 ) -> np.ndarray:
     """(texts x outputs) logits, in the order of `texts` whatever order batches ran in; the rows of
-    empty prompts are NaN (they get no forward pass).
+    empty prompts are NaN (they get no forward pass). Texts are encoded in `prompt_template`
+    (`formatting.py`; None: as they are).
 
     The one batched forward pass behind every score: scoring, calibration, baselines' inputs. A
     model switched to packed attention (`packing.enable_packed_scoring`, done by `load_classifier`
@@ -200,7 +184,7 @@ def predict_logits(
     scored = np.asarray([i for i, prompt in enumerate(prompts) if prompt.strip()], dtype=np.int64)
     if not len(scored):
         return np.full((len(prompts), int(getattr(model.config, "num_labels", 2))), np.nan)
-    input_ids = tokenizer([prompts[i] for i in scored], truncation=True, max_length=max_length)["input_ids"]
+    input_ids = encode_prompts(tokenizer, [prompts[i] for i in scored], max_length, prompt_template)
     device = next(model.parameters()).device
     max_batch_tokens = max_batch_tokens or default_batch_tokens(device)
     packed, groups = scoring_plan(np.asarray([len(ids) for ids in input_ids]), max_batch_tokens,
@@ -246,12 +230,13 @@ def predict_logit_margins(
     max_batch_tokens: int | None = None,
     show_progress: bool = True,
     description: str = "scoring",
+    prompt_template: str | None = None,
 ) -> np.ndarray:
     """logit(unsafe) - logit(safe) for each text: sigmoid(margin) is softmax[:, 1], and a
     `Calibration` maps margins to calibrated P(unsafe). Empty prompts get -inf (P(unsafe) 0.0)."""
     return margins_of(predict_logits(
         model, tokenizer, texts, max_length=max_length, max_batch_tokens=max_batch_tokens,
-        show_progress=show_progress, description=description,
+        show_progress=show_progress, description=description, prompt_template=prompt_template,
     ))
 
 
@@ -265,11 +250,12 @@ def predict_unsafe_probabilities(
     show_progress: bool = True,
     description: str = "scoring",
     calibration: Calibration = IDENTITY,
+    prompt_template: str | None = None,
 ) -> np.ndarray:
     """P(unsafe) for each text: `calibration` of the logit margins (by default none: softmax[:, 1])."""
     return calibration.probabilities(predict_logit_margins(
         model, tokenizer, texts, max_length=max_length, max_batch_tokens=max_batch_tokens,
-        show_progress=show_progress, description=description,
+        show_progress=show_progress, description=description, prompt_template=prompt_template,
     ))
 
 
@@ -298,6 +284,11 @@ class Classifier:
         self.category_route_threshold = category_route_threshold_of(self.metadata)
 
     @property
+    def prompt_template(self) -> str | None:
+        """The template texts are read in (`formatting.py`); None: as they are."""
+        return self.metadata.get("prompt_template")
+
+    @property
     def category_codes(self) -> list[str]:
         """The categories this classifier names (S1, S2, ...); none for a binary one."""
         return self.schema.codes
@@ -307,6 +298,7 @@ class Classifier:
         return predict_logits(
             self.model, self.tokenizer, texts, max_length=self.max_length,
             max_batch_tokens=max_batch_tokens, show_progress=show_progress, description=description, pack=pack,
+            prompt_template=self.prompt_template,
         )
 
     def logit_margins(self, texts: Sequence[object], **kwargs) -> np.ndarray:

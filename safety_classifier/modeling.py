@@ -149,12 +149,13 @@ def load_sequence_classifier(
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load model {model_path!r} for sequence classification: {error}") from error
     head = find_head_name(model)
-    mismatched = sorted(f"{name} {tuple(saved)} (this model: {tuple(wanted)})"
-                        for name, saved, wanted in loading["mismatched_keys"])
-    if any(not entry.startswith(f"{head}.") for entry in mismatched):
-        raise ModelLoadError(f"cannot load model {model_path!r}: weights of the wrong size: {'; '.join(mismatched)}")
-    if mismatched:
-        warnings.warn(f"{model_path} has a classification head of another size ({'; '.join(mismatched)}); it is "
+    mismatched_keys = sorted(loading["mismatched_keys"])
+    mismatched = "; ".join(f"{name} {tuple(saved)} (this model: {tuple(wanted)})"
+                           for name, saved, wanted in mismatched_keys)
+    if any(not name.startswith(f"{head}.") for name, _, _ in mismatched_keys):
+        raise ModelLoadError(f"cannot load model {model_path!r}: weights of the wrong size: {mismatched}")
+    if mismatched_keys:
+        warnings.warn(f"{model_path} has a classification head of another size ({mismatched}); it is "
                       f"replaced by a new head of {schema.num_labels} outputs", stacklevel=2)
     rows = model.get_input_embeddings().num_embeddings
     if not 0 <= tokenizer.pad_token_id < rows:

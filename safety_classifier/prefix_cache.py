@@ -51,7 +51,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .inference import default_batch_tokens, device_scoring_batches, encode_prompts
+from .formatting import encode_prompts
+from .inference import default_batch_tokens, device_scoring_batches
 from .modeling import find_head_name, find_transformer_blocks
 
 DEFAULT_MAX_CACHE_BYTES = 4 * 1024**3
@@ -214,15 +215,17 @@ def compute_prefix_hidden_states(
     max_batch_tokens: int | None = None,
     *,
     max_cache_bytes: int | None = DEFAULT_MAX_CACHE_BYTES,
+    prompt_template: str | None = None,
 ) -> list[torch.Tensor]:
     """Hidden states entering the top `num_layers` blocks, one [seq_len, hidden] tensor per text.
 
     Runs the embeddings and the frozen bottom blocks once, in inference mode, in length-sorted
     batches of at most `max_batch_tokens` padded tokens (`scoring_batches`). Tensors are
     unpadded, on the CPU, in the model's dtype, and returned in the order of `texts`. Raises
-    `PrefixCacheTooLarge` when they would take more than `max_cache_bytes` (None: no limit).
+    `PrefixCacheTooLarge` when they would take more than `max_cache_bytes` (None: no limit). Texts
+    are encoded in `prompt_template` (`formatting.py`).
     """
-    input_ids = encode_prompts(tokenizer, texts, max_length)
+    input_ids = encode_prompts(tokenizer, texts, max_length, prompt_template)
     return prefix_hidden_states_from_ids(
         model, input_ids, num_layers, pad_token_id=tokenizer.pad_token_id,
         max_batch_tokens=max_batch_tokens, max_cache_bytes=max_cache_bytes,
@@ -375,9 +378,11 @@ def build_cached_dataset(
     max_cache_bytes: int | None = DEFAULT_MAX_CACHE_BYTES,
     show_progress: bool = False,
     description: str = "caching frozen prefix",
+    prompt_template: str | None = None,
 ) -> CachedPrefixDataset:
-    """Tokenize once, cache the prefix states, and keep the ids for pooling and length grouping."""
-    input_ids = encode_prompts(tokenizer, texts, max_length)
+    """Tokenize once (in `prompt_template`), cache the prefix states, and keep the ids for pooling
+    and length grouping."""
+    input_ids = encode_prompts(tokenizer, texts, max_length, prompt_template)
     states = prefix_hidden_states_from_ids(
         model, input_ids, num_layers, pad_token_id=tokenizer.pad_token_id,
         max_batch_tokens=max_batch_tokens, max_cache_bytes=max_cache_bytes,

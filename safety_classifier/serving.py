@@ -42,7 +42,8 @@ from transformers.utils import logging as transformers_logging
 
 from .console import quiet_library_noise
 from .errors import SafetyClassifierError
-from .inference import Classifier, default_batch_tokens, encode_prompts, normalise_prompt
+from .formatting import encode_prompts, normalise_prompt
+from .inference import Classifier, default_batch_tokens
 from .modeling import dtype_name
 from .packing import MAX_PACK_TOKENS, scores_in_stepped_packs, warm_up_shapes
 
@@ -291,7 +292,8 @@ class Batcher:
 
     def _token_lengths(self, texts: list[str]) -> list[int]:
         scored = [text for text in texts if text.strip()]
-        counted = iter(encode_prompts(self._counting_tokenizer, scored, self.classifier.max_length) if scored else [])
+        counted = iter(encode_prompts(self._counting_tokenizer, scored, self.classifier.max_length,
+                                      self.classifier.prompt_template) if scored else [])
         return [len(next(counted)) if text.strip() else 0 for text in texts]
 
     async def _run(self) -> None:
@@ -318,7 +320,8 @@ class Batcher:
             started = loop.time()
             await self._score(batch)
             answered, arrivals_then = len(batch), self._arrivals
-            return_deadline = loop.time() + self.return_wait_share * (loop.time() - started)
+            finished = loop.time()
+            return_deadline = finished + self.return_wait_share * (finished - started)
 
     async def _next_arrival(self, deadline: float) -> None:
         """Until a request arrives, or at the latest until the loop's clock reads `deadline`."""

@@ -91,6 +91,7 @@ from .console import EpochSummaryProgress
 from .data import LabelledSplit, Splits, load_splits
 from .embedded import resolve_model_reference
 from .errors import DataError, ResumeMismatchError, ThresholdTargetError, TrainingDivergedError
+from .formatting import encode_prompts
 from .inference import category_scores_of, default_batch_tokens, device_scoring_batches, margins_of, predict_logits
 from .labels import BINARY_LABELS, MISSING_TARGET, LabelSchema, split_logits
 from .metrics import classification_metrics, f1_maximising_threshold, format_metrics_table
@@ -201,11 +202,13 @@ def training_labels(split: LabelledSplit, binary_rows: np.ndarray | None = None)
     return np.column_stack([labels.astype(np.float32), split.categories]).tolist()
 
 
-def tokenized_dataset(split: LabelledSplit, tokenizer, max_length: int, labels: list) -> Dataset:
-    """input_ids and `labels` (`training_labels`) only; padding happens per batch in the collator."""
+def tokenized_dataset(split: LabelledSplit, tokenizer, max_length: int, labels: list,
+                      prompt_template: str | None = None) -> Dataset:
+    """input_ids (`encode_prompts`, as every scoring path encodes) and `labels` (`training_labels`)
+    only; padding, and with it the attention mask, happen per batch in the collator."""
     dataset = Dataset.from_dict({"text": split.texts, "labels": labels})
     return dataset.map(
-        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+        lambda batch: {"input_ids": encode_prompts(tokenizer, batch["text"], max_length, prompt_template)},
         batched=True,
         remove_columns=["text"],
         desc=f"tokenizing {split.name}",
@@ -236,6 +239,7 @@ def training_inputs(plan: TrainingPlan, model: torch.nn.Module, tokenizer, split
                     model, tokenizer, split.texts, split_labels, top.num_layers, max_length,
                     max_cache_bytes=budget - sum(dataset.nbytes for dataset in cached.values()),
                     show_progress=is_global_main_process(), description=f"caching frozen prefix ({split.name})",
+                    prompt_template=plan.model.prompt_template,
                 )
         except PrefixCacheTooLarge as error:
             warnings.warn(f"{error} (--prefix-cache-max-mb); training uncached instead", stacklevel=2)
@@ -244,8 +248,10 @@ def training_inputs(plan: TrainingPlan, model: torch.nn.Module, tokenizer, split
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             return (TopLayersOnCachedPrefix(model, top.num_layers), cached[splits.train.name],
                     cached[splits.validation.name], CachedPrefixCollator(tokenizer.pad_token_id))
-    return (model, tokenized_dataset(splits.train, tokenizer, max_length, labels[0]),
-            tokenized_dataset(splits.validation, tokenizer, max_length, labels[1]), DataCollatorWithPadding(tokenizer))
+    template = plan.model.prompt_template
+    return (model, tokenized_dataset(splits.train, tokenizer, max_length, labels[0], template),
+            tokenized_dataset(splits.validation, tokenizer, max_length, labels[1], template),
+            DataCollatorWithPadding(tokenizer))
 
 
 def row_lengths(dataset) -> list[int]:
@@ -659,6 +665,8 @@ def build_training_session(plan: TrainingPlan, splits: Splits, *, clock: Trainin
     model_path = resolve_model_reference(plan.model.model)
     dtype = resolve_dtype(plan.model.dtype)
     tokenizer = load_tokenizer(model_path, plan.model.trust_remote_code)
+    # Before the model loads: a template that needs a chat template the tokenizer lacks, or fills max_length.
+    encode_prompts(tokenizer, ["x"], plan.model.max_length, plan.model.prompt_template)
     lora = plan.lora
     model = build_model(
         plan.strategy, model_path, tokenizer, dtype,
@@ -785,6 +793,7 @@ def classifier_metadata(plan: TrainingPlan, splits: Splits, model: torch.nn.Modu
         "base_model": portable_base_reference(plan.model.model),
         "quantization": "nf4" if plan.strategy == "qlora" else None,
         "max_length": plan.model.max_length,
+        **({"prompt_template": plan.model.prompt_template} if plan.model.prompt_template is not None else {}),
         "labels": {str(index): label for index, label in splits.schema.id2label.items()},
         **({"categories": splits.schema.to_metadata(), "category_score_rule": category_score_rule_for(plan)}
            if splits.schema.has_categories else {}),
@@ -855,6 +864,7 @@ def evaluate_classifier(plan: TrainingPlan, splits: Splits, model: torch.nn.Modu
     logits = lambda split: predict_logits(  # noqa: E731
         model, tokenizer, split.texts, max_length=plan.model.max_length,
         max_batch_tokens=plan.run.max_batch_tokens, description=f"scoring {split.name}",
+        prompt_template=plan.model.prompt_template,
     )
     # Calibration and threshold are both fitted on the main source's validation rows (see
     # `Splits.calibration_rows`), the threshold on calibrated scores.

@@ -9,6 +9,21 @@ from safety_classifier import attention
 from safety_classifier.attention import TRAINING_ATTENTION, use_training_attention
 
 
+def record_sdpa_calls(monkeypatch) -> list[int]:
+    """The key lengths of every call to transformers' SDPA attention from now on (it still runs)."""
+    from transformers.integrations import sdpa_attention
+
+    key_lengths = []
+    real_sdpa = sdpa_attention.sdpa_attention_forward
+
+    def recording_sdpa(*args, **kwargs):
+        key_lengths.append(args[2].shape[-2])
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", recording_sdpa)
+    return key_lengths
+
+
 def forward_and_gradients(model, input_ids, mask) -> tuple[torch.Tensor, list[torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     logits = model(input_ids=input_ids, attention_mask=mask).logits
@@ -48,12 +63,8 @@ def test_training_attention_matches_sdpa(tiny_model_factory, monkeypatch, archit
 
 def test_short_sequences_run_eager_and_long_ones_sdpa(tiny_phi3, monkeypatch):
     from transformers import AutoModelForSequenceClassification
-    from transformers.integrations import sdpa_attention
 
-    calls = []
-    real_sdpa = sdpa_attention.sdpa_attention_forward
-    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
-                        lambda *args, **kwargs: calls.append(args[2].shape[-2]) or real_sdpa(*args, **kwargs))
+    calls = record_sdpa_calls(monkeypatch)
     monkeypatch.setattr(attention, "EAGER_MAX_KEYS", 8)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_phi3, num_labels=2, dtype=torch.float32)
     model.config.pad_token_id = 0
@@ -69,7 +80,6 @@ def test_short_sequences_run_eager_and_long_ones_sdpa(tiny_phi3, monkeypatch):
 def test_training_runs_the_training_attention_on_a_cpu(tiny_phi3, toy_files, tmp_path, monkeypatch, strategy):
     """The model a session trains (for top-N: its top layers on the cached prefix) calls no SDPA."""
     from conftest import fast_training_flags
-    from transformers.integrations import sdpa_attention
 
     from safety_classifier.cli import parse_training_plan
     from safety_classifier.training import build_training_session, load_training_splits
@@ -81,10 +91,7 @@ def test_training_runs_the_training_attention_on_a_cpu(tiny_phi3, toy_files, tmp
     owner = session.model.get_base_model() if strategy == "lora" else session.model
     assert owner.config._attn_implementation == TRAINING_ATTENTION
 
-    calls = []
-    real_sdpa = sdpa_attention.sdpa_attention_forward
-    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
-                        lambda *args, **kwargs: calls.append(1) or real_sdpa(*args, **kwargs))
+    calls = record_sdpa_calls(monkeypatch)
     batch = next(iter(session.trainer.get_train_dataloader()))
     session.trainer.model(**{key: value for key, value in batch.items() if key != "labels"})
     assert calls == []

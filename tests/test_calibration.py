@@ -196,7 +196,7 @@ def calibrated_run(tiny_phi3, toy_files, tmp_path_factory):
 def test_training_stores_the_calibration_and_reports_it(calibrated_run):
     metadata = json.loads((calibrated_run / METADATA_FILE).read_text())
     calibration = Calibration.from_metadata(metadata)
-    assert metadata["format_version"] == 2 and FORMAT_VERSION == 5  # a binary classifier stays readable by version-2 toolkits
+    assert metadata["format_version"] == 2 and FORMAT_VERSION == 6  # a binary classifier stays readable by version-2 toolkits
     assert metadata["calibration"]["method"] == "platt" and calibration.scale > 0
     assert metadata["threshold_rule"] == {"rule": "max_f1"}
     metrics = json.loads((calibrated_run / "metrics.json").read_text())
