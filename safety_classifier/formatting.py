@@ -84,6 +84,16 @@ def template_token_count(tokenizer: PreTrainedTokenizerBase, template: str | Non
     return len(before_ids) + len(after_ids)
 
 
+def room_for_text(tokenizer: PreTrainedTokenizerBase, template: str, max_length: int) -> int:
+    """Tokens left for the text under `max_length` once `template` is applied; refuses a template
+    the tokenizer cannot apply or one that leaves no room."""
+    room = max_length - template_token_count(tokenizer, template)
+    if room < 1:
+        raise PromptTemplateError(f"max length {max_length} leaves no room for a text: the prompt template "
+                                  f"takes {max_length - room} tokens")
+    return room
+
+
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[object], max_length: int,
                    prompt_template: str | None = None) -> list[list[int]]:
     """Token ids of each text as a classifier reads it: normalised, in its template if it has one,
@@ -91,11 +101,8 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[object], 
     prompts = [normalise_prompt(text) for text in texts]
     if prompt_template is None:
         return tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]
+    room = room_for_text(tokenizer, prompt_template, max_length)
     before_ids, after_ids = _template_ids(tokenizer, prompt_template)
-    room = max_length - len(before_ids) - len(after_ids)
-    if room < 1:
-        raise PromptTemplateError(f"max length {max_length} leaves no room for a text: the prompt template "
-                                  f"takes {len(before_ids) + len(after_ids)} tokens")
     if not prompts:
         return []
     text_ids = tokenizer(prompts, add_special_tokens=False, truncation=True, max_length=room)["input_ids"]

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .attention import backbone_owner, register_attention, switch_from_sdpa
+from .attention import backbone_owner, switch_from_sdpa
 from .modeling import find_head_name
 
 PACKED_ATTENTION = "packed_sdpa"
@@ -94,10 +94,6 @@ def _spans_by_length(bounds: torch.Tensor) -> list[tuple[list[int], int]]:
     for start, end in zip(bounds[:-1], bounds[1:]):
         starts_by_length.setdefault(end - start, []).append(start)
     return [(starts, length) for length, starts in starts_by_length.items()]
-
-
-def _register() -> None:
-    register_attention(PACKED_ATTENTION, packed_sdpa_attention)  # padded batches get sdpa's masks
 
 
 def pack_rows(lengths: np.ndarray, max_pack_tokens: int, max_pack_rows: int = 256) -> list[np.ndarray]:

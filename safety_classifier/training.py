@@ -91,7 +91,7 @@ from .console import EpochSummaryProgress
 from .data import LabelledSplit, Splits, load_splits
 from .embedded import resolve_model_reference
 from .errors import DataError, ResumeMismatchError, ThresholdTargetError, TrainingDivergedError
-from .formatting import encode_prompts
+from .formatting import encode_prompts, room_for_text
 from .inference import category_scores_of, default_batch_tokens, device_scoring_batches, margins_of, predict_logits
 from .labels import BINARY_LABELS, MISSING_TARGET, LabelSchema, split_logits
 from .metrics import classification_metrics, f1_maximising_threshold, format_metrics_table
@@ -665,8 +665,8 @@ def build_training_session(plan: TrainingPlan, splits: Splits, *, clock: Trainin
     model_path = resolve_model_reference(plan.model.model)
     dtype = resolve_dtype(plan.model.dtype)
     tokenizer = load_tokenizer(model_path, plan.model.trust_remote_code)
-    # Before the model loads: a template that needs a chat template the tokenizer lacks, or fills max_length.
-    encode_prompts(tokenizer, ["x"], plan.model.max_length, plan.model.prompt_template)
+    if plan.model.prompt_template is not None:  # refused before the model loads, not at the first batch
+        room_for_text(tokenizer, plan.model.prompt_template, plan.model.max_length)
     lora = plan.lora
     model = build_model(
         plan.strategy, model_path, tokenizer, dtype,

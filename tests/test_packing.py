@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from safety_classifier.attention import register_attention
 from safety_classifier.inference import load_classifier, predict_logits, scoring_plan
 from safety_classifier.modeling import build_model, find_head_name, load_tokenizer
 from safety_classifier.packing import (
@@ -95,7 +96,7 @@ def test_packed_rows_that_attended_across_prompts_would_be_caught(tiny_phi3, mon
 
     monkeypatch.setattr(packing, "packed_sdpa_attention", whole_row_attention)
     try:
-        packing._register()
+        register_attention(PACKED_ATTENTION, packing.packed_sdpa_attention)
         model.set_attn_implementation(PACKED_ATTENTION)
         input_ids = tokenizer(PROMPTS[:6])["input_ids"]
         with torch.inference_mode():
@@ -108,7 +109,7 @@ def test_packed_rows_that_attended_across_prompts_would_be_caught(tiny_phi3, mon
                                    padded, rtol=0, atol=1e-6)
     finally:
         monkeypatch.undo()
-        packing._register()
+        register_attention(PACKED_ATTENTION, packing.packed_sdpa_attention)
     monkeypatch.setitem(_PROBE_TOLERANCE, torch.float32, -1.0)  # any difference at all: not switched
     assert not enable_packed_scoring(model, tokenizer) and not uses_packed_attention(model)
 
