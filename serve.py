@@ -1,4 +1,4 @@
-"""Serve a saved safety classifier as an OpenAI-compatible moderation endpoint. See README.md, "Serving"."""
+"""Serve a saved safety classifier as an OpenAI-compatible moderation endpoint."""
 
 import sys
 

@@ -5,4 +5,4 @@ import sys
 from safety_classifier.cli import train_main
 
 if __name__ == "__main__":
-    sys.exit(train_main("top_layers"))
+    sys.exit(train_main("full_layers"))

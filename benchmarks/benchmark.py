@@ -1,7 +1,8 @@
 """Throughput of the toolkit against the naive reference, on one model and the ToxicChat prompts.
 
-    python benchmarks/benchmark.py            # about 5 min on 2 CPU cores
-    python benchmarks/benchmark.py --quick    # < 60 s: tiny counts, small matrices (smoke test)
+    python benchmarks/benchmark.py                          # real epochs; the all-sources ones take longest
+    python benchmarks/benchmark.py --quick                  # tiny counts, small matrices (smoke test)
+    python benchmarks/benchmark.py --recipe lora-r16-top8   # another recipe for the all-sources epoch
 
 Reference approach: every prompt padded to 1,024 tokens (`padding="max_length"`), rows in file
 order, fp32; scoring batches of 8, training steps of 2 rows (see benchmarks/README.md).
@@ -20,7 +21,17 @@ Measured:
   bf16 where the CPU has it natively, else fp32); the reference's timed steps (forward +
   backward + AdamW, padded to 1,024) give its rate, extrapolated per row;
 * top-2 with prefix caching: one cached epoch (after the first) / one uncached epoch, same rows;
-* matmul peak (bf16, fp32; bf16 on a small product where it is emulated) and the MFUs against it.
+* matmul peak (bf16, fp32; bf16 on a small product where it is emulated; the higher of a measure
+  before and one after the timed work) and the MFUs against it;
+* `epoch_minutes_all_sources`: one training epoch over every prompt source of the shared data
+  (ToxicChat's training file, AILuminate's prompts, every harm_prompts file; each training row
+  once, after the run's validation split) for the default recipe (`--recipe`) and for LoRA r=16 on
+  every block, through `build_training_session` as the scripts train: the frozen-prefix cache of
+  the training rows (a cached recipe pays it once a run) plus the training steps; validation is
+  not counted. Without --quick the epoch is trained whole; with --quick a seeded sample of the
+  epoch's rows (a fixed number of steps) is trained, truncated to a short length, and both parts
+  are extrapolated by real tokens to the epoch's at that length (`"extrapolated": true`, with the
+  steps timed). `benchmarks/epoch_timing.py` runs one recipe's alone.
 
 The reference is ~1024/50 times more tokens per prompt, so it runs on few rows; its per-row cost
 does not depend on the prompt (every row is 1,024 tokens), so its rates are extrapolated per row
@@ -30,14 +41,11 @@ and reported with the row counts used. The LAST line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
 import platform
 import resource
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,8 +58,16 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
+from epoch_timing import (  # noqa: E402
+    DEFAULT_RECIPE,
+    FULL_LORA_RECIPE,
+    QUICK_MAX_LENGTH,
+    QUICK_SAMPLE_ROWS,
+    RECIPES,
+    timed_all_sources_epoch,
+    timed_lora_epoch,
+)
 
-from safety_classifier.cli import parse_training_plan  # noqa: E402
 from safety_classifier.console import quiet_library_noise  # noqa: E402
 from safety_classifier.embedded import EMBEDDED_ALIAS, resolve_model_reference  # noqa: E402
 from safety_classifier.inference import predict_unsafe_probabilities  # noqa: E402
@@ -60,6 +76,7 @@ from safety_classifier.modeling import (  # noqa: E402
     build_model,
     count_parameters,
     cpu_model,
+    describe_dtype,
     load_sequence_classifier,
     load_tokenizer,
     resolve_dtype,
@@ -69,7 +86,6 @@ from safety_classifier.prefix_cache import (  # noqa: E402
     TopLayersOnCachedPrefix,
     build_cached_dataset,
 )
-from safety_classifier.training import build_training_session, load_training_splits  # noqa: E402
 
 REFERENCE_LENGTH = 1024
 BATCH_SIZE = 8
@@ -80,12 +96,14 @@ SETTINGS = {
     # --quick is a smoke test: its LoRA steps skip the longest tenth of the batches (one of those
     # alone takes half a minute here), so its training figures flatter the toolkit.
     # epoch_rows: rows of the timed LoRA epoch (None: the whole training file); epoch_max_length: its truncation.
+    # sources_sample_rows: training rows timed of the all-sources epochs (None: every row, no extrapolation).
     "quick": dict(score_n=48, ref_score_n=2, ref_train_steps=1, ref_train_rows=1,
-                  topn_rows=24, matmul_n=768, train_pool=256, epoch_rows=64, epoch_max_length=64),
+                  topn_rows=24, matmul_n=768, train_pool=256, epoch_rows=64, epoch_max_length=QUICK_MAX_LENGTH,
+                  sources_sample_rows=QUICK_SAMPLE_ROWS),
     "default": dict(score_n=400, ref_score_n=32, ref_train_steps=2, ref_train_rows=2,
-                    topn_rows=192, matmul_n=2048, train_pool=1024, epoch_rows=None, epoch_max_length=None),
+                    topn_rows=192, matmul_n=2048, train_pool=1024, epoch_rows=None, epoch_max_length=None,
+                    sources_sample_rows=None),
 }
-
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
@@ -159,45 +177,6 @@ def train_steps(model, batches: list[dict], labels: list[torch.Tensor], autocast
     return seconds
 
 
-def timed_lora_epoch(model: str, train_file: Path, rows: int | None, max_length: int | None,
-                     max_batch_tokens: int | None = None) -> dict:
-    """One LoRA r=16 epoch as `train_lora.py` trains it (its defaults: batches of 8 length-grouped rows),
-    timed whole; `max_batch_tokens` times token-budget batches instead.
-
-    Every row of the file is trained on (the file is also given as the validation file, which this
-    run never evaluates); no evaluation, no checkpoint.
-    """
-    with tempfile.TemporaryDirectory() as scratch:
-        data_file = train_file
-        if rows is not None:
-            data_file = Path(scratch) / "rows.csv"
-            pd.read_csv(train_file).sample(n=rows, random_state=0).to_csv(data_file, index=False)
-        argv = ["--model", model, "--train-file", str(data_file), "--validation-file", str(data_file),
-                "--epochs", "1", "--output-dir", str(Path(scratch) / "run"), "--logging-steps", "100000"]
-        if max_length is not None:
-            argv += ["--max-length", str(max_length)]
-        if max_batch_tokens is not None:
-            argv += ["--max-batch-tokens", str(max_batch_tokens)]
-        plan = parse_training_plan("lora", argv)
-        splits = load_training_splits(plan)
-        with contextlib.redirect_stdout(sys.stderr):
-            session = build_training_session(plan, splits, evaluate=False)
-        trainer = session.trainer
-        trainer.args.disable_tqdm = True
-        lengths = np.asarray([len(ids) for ids in trainer.train_dataset["input_ids"]])
-        shapes = [batch["input_ids"].shape for batch in trainer.get_train_dataloader()]  # the epoch's padded batches
-        started = time.perf_counter()
-        with contextlib.redirect_stdout(sys.stderr):
-            trainer.train()
-        seconds = time.perf_counter() - started
-        return {"seconds": seconds, "rows": len(lengths), "real_tokens": int(lengths.sum()),
-                "padded_tokens": sum(batch_rows * width for batch_rows, width in shapes), "steps": len(shapes),
-                "batches": (f"<= {session.sampler.max_batch_tokens} tok" if session.sampler is not None
-                            else f"{plan.batch_rows} rows"),
-                "max_length": plan.model.max_length, "lora_dropout": plan.lora.lora_dropout,
-                "learning_rate": plan.learning_rate}
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke test in under a minute")
@@ -205,6 +184,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-dir", default=str(REPO_ROOT.parent / "shared" / "data" / "toxicchat"))
     parser.add_argument("--max-length", type=int, default=REFERENCE_LENGTH, help="toolkit truncation length")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
+                        help=f"the default recipe, whose epoch over every source is timed beside full LoRA "
+                             f"({FULL_LORA_RECIPE}); default {DEFAULT_RECIPE}")
+    parser.add_argument("--shared-data", default=str(REPO_ROOT.parent / "shared" / "data"),
+                        help="the shared data directory (toxicchat/, ailuminate/, harm_prompts/) of the all-sources epochs")
     parser.add_argument("--train-batch-tokens", type=int, default=None,
                         help="time the LoRA epoch in batches of this many padded tokens (default: train_lora.py's "
                              "default, 8 rows)")
@@ -237,8 +221,6 @@ def main(argv: list[str] | None = None) -> dict:
     # minute, so a 512^3 one, timed twice, shows the rate that makes `auto` pick fp32.
     bf16_tflops = matmul_tflops(torch.bfloat16, cfg["matmul_n"] if bf16_native else 512, seconds if bf16_native else 0)
     fp32_tflops = matmul_tflops(torch.float32, cfg["matmul_n"], seconds)
-    # Every MFU is over the peak of the dtype the toolkit computes in.
-    peak = bf16_tflops if bf16_native else fp32_tflops
 
     # The toolkit's parts run first, so that its peak memory can be read before the reference's
     # pad-to-1,024 batches (gigabytes of activations) raise the process's high-water mark.
@@ -250,7 +232,6 @@ def main(argv: list[str] | None = None) -> dict:
     real_tokens = sum(len(ids) for ids in toolkit_ids)
     toolkit_score_s = timed_scoring(toolkit, tokenizer, score_texts, args.max_length)
     infer_prompts_per_s = len(score_texts) / toolkit_score_s
-    infer_mfu = 2.0 * n_params * real_tokens / toolkit_score_s / (peak * 1e12)
     del toolkit
     gc.collect()
 
@@ -271,7 +252,6 @@ def main(argv: list[str] | None = None) -> dict:
                              cfg["epoch_max_length"], args.train_batch_tokens)
     lora_epoch_minutes = epoch["seconds"] / 60.0
     train_tokens_per_s = epoch["real_tokens"] / epoch["seconds"]
-    train_mfu = 4.0 * n_params * train_tokens_per_s / (peak * 1e12)
     train_ids = tokenizer(train_texts, truncation=True, max_length=args.max_length)["input_ids"]
     lengths = np.asarray([len(ids) for ids in train_ids])
     all_train_ids = tokenizer(train["user_input"].astype(str).tolist(), truncation=True,
@@ -281,19 +261,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- top-2: uncached epoch vs cached epochs -------------------------------------------------
     top_n = 2
-    topn_texts, topn_labels = train_texts[: cfg["topn_rows"]], train_labels[: cfg["topn_rows"]]
+    topn_labels = train_labels[: cfg["topn_rows"]]
     topn_ids = train_ids[: cfg["topn_rows"]]
     topn_len = lengths[: cfg["topn_rows"]]
     batches = length_grouped_batches(topn_len, BATCH_SIZE)
     use_autocast = auto_dtype == torch.bfloat16
-    model = build_model("top_layers", model_path, tokenizer, auto_dtype, num_layers=top_n)
+    model = build_model("full_layers", model_path, tokenizer, auto_dtype, num_layers=top_n)
     uncached = [pad_batch(tokenizer, [topn_ids[i] for i in b]) for b in batches]
     labels = [torch.as_tensor(topn_labels[b]) for b in batches]
     uncached_s = sum(train_steps(model, uncached, labels, use_autocast, lr=5e-5))
 
     started = time.perf_counter()
-    dataset = build_cached_dataset(model, tokenizer, topn_texts, topn_labels, num_layers=top_n,
-                                   max_length=args.max_length)
+    dataset = build_cached_dataset(model, tokenizer, topn_ids, topn_labels, num_layers=top_n)
     prefix_s = time.perf_counter() - started
     wrapper = TopLayersOnCachedPrefix(model, top_n)
     collate = CachedPrefixCollator(tokenizer.pad_token_id)
@@ -305,6 +284,12 @@ def main(argv: list[str] | None = None) -> dict:
     cache_mib = dataset.nbytes / 2**20
     del model, wrapper, dataset, cached, uncached
     gc.collect()
+
+    # ---- an epoch over every source: the default recipe and full LoRA ---------------------------
+    all_sources = {recipe: timed_all_sources_epoch(recipe, args.model, Path(args.shared_data),
+                                                   cfg["epoch_max_length"] or args.max_length,
+                                                   cfg["sources_sample_rows"], args.seed)
+                   for recipe in dict.fromkeys((args.recipe, FULL_LORA_RECIPE))}
     toolkit_peak_rss_mb = peak_rss_mb()
 
     # ---- reference: scoring ---------------------------------------------------------------------
@@ -318,7 +303,6 @@ def main(argv: list[str] | None = None) -> dict:
             reference(**pad_batch(tokenizer, ref_ids[i : i + BATCH_SIZE], REFERENCE_LENGTH))
         reference_score_s = time.perf_counter() - started
     ref_prompts_per_s = len(ref_ids) / reference_score_s
-    ref_mfu = 2.0 * n_params * sum(len(i) for i in ref_ids) / reference_score_s / (fp32_tflops * 1e12)
     del reference
     gc.collect()
 
@@ -339,6 +323,16 @@ def main(argv: list[str] | None = None) -> dict:
     ref_train_tokens_per_s = float(np.minimum(all_lengths, REFERENCE_LENGTH).sum()) / ref_lora_epoch_s
     del ref_lora, ref_batches
     gc.collect()
+
+    # The peak again, after the timed work, and the higher of the two: on a shared machine another
+    # process can slow one measure more than the work timed beside it (an MFU above 1).
+    fp32_tflops = max(fp32_tflops, matmul_tflops(torch.float32, cfg["matmul_n"], seconds))
+    if bf16_native:
+        bf16_tflops = max(bf16_tflops, matmul_tflops(torch.bfloat16, cfg["matmul_n"], seconds))
+    peak = bf16_tflops if bf16_native else fp32_tflops  # every MFU is over the toolkit's dtype's peak
+    infer_mfu = 2.0 * n_params * real_tokens / toolkit_score_s / (peak * 1e12)
+    train_mfu = 4.0 * n_params * train_tokens_per_s / (peak * 1e12)
+    ref_mfu = 2.0 * n_params * sum(len(i) for i in ref_ids) / reference_score_s / (fp32_tflops * 1e12)
 
     rows += [
         ("scoring prompts/s", f"{ref_prompts_per_s:.2f}", f"{infer_prompts_per_s:.2f}",
@@ -363,6 +357,11 @@ def main(argv: list[str] | None = None) -> dict:
         ("prefix cache size", "", f"{cache_mib:.1f} MiB ({dtype_name})", ""),
         ("matmul TFLOP/s", f"{fp32_tflops:.3f} fp32",
          f"{bf16_tflops:.3f} bf16" + ("" if bf16_native else f" (emulated; fp32 {fp32_tflops:.3f})"), ""),
+        *((f"epoch minutes, every source: {recipe}" + (" (default)" if recipe == args.recipe else ""), "",
+           f"{epoch['minutes']:.2f} ({epoch['epoch_rows']} rows, {epoch['epoch_real_tokens']:,} tokens; "
+           + (f"{epoch['steps_timed']} steps timed, extrapolated" if epoch["extrapolated"] else "measured")
+           + (f"; prefix cache {epoch['prefix_cache_minutes']:.2f}" if epoch["prefix_cached"] else "") + ")", "")
+          for recipe, epoch in all_sources.items()),
         ("peak RSS MB", f"{peak_rss_mb():.0f} (whole process)", f"{toolkit_peak_rss_mb:.0f}", ""),
     ]
 
@@ -412,10 +411,14 @@ def main(argv: list[str] | None = None) -> dict:
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "cpu_bf16_native": auto_dtype == torch.bfloat16,
+            "dtype_auto": describe_dtype("auto"),
             "torch_version": torch.__version__,
             "transformers_version": transformers.__version__,
             "python": platform.python_version(),
         },
+        "default_recipe": args.recipe,
+        "epoch_minutes_all_sources": {recipe: epoch["minutes"] for recipe, epoch in all_sources.items()},
+        "all_sources_epochs": all_sources,
         "quick": args.quick,
         "total_seconds": round(time.perf_counter() - started_all, 1),
     }

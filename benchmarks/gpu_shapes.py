@@ -7,7 +7,7 @@ The timed runs then go through the toolkit's own path, as the scripts train and 
 
 * `lora`: `train_lora.py`'s session (LoRA r=16 on every linear layer of the blocks, bf16) for one
   epoch, in the default 8-row batches and in token budgets of 4,096 and 16,384 tokens (the GPU scoring budget);
-* `qlora`: `train_qlora.py`'s session (NF4 backbone, gradient checkpointing) with the README's
+* `qlora`: `train_qlora.py`'s session (NF4 backbone, gradient checkpointing) with docs/training.md's
   `--batch-size 4 --gradient-accumulation-steps 2`, on a sample of rows that holds the longest prompts
   of the file, so the peak memory is the epoch's worst batch at `--max-length`;
 * `lora-categories-batch8`: the same 8-row LoRA epoch with the AILuminate category file as a second
@@ -60,12 +60,8 @@ from safety_classifier.embedded import EMBEDDED_ALIAS, resolve_model_reference  
 from safety_classifier.inference import predict_unsafe_probabilities  # noqa: E402
 from safety_classifier.modeling import count_parameters, load_sequence_classifier, load_tokenizer  # noqa: E402
 from safety_classifier.sources import ailuminate_source_spec  # noqa: E402
-from safety_classifier.training import (  # noqa: E402
-    build_training_session,
-    load_training_splits,
-    row_lengths,
-    train_classifier,
-)
+from safety_classifier.trainer import row_lengths  # noqa: E402
+from safety_classifier.training import build_training_session, load_training_splits, train_classifier  # noqa: E402
 
 # The published configurations (config.json of each hub repository), less what only generation reads.
 # Phi-4-mini's longrope factors are placeholders: prompts here stay far below its original 4,096
@@ -99,7 +95,7 @@ TRAINING_RUNS = [
     ("lora-token-budget", "phi-4-mini", "lora", ["--max-batch-tokens", "16384"]),  # the GPU scoring budget
     ("lora-4096-tokens", "phi-4-mini", "lora", ["--max-batch-tokens", "4096"]),
     ("lora-categories-batch8", "phi-4-mini", "lora", ["--batch-size", "8", "--extra-train-sources", CATEGORY_SOURCE]),
-    ("top4-batch8", "phi-4-mini", "top_layers", ["--num-layers", "4", "--batch-size", "8"]),
+    ("top4-batch8", "phi-4-mini", "full_layers", ["--num-layers", "4", "--batch-size", "8"]),
     ("qlora-batch4x2", "phi-4", "qlora", ["--batch-size", "4", "--gradient-accumulation-steps", "2"]),
     ("qlora-4096-tokens", "phi-4", "qlora", ["--max-batch-tokens", "4096"]),
 ]
@@ -192,7 +188,7 @@ def timed_training(name: str, shape: str, strategy: str, extra: list[str], model
         "real_tokens_per_s": round(lengths.sum() / seconds, 1),
         # (top-N trains whole blocks over a cached prefix: its FLOPs are not 4 x the frozen weights)
         "train_mfu": (round(4 * frozen * lengths.sum() / seconds / (peak_tflops * 1e12), 4)
-                      if strategy != "top_layers" else None),
+                      if strategy != "full_layers" else None),
         "peak_gpu_memory_gib": peak_memory_gib(),
         "gradient_checkpointing": plan.gradient_checkpointing,
         "trainable_parameters": count_parameters(session.model)[0],
@@ -238,7 +234,7 @@ SERVED_FIGURES = ("requests", "concurrency", "prompts_per_s", "offline_prompts_p
 
 def head_only_classifier(model_dir: Path, rows_file: Path, output_dir: Path) -> Path:
     """A classifier directory as the scripts write it: the frozen backbone and a head trained one epoch."""
-    plan = parse_training_plan("top_layers", [
+    plan = parse_training_plan("full_layers", [
         "--model", str(model_dir), "--train-file", str(rows_file), "--num-layers", "0", "--epochs", "1",
         "--output-dir", str(output_dir), "--logging-steps", "100000", "--no-resume"])
     with contextlib.redirect_stdout(sys.stderr):

@@ -34,9 +34,10 @@ DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "toxicchat" / "toxicchat01
 def block_mask_logits(classifier, texts: list[str], max_pack_tokens: int) -> np.ndarray:
     """Packed rows through plain sdpa: transformers finds the packed sequences in the position ids
     and masks attention across them, computing every pair of tokens in the row."""
+    from safety_classifier.batching import pack_rows
     from safety_classifier.formatting import encode_prompts
     from safety_classifier.modeling import find_head_name
-    from safety_classifier.packing import pack_rows, packed_inputs
+    from safety_classifier.packing import packed_inputs
 
     model = classifier.model
     input_ids = encode_prompts(classifier.tokenizer, texts, classifier.max_length, classifier.prompt_template)

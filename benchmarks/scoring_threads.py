@@ -5,7 +5,7 @@ again, with the process's CPU share during each.
 PyTorch's OpenMP threads belong to the thread that calls into torch; a second calling thread gets
 a team of its own, and once the process has more OpenMP threads than cores, libgomp stops
 spinning between parallel regions, for every team. The rate drops on the second thread and stays
-down on the first (`serving.new_model_thread`).
+down on the first (`serving.batcher.new_model_thread`).
 
     python benchmarks/scoring_threads.py --model-dir runs/demo-lora
 
@@ -25,7 +25,7 @@ import pandas as pd
 from safety_classifier.console import quiet_library_noise
 from safety_classifier.inference import load_classifier
 from safety_classifier.modeling import dtype_name
-from safety_classifier.serving import new_model_thread, score_texts
+from safety_classifier.serving.batcher import new_model_thread, score_texts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "toxicchat" / "toxicchat0124_train.csv"

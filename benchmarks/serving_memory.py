@@ -23,10 +23,12 @@ from unittest import mock
 
 import pandas as pd
 
-from safety_classifier import packing, serving
+from safety_classifier import packing
 from safety_classifier.console import quiet_library_noise
 from safety_classifier.inference import load_classifier
 from safety_classifier.modeling import dtype_name
+from safety_classifier.serving import batcher as serving_batcher
+from safety_classifier.serving.memory import limit_malloc_arenas, trim_free_heap
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "toxicchat" / "toxicchat0124_train.csv"
@@ -47,16 +49,16 @@ def resident_mib_by_mapping() -> dict[str, float]:
 
 
 async def measure(args: argparse.Namespace) -> dict:
-    model_thread = serving.new_model_thread()  # loads and scores, as in the service
+    model_thread = serving_batcher.new_model_thread()  # loads and scores, as in the service
     classifier = model_thread.submit(load_classifier, args.model_dir, dtype=args.dtype, device="cpu").result()
     prompts = pd.read_csv(args.data_file)["user_input"].astype(str).tolist()
     rng = random.Random(args.seed)
-    batcher = serving.Batcher(classifier, trim_heap=True, model_thread=model_thread)
+    batcher = serving_batcher.Batcher(classifier, trim_heap=True, model_thread=model_thread)
     await batcher.start()
     if args.page_in:
         await batcher.warm_up()
     else:
-        with mock.patch.object(serving, "page_in_weights", lambda model: 0):
+        with mock.patch.object(serving_batcher, "page_in_weights", lambda model: 0):
             await batcher.warm_up()
     loop = asyncio.get_running_loop()
     by_mapping_start, trace = resident_mib_by_mapping(), []
@@ -64,8 +66,8 @@ async def measure(args: argparse.Namespace) -> dict:
     print(f"after the warm-up: {start:,.0f} MiB", flush=True)
     for batch in range(1, args.batches + 1):
         texts = rng.sample(prompts, args.batch_size)
-        await loop.run_in_executor(model_thread, serving.score_texts, classifier, texts, batcher.max_batch_tokens)
-        await loop.run_in_executor(model_thread, serving.trim_free_heap)
+        await loop.run_in_executor(model_thread, serving_batcher.score_texts, classifier, texts, batcher.max_batch_tokens)
+        await loop.run_in_executor(model_thread, trim_free_heap)
         if batch % args.every == 0:
             trace.append(round(sum(resident_mib_by_mapping().values()), 1))
             print(f"after {batch} batches: {trace[-1]:,.0f} MiB ({trace[-1] / start - 1:+.1%})", flush=True)
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not sys.platform.startswith("linux"):
         parser.error("reads /proc/self/smaps: Linux only")
-    serving.limit_malloc_arenas(2)  # as serve.py, before any thread allocates
+    limit_malloc_arenas(2)  # as serve.py, before any thread allocates
     quiet_library_noise()
     with contextlib.ExitStack() as stack:
         if not args.shape_steps:

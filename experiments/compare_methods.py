@@ -9,7 +9,8 @@ seed 42, the same rows for every method), picks its checkpoint, C or threshold o
 validation split, and is scored once on `toxicchat0124_test.csv` (the human-annotated test
 subset). Fine-tuned rows run the toolkit's own scripts in a subprocess, with the command
 recorded; baselines run here. A row whose `results/<row>/metrics.json` exists is skipped
-(`--force` reruns it). Then `python experiments/report.py` draws the README table and figures.
+(`--force` reruns it). Then `python experiments/report.py` draws the tables of docs/results.md,
+the README's headline table and the figures.
 
 Each `results/<row>/` holds `metrics.json` (the row's columns, its validation and test metrics
 and its command), `test_scores.csv` (P(unsafe) per test row, for the curves; the labels are read
@@ -36,10 +37,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from safety_classifier.artifacts import read_metadata, write_json_atomically  # noqa: E402
+from safety_classifier.calibration import f1_maximising_threshold  # noqa: E402
 from safety_classifier.categories import category_route_threshold_of, unsafe_verdicts  # noqa: E402
-from safety_classifier.metrics import classification_metrics, f1_maximising_threshold  # noqa: E402
+from safety_classifier.metrics import classification_metrics  # noqa: E402
 from safety_classifier.modeling import cpu_model, resolve_dtype  # noqa: E402
-from safety_classifier.sources import ailuminate_source_spec  # noqa: E402
+from safety_classifier.sources import AILUMINATE_SOURCE_WEIGHT, ailuminate_source_spec  # noqa: E402
 
 DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "toxicchat"
 RESULTS_DIR = REPO_ROOT / "results"
@@ -54,7 +56,7 @@ TEST_SCORES_FILE = "test_scores.csv"
 
 # row name -> (method as shown, script, its strategy options)
 FINE_TUNED_ROWS = {
-    # Head LR 1e-2 chosen on validation (README: what was tried); every other row uses the defaults.
+    # Head LR 1e-2 chosen on validation (docs/experiments-log.md); every other row uses the defaults.
     "head-only": ("Head only (frozen backbone)", "train_full_layers.py",
                   ["--num-layers", "0", "--head-learning-rate", "1e-2"]),
     "top-1": ("Top 1 layer + head", "train_full_layers.py", ["--num-layers", "1"]),
@@ -76,6 +78,87 @@ FINE_TUNED_ROWS = {
 }
 AILUMINATE_FILE = "ailuminate/ailuminate_en_dev.csv"  # beside toxicchat/ in the shared data directory
 TOXICCHAT_SOURCE = "toxicchat0124_train"  # the name metrics.json gives the main source's validation rows
+
+# ---- every prompt source at once (experiments/quality_per_minute.py, cross_source.py, mixture_search.py) ----
+SHARED_DATA_DIR = DATA_DIR.parent
+TOXICCHAT_FILE = "toxicchat/toxicchat0124_train.csv"
+HARM_PROMPTS_DIR = "harm_prompts"
+# Binary with both classes: the main source (calibration, threshold) of a run without ToxicChat.
+GUARDREASONER_FILE = "harm_prompts/guardreasoner_train_sample.csv"
+
+
+def prompt_source_files(data_root: Path) -> list[Path]:
+    """Every labelled prompt file of the shared data: ToxicChat's training file, AILuminate's, then
+    each harm_prompts file; not the responses, whose labels judge answers."""
+    files = [data_root / TOXICCHAT_FILE, data_root / AILUMINATE_FILE, *sorted((data_root / HARM_PROMPTS_DIR).glob("*.csv"))]
+    missing = [str(path) for path in files if not path.is_file()]
+    if missing:
+        sys.exit(f"error: missing data file(s): {', '.join(missing)} (see ../shared/data/README.md)")
+    return files
+
+
+def source_columns(path: Path | str) -> tuple[str, str | None, str | None]:
+    """(text, label, category) columns of a shared prompt file; AILuminate's prompts carry a
+    category and no label, ToxicChat's a label and no category (../shared/data/README.md)."""
+    stem = Path(path).stem
+    if stem == TOXICCHAT_SOURCE:
+        return "user_input", "toxicity", None
+    if stem == Path(AILUMINATE_FILE).stem:
+        return "prompt_text", None, "category"
+    return "text", "label", "category"
+
+
+def main_source_options(path: Path | str) -> dict[str, str]:
+    """The column options of a training command whose `--train-file` is this shared file."""
+    text, label, _ = source_columns(path)
+    return {"text_column": text, "label_column": label}
+
+
+def source_spec(path: str, options: dict[str, str] | None = None) -> str:
+    """The `--extra-train-sources` spec of a shared prompt file, with `options` (weight, cap ...)
+    appended; AILuminate's as the results table's category row trains on it, unless weighted."""
+    options = dict(options or {})
+    if Path(path).stem == Path(AILUMINATE_FILE).stem:
+        spec = ailuminate_source_spec(path, options.pop("weight", AILUMINATE_SOURCE_WEIGHT))
+    else:
+        text, label, category = source_columns(path)
+        spec = f"{path},text={text},label={label}" + (f",category={category}" if category else "")
+    return spec + "".join(f",{key}={value}" for key, value in options.items())
+
+
+# The figures per source that metrics.json gives a multi-source run: every lookup of them is here.
+def validation_sources(metrics: dict) -> dict[str, dict]:
+    """{source name: its validation rows' metrics (auprc, recall, fpr ...)}."""
+    return metrics["validation"]["sources"]
+
+
+def source_macro_auprc(metrics: dict) -> float | None:
+    """The mean validation AUPRC over sources, as evaluation.py reports it (computed from the
+    per-source AUPRCs for runs from before it did)."""
+    if "source_macro_auprc" in metrics["validation"]:
+        return metrics["validation"]["source_macro_auprc"]
+    auprcs = [entry["auprc"] for entry in validation_sources(metrics).values() if entry.get("auprc") is not None]
+    return float(np.mean(auprcs)) if auprcs else None
+
+
+def source_auprc(metrics: dict, source: str = TOXICCHAT_SOURCE) -> float | None:
+    return validation_sources(metrics)[source]["auprc"]
+
+
+def row_recipe(row: str, **options: str) -> tuple[str, dict[str, str]]:
+    """(script, {option: value}) of a fine-tuned row of the table, with `options` on top."""
+    _, script, flags = FINE_TUNED_ROWS[row]
+    return script, {**{flag.removeprefix("--").replace("-", "_"): value for flag, value in zip(flags[::2], flags[1::2])},
+                    **options}
+
+
+# The recipes trained on every source (quality_per_minute.py); cross_source.py and mixture_search.py train one.
+RECIPES = {
+    "lora-r16": row_recipe("lora-r16"),
+    **{f"lora-r16-top{k}": row_recipe("lora-r16", lora_layers=f"top:{k}") for k in (2, 4, 8)},
+    "top-3": row_recipe("top-3"),
+    "head-only": row_recipe("head-only"),
+}
 BASELINE_ROWS = {
     "tfidf-logreg": "Baseline: TF-IDF word+char n-grams, logistic regression",
     "frozen-probe": "Baseline: logistic-regression probe on frozen features",
@@ -121,18 +204,22 @@ def machine_description() -> str:
     return f"{os.cpu_count()} CPU cores, {cpu_model()}, {dtype}"
 
 
-def backbone_parameters() -> int:
-    """Parameters of the embedded backbone without any head (embeddings tied, counted once)."""
+def meta_backbone(model: str | None = None):
+    """The backbone `model` (default: the embedded one) without any head, its shapes only."""
     import torch
     from transformers import AutoConfig, AutoModel
 
     from safety_classifier.embedded import EMBEDDED_ALIAS, resolve_model_reference
 
     # Outside the meta context: on a fresh checkout this materialises the embedded model, reading its weights.
-    config = AutoConfig.from_pretrained(resolve_model_reference(EMBEDDED_ALIAS))
+    config = AutoConfig.from_pretrained(resolve_model_reference(model or EMBEDDED_ALIAS))
     with torch.device("meta"):  # shapes only, no weights read
-        model = AutoModel.from_config(config)
-    return sum(parameter.numel() for parameter in model.parameters())
+        return AutoModel.from_config(config)
+
+
+def backbone_parameters() -> int:
+    """Parameters of the embedded backbone without any head (embeddings tied, counted once)."""
+    return sum(parameter.numel() for parameter in meta_backbone().parameters())
 
 
 def run_fine_tuned(row: str, files: dict[str, Path], epochs: float) -> dict:

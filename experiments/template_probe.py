@@ -7,7 +7,7 @@ hidden state, with the texts read in each template, scored on the validation spl
 The same split, seed and max length as the results table (whose "frozen probe" baseline is the
 `none` row here), texts encoded by the toolkit's own `encode_prompts`; C is chosen on validation
 as the baseline does. A template that makes the frozen last token more telling is a candidate for
-`--prompt-template` in fine-tuning, which then decides on validation (README, *Prompt templates*).
+`--prompt-template` in fine-tuning, which then decides on validation.
 Prints one JSON line per template. No test file is read.
 """
 

@@ -1,17 +1,47 @@
-"""Command-line arguments as dataclasses, parsed by `transformers.HfArgumentParser`.
+"""Command-line arguments as dataclasses, parsed by `transformers.HfArgumentParser`, and the
+`TrainingPlan` a training script gathers from them.
 
 Each field becomes `--field-name` (and `--field_name`); a boolean defaulting to True also gets
-`--no-field-name`.
+`--no-field-name`. Each dataclass checks its values when it is built (`__post_init__`), so that a
+bad value is refused as the command line is parsed, before any data or model loads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
+from .calibration import check_threshold_targets
 from .embedded import EMBEDDED_ALIAS
+from .errors import SafetyClassifierError
+from .formatting import check_prompt_template
 from .labels import CONTEXTUAL_CATEGORIES
+from .sources import brings_categories
+
+# The training defaults, each read from here (arguments' help included). The learning rates were
+# chosen on the validation split with the default row batches.
+DEFAULT_BATCH_ROWS = 8  # training rows per device per step unless --batch-size or --max-batch-tokens says otherwise
+FULL_LAYERS_LEARNING_RATE = 3e-4
+ADAPTER_LEARNING_RATE = 4e-4  # LoRA's, which QLoRA takes too (the same adapters)
+ADAPTER_SEARCHED_RANK = 16  # the LoRA rank ADAPTER_LEARNING_RATE was chosen at
+HEAD_LEARNING_RATE = 1e-3
+# A category head's outputs learn from the category rows alone, and under Adam a larger learning
+# rate speeds them up where a larger loss weight hardly does.
+CATEGORY_HEAD_LEARNING_RATE = 3e-3
+
+
+def _require(condition: bool, message: str) -> None:
+    """Refuse a value out of its range (NaN fails every comparison, so it is refused too)."""
+    if not condition:
+        raise ArgumentError(message)
+
+
+def _positive(value: float | None) -> bool:
+    return value is None or (math.isfinite(value) and value > 0)
 
 
 @dataclass
@@ -34,6 +64,10 @@ class ModelArguments:
                           "one {text}. Default: the text as it is."},
     )
 
+    def __post_init__(self) -> None:
+        _require(self.max_length >= 1, f"--max-length must be at least 1, not {self.max_length}")
+        check_prompt_template(self.prompt_template)
+
 
 @dataclass
 class DataArguments:
@@ -50,22 +84,25 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on a stratified subset this size."})
     extra_train_sources: list[str] | None = field(
         default=None,
-        metadata={"help": "Further training sources, each 'FILE,text=COLUMN[,label=COLUMN][,category=COLUMN]"
-                          "[,weight=W][,validation=F]'; a category column adds a category head (README, Categories)."},
+        metadata={"help": "Further training sources, each 'FILE,text=COLUMN[,response=COLUMN][,label=COLUMN]"
+                          "[,category=COLUMN][,weight=W][,validation=F][,cap=N][,max_length=N]'; FILE may be a glob "
+                          "(one source per file). Blank labels and categories are allowed where a row has the "
+                          "other; a category column adds a category head, a response column trains on "
+                          "(prompt, response) pairs whose label judges the response."},
     )
     taxonomy: str | None = field(
         default=None,
         metadata={"help": "JSON {code: name} or CSV (code,name) naming the categories; codes outside it are refused. "
                           "Default: the project's S1-S12 names, other codes named by themselves."},
     )
-    # Category rows teach categories only, safe main-source rows "no category", and the category head
-    # is a second route to unsafe (--category-route-recall): on validation the main source's rows
-    # reach AUPRC 0.841 against 0.799 with unsafe category rows, at the same category macro F1
-    # and an unsafe recall over 0.90 on the category rows (README, *Category search*).
+    # By default category rows teach categories only, safe main-source rows "no category", and the
+    # category head is a second route to unsafe (--category-route-recall): calling every category row
+    # unsafe would teach the safe/unsafe decision another source's notion of unsafe.
     category_rows_binary: Literal["unsafe", "unsafe_except_contextual", "unlabelled"] = field(
         default="unlabelled",
-        metadata={"help": "The safe/unsafe label of a category row without a label column: none (no binary loss; "
-                          "default); unsafe; or unsafe except --contextual-categories (no binary label)."},
+        metadata={"help": "The safe/unsafe label of a category row without a label (no label column, or a blank "
+                          "cell outside --contextual-categories): none (no binary loss; default); unsafe; or unsafe "
+                          "except --contextual-categories (no binary label)."},
     )
     contextual_categories: list[str] = field(
         default_factory=lambda: list(CONTEXTUAL_CATEGORIES),
@@ -75,10 +112,16 @@ class DataArguments:
     )
     safe_rows_category_negatives: bool = field(
         default=True,
-        metadata={"help": "Safe rows of the main source also teach every category 0, and category scores are "
+        metadata={"help": "Safe rows of the main source (and safe rows without a category of the other sources) "
+                          "also teach every category 0, and category scores are "
                           "reported as the head gives them (false: they add no category loss, and a category's "
-                          "score is its sigmoid times P(unsafe), see README's *What a category score is*)."},
+                          "score is its sigmoid times P(unsafe))."},
     )
+
+    def __post_init__(self) -> None:
+        # --validation-fraction is checked where the split is carved (`data.load_splits`), before any model loads.
+        _require(self.max_train_samples is None or self.max_train_samples >= 1,
+                 f"--max-train-samples must be at least 1, not {self.max_train_samples}")
 
 
 @dataclass
@@ -87,20 +130,20 @@ class RunArguments:
     epochs: float = field(default=2.0, metadata={"help": "Training epochs."})
     learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Peak learning rate; unset: 3e-4 top-N, 4e-4 LoRA/QLoRA at rank 16 or less and "
-                          "4e-4 x sqrt(16 / r) above (2e-4 at r=64; chosen on validation with batches of 8 rows; "
-                          "README, the recipe search)."},
+        metadata={"help": f"Peak learning rate, above 0; unset: {FULL_LAYERS_LEARNING_RATE:g} top-N, "
+                          f"{ADAPTER_LEARNING_RATE:g} LoRA/QLoRA at rank {ADAPTER_SEARCHED_RANK} or less, and "
+                          f"{ADAPTER_LEARNING_RATE:g} x sqrt({ADAPTER_SEARCHED_RANK} / r) above."},
     )
     head_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Peak learning rate of the classification head, which starts from random weights and so "
-                          "needs a larger one than the pretrained weights; unset: 1e-3, or 3e-3 where a category head "
-                          "is trained (README, Harm categories)."},
+        metadata={"help": "Peak learning rate of the classification head, above 0; it starts from random weights and "
+                          f"so needs a larger one than the pretrained weights; unset: {HEAD_LEARNING_RATE:g}, or "
+                          f"{CATEGORY_HEAD_LEARNING_RATE:g} where a category head is trained."},
     )
     batch_size: int | None = field(
         default=None,
         metadata={"help": "Training rows per device per step (length-grouped, the loss averaged over each batch); "
-                          "unset: 8, or batches that fill --max-batch-tokens where that is given."},
+                          f"unset: {DEFAULT_BATCH_ROWS}, or batches that fill --max-batch-tokens where that is given."},
     )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps accumulated per optimizer update."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -120,17 +163,16 @@ class RunArguments:
     category_loss_weight: float = field(
         default=8.0,
         metadata={"help": "Weight of a category row's loss (the mean binary cross-entropy over categories) against the "
-                          "safe/unsafe cross-entropy; only with a category head. 8 was chosen on validation over 1 "
-                          "and 4 (README, Category search)."},
+                          "safe/unsafe cross-entropy, 0 or more; only with a category head."},
     )
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "true/false: recompute activations to save memory; on by default for QLoRA only."}
     )
     max_batch_tokens: int | None = field(
         default=None,
-        metadata={"help": "Token budget of one scoring batch (rows x longest row; 2048 on CPU, 16384 on GPU); given, "
-                          "and without --batch-size, training batches fill it too (faster, but validation AUPRC "
-                          "0.81 against 0.84 for 8-row batches: README, the recipe search)."},
+        metadata={"help": "Token budget of one scoring batch (rows x longest row; unset: the device's scoring budget); "
+                          "given, and without --batch-size, training batches fill it too (faster, but row batches "
+                          "score better on validation)."},
     )
     merge: bool = field(default=False, metadata={"help": "Also write OUTPUT_DIR/merged: adapters merged into full weights."})
     keep_checkpoints: bool = field(default=False, metadata={"help": "Keep OUTPUT_DIR/checkpoints after a successful run."})
@@ -161,9 +203,29 @@ class RunArguments:
                           "reaches this share (stored as category_route_threshold); 0: never."},
     )
 
+    def __post_init__(self) -> None:
+        _require(_positive(self.epochs), f"--epochs must be above 0, not {self.epochs}")
+        _require(_positive(self.learning_rate), f"--learning-rate must be above 0, not {self.learning_rate}")
+        _require(_positive(self.head_learning_rate),
+                 f"--head-learning-rate must be above 0, not {self.head_learning_rate}")
+        _require(self.batch_size is None or self.batch_size >= 1, f"--batch-size must be at least 1, not {self.batch_size}")
+        _require(self.gradient_accumulation_steps >= 1,
+                 f"--gradient-accumulation-steps must be at least 1, not {self.gradient_accumulation_steps}")
+        _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                 f"--weight-decay must be 0 or more, not {self.weight_decay}")
+        # The Trainer reads a warm-up of 1 or more as a number of steps, not a share.
+        _require(0 <= self.warmup_fraction < 1, f"--warmup-fraction must be in [0, 1), not {self.warmup_fraction}")
+        check_category_loss_weight(self.category_loss_weight)
+        _require(self.max_batch_tokens is None or self.max_batch_tokens >= 1,
+                 f"--max-batch-tokens must be at least 1, not {self.max_batch_tokens}")
+        _require(self.logging_steps >= 1, f"--logging-steps must be at least 1, not {self.logging_steps}")
+        check_threshold_targets(self.threshold_for_precision, self.threshold_for_recall)
+        _require(0.0 <= self.category_route_recall <= 1.0,
+                 f"--category-route-recall must be in [0, 1] (0: no route), got {self.category_route_recall}")
+
 
 @dataclass
-class TopLayersArguments:
+class FullLayersArguments:
     num_layers: int = field(
         default=2, metadata={"help": "Transformer blocks trained from the top (0 = head only); the rest stay frozen."}
     )
@@ -176,6 +238,11 @@ class TopLayersArguments:
         default=4096, metadata={"help": "Memory allowed for the cached hidden states; above it, training runs uncached."}
     )
 
+    def __post_init__(self) -> None:
+        # The upper bound of --num-layers is the model's depth, checked when the model is built.
+        _require(self.num_layers >= 0, f"--num-layers must be 0 or more, not {self.num_layers}")
+        _require(self.prefix_cache_max_mb >= 0, f"--prefix-cache-max-mb must be 0 or more, not {self.prefix_cache_max_mb}")
+
 
 @dataclass
 class LoraArguments:
@@ -183,9 +250,8 @@ class LoraArguments:
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(
         default=0.0,
-        metadata={"help": "Dropout on the LoRA path's input; 0 by default: 0.05 made a CPU training step 28 %% "
-                          "slower (a dropped-out copy of every adapted layer's input; README, Performance) and "
-                          "validation AUPRC no better (0.813 against 0.811; README, the recipe search)."},
+        metadata={"help": "Dropout on the LoRA path's input; 0 by default: it copies every adapted layer's input, "
+                          "which slows a training step, and did not help on validation."},
     )
     target_modules: list[str] | None = field(
         default=None, metadata={"help": "Module names to adapt; default: every linear layer inside the blocks."}
@@ -194,6 +260,41 @@ class LoraArguments:
         default=False,
         metadata={"help": "Rank-stabilised LoRA: scale the adapters by alpha / sqrt(r) instead of alpha / r."},
     )
+    lora_layers: str = field(
+        default="all",
+        metadata={"help": "Blocks that get adapters: all, or top:K (the top K blocks; the frozen blocks below them "
+                          "then run once, cached, and every step runs only the top K, the norm and the head)."},
+    )
+    cache_prefix: bool = field(
+        default=True,
+        metadata={"help": "With --lora-layers top:K: train the top K blocks on the cached hidden states of the frozen "
+                          "blocks below (--no-cache-prefix: run the whole network every step)."},
+    )
+    prefix_cache_max_mb: int = field(
+        default=4096, metadata={"help": "Memory allowed for the cached hidden states; above it, training runs uncached."}
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.lora_r >= 1, f"--lora-r must be at least 1, not {self.lora_r}")
+        _require(self.lora_alpha > 0, f"--lora-alpha must be above 0, not {self.lora_alpha}")
+        _require(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), not {self.lora_dropout}")
+        parse_lora_layers(self.lora_layers)  # its upper bound, the model's depth, is checked when the model is built
+        _require(self.prefix_cache_max_mb >= 0, f"--prefix-cache-max-mb must be 0 or more, not {self.prefix_cache_max_mb}")
+
+    @property
+    def adapted_top_layers(self) -> int | None:
+        """K of --lora-layers top:K; None: adapters on every block."""
+        return parse_lora_layers(self.lora_layers)
+
+
+def parse_lora_layers(spec: str) -> int | None:
+    """--lora-layers: "all" is None, "top:K" is K (at least 1); anything else is refused."""
+    if spec == "all":
+        return None
+    match = re.fullmatch(r"top:([0-9]+)", spec)
+    _require(match is not None and int(match.group(1)) >= 1,
+             f"--lora-layers must be all or top:K with K a whole number of at least 1, not {spec!r}")
+    return int(match.group(1))
 
 
 @dataclass(frozen=True)
@@ -206,62 +307,175 @@ class Strategy:
     learning_rate: float
     searched_lora_rank: int | None = None  # the rank `learning_rate` was chosen at (adapter strategies)
 
-    def default_learning_rate(self, lora_rank: int | None = None) -> float:
-        """`learning_rate`, lowered by sqrt(searched rank / r) for adapters of a higher rank.
 
-        At a fixed alpha / r an adapter's update grows with its rank (the rsLoRA analysis): at 4e-4,
-        QLoRA r=32 and LoRA r=64 scored below their 2e-4 runs on validation (README, the rate at
-        higher ranks). Ranks below the searched one keep its rate (a higher one was not tried there).
-        """
-        if self.searched_lora_rank is None or lora_rank is None or lora_rank <= self.searched_lora_rank:
-            return self.learning_rate
-        return self.learning_rate * math.sqrt(self.searched_lora_rank / lora_rank)
-
-
-# Learning rates chosen on the validation split with the default 8-row batches (README, the recipe
-# search: LoRA r=16 reaches validation AUPRC 0.861 at 4e-4, against 0.845 at 2e-4, and 8e-4 is worse;
-# token-budget batches, at any of the rates searched, stopped at 0.811-0.813), lowered above rank 16
-# (`Strategy.default_learning_rate`). QLoRA takes LoRA's rate (the same adapters; not searched apart).
-# Top-N: top-3 reaches 0.819-0.829 from 2e-4 to 1e-3, against 0.687 at 5e-5 (the rate before) and 0.796
-# at 2e-3; 3e-4 (0.826) sits inside that plateau, well below where it falls.
 STRATEGIES = {strategy.name: strategy for strategy in (
-    Strategy("top_layers", "Fine-tune the top N transformer blocks and a classification head; the rest stays frozen.",
-             TopLayersArguments, 3e-4),
-    Strategy("lora", "Fine-tune LoRA adapters on every linear layer of the blocks, and a classification head.",
-             LoraArguments, 4e-4, searched_lora_rank=16),
+    Strategy("full_layers", "Fine-tune the top N transformer blocks and a classification head; the rest stays frozen.",
+             FullLayersArguments, FULL_LAYERS_LEARNING_RATE),
+    Strategy("lora", "Fine-tune LoRA adapters on every linear layer of the blocks (or of the top K: --lora-layers "
+                     "top:K, over a cached frozen prefix), and a classification head.",
+             LoraArguments, ADAPTER_LEARNING_RATE, searched_lora_rank=ADAPTER_SEARCHED_RANK),
     Strategy("qlora", "Fine-tune LoRA adapters on a 4-bit NF4 backbone (bitsandbytes), and a classification head.",
-             LoraArguments, 4e-4, searched_lora_rank=16),
+             LoraArguments, ADAPTER_LEARNING_RATE, searched_lora_rank=ADAPTER_SEARCHED_RANK),
 )}
-DEFAULT_BATCH_ROWS = 8  # training rows per device per step unless --batch-size or --max-batch-tokens says otherwise
-HEAD_LEARNING_RATE = 1e-3
-# With a category head: its outputs learn from the category rows alone, and under Adam a loss weight
-# hardly speeds them up, their learning rate does (validation category macro F1 0.768 against 0.726,
-# the ToxicChat rows' AUPRC 0.832 against 0.833; README, Harm categories).
-CATEGORY_HEAD_LEARNING_RATE = 3e-3
+
+
+def default_learning_rate(strategy: str, lora_r: int | None = None) -> float:
+    """The strategy's learning rate, lowered by sqrt(searched rank / r) for adapters of a higher rank.
+
+    At a fixed alpha / r an adapter's update grows with its rank (the rsLoRA analysis), so a higher
+    rank takes a lower rate; ranks below the searched one keep its rate, a higher one untried there.
+    """
+    record = STRATEGIES[strategy]
+    if record.searched_lora_rank is None or lora_r is None or lora_r <= record.searched_lora_rank:
+        return record.learning_rate
+    return record.learning_rate * math.sqrt(record.searched_lora_rank / lora_r)
 
 
 def default_head_learning_rate(trains_categories: bool) -> float:
     return CATEGORY_HEAD_LEARNING_RATE if trains_categories else HEAD_LEARNING_RATE
 
 
+def check_category_loss_weight(weight: float) -> None:
+    _require(math.isfinite(weight) and weight >= 0, f"--category-loss-weight must be a finite number >= 0, not {weight}")
+
+
 @dataclass
-class InferenceArguments:
+class TrainingPlan:
+    """Everything one training run needs, gathered from the parsed arguments of a script, with the
+    defaults that depend on several arguments decided."""
+
+    strategy: str
+    model: ModelArguments
+    data: DataArguments
+    run: RunArguments
+    full_layers: FullLayersArguments | None = None
+    lora: LoraArguments | None = None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir or f"runs/{self.strategy}")
+
+    @property
+    def learning_rate(self) -> float:
+        if self.run.learning_rate is not None:
+            return self.run.learning_rate
+        return default_learning_rate(self.strategy, self.lora.lora_r if self.lora else None)
+
+    @property
+    def trains_categories(self) -> bool:
+        """Whether a further training source brings category labels (and so a category head)."""
+        return brings_categories(self.data.extra_train_sources)
+
+    @property
+    def head_learning_rate(self) -> float:
+        if self.run.head_learning_rate is not None:
+            return self.run.head_learning_rate
+        return default_head_learning_rate(self.trains_categories)
+
+    @property
+    def batch_rows(self) -> int | None:
+        """Rows per training batch, or None for batches that fill `--max-batch-tokens`."""
+        if self.run.batch_size is not None:
+            return self.run.batch_size
+        return None if self.run.max_batch_tokens is not None else DEFAULT_BATCH_ROWS
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        if self.run.gradient_checkpointing is not None:
+            return self.run.gradient_checkpointing
+        return self.strategy == "qlora"
+
+    @property
+    def cached_top_layers(self) -> int | None:
+        """The blocks trained over the cached frozen prefix (`prefix_cache.py`): top-N's N, or K of LoRA's
+        --lora-layers top:K; None where every step runs the whole network."""
+        if self.full_layers is not None and self.full_layers.cache_prefix:
+            return self.full_layers.num_layers
+        if self.lora is not None and self.lora.cache_prefix:
+            return self.lora.adapted_top_layers
+        return None
+
+    @property
+    def prefix_cache_max_bytes(self) -> int:
+        options = self.full_layers if self.full_layers is not None else self.lora
+        return (options.prefix_cache_max_mb if options is not None else 0) * 2**20
+
+    @property
+    def category_score_rule(self) -> str:
+        """"joint" unless safe rows taught the head "no category" (`categories.py` says why)."""
+        return "conditional" if self.data.safe_rows_category_negatives else "joint"
+
+    def arguments_record(self) -> dict:
+        """Every argument, with the defaults decided here in place of the unset ones."""
+        record = {"strategy": self.strategy}
+        for part in (self.model, self.data, self.run, self.full_layers, self.lora):
+            if part is not None:
+                record.update(dataclasses.asdict(part))
+        record["learning_rate"] = self.learning_rate
+        record["head_learning_rate"] = self.head_learning_rate
+        record["batch_size"] = self.batch_rows
+        record["gradient_checkpointing"] = self.gradient_checkpointing
+        return record
+
+
+class ArgumentError(SafetyClassifierError, ValueError):
+    """A command-line value out of its range: refused when parsed, so that nothing loads for nothing."""
+
+
+@dataclass
+class ClassifierLoadingArguments:
+    """A saved classifier, how it is loaded and how it scores: what infer.py and serve.py share."""
+
     model_dir: str = field(metadata={"help": "A classifier directory written by a train_*.py script."})
-    examples: list[str] | None = field(default=None, metadata={"help": "Prompts to score, given inline."})
-    input_file: str | None = field(default=None, metadata={"help": "Prompts to score: .txt (one a line), CSV or JSONL."})
-    text_column: str = field(default="user_input", metadata={"help": "Prompt column of --input-file (CSV/JSONL)."})
-    label_column: str | None = field(default=None, metadata={"help": "Label column of --input-file: also print metrics."})
-    metrics_out: str | None = field(default=None, metadata={"help": "Write the metrics (with --label-column) to this JSON file."})
-    json: bool = field(default=False, metadata={"help": "Print one JSON object per prompt."})
-    threshold: float | None = field(
-        default=None, metadata={"help": "Override the stored decision threshold (on the calibrated P(unsafe))."}
-    )
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default: cuda if present."})
     dtype: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={"help": "Compute dtype for scoring."})
-    max_batch_tokens: int | None = field(
-        default=None, metadata={"help": "Token budget of one scoring batch; 2048 on CPU, 16384 on GPU."}
-    )
     base_model: str | None = field(
         default=None, metadata={"help": "Override the adapter's base model reference (e.g. a local copy)."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the base model."})
+    threshold: float | None = field(
+        default=None,
+        metadata={"help": "Override the stored decision thresholds, of prompts and answers alike (on the calibrated "
+                          "P(unsafe))."},
+    )
+    max_batch_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Padded tokens (rows x longest row) of one forward pass; 2048 on CPU, 16384 on GPU."},
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.threshold is None or 0.0 <= self.threshold <= 1.0,
+                 f"--threshold must be between 0 and 1, not {self.threshold}")
+        _require(self.max_batch_tokens is None or self.max_batch_tokens >= 1,
+                 f"--max-batch-tokens must be at least 1, not {self.max_batch_tokens}")
+
+
+@dataclass
+class InferenceArguments(ClassifierLoadingArguments):
+    examples: list[str] | None = field(default=None, metadata={"help": "Prompts to score, given inline."})
+    responses: list[str] | None = field(
+        default=None,
+        metadata={"help": "AI answers to judge, one per --examples prompt, in the same order: each verdict is then "
+                          "about the answer, read with the prompt it answers."},
+    )
+    input_file: str | None = field(default=None, metadata={"help": "Prompts to score: .txt (one a line), CSV or JSONL."})
+    text_column: str = field(default="user_input", metadata={"help": "Prompt column of --input-file (CSV/JSONL)."})
+    response_column: str | None = field(
+        default=None,
+        metadata={"help": "Answer column of --input-file (CSV/JSONL): each row's answer is judged with its prompt. "
+                          "A blank cell is an empty answer: safe, with probability 0.0."},
+    )
+    label_column: str | None = field(default=None, metadata={"help": "Label column of --input-file: also print metrics."})
+    metrics_out: str | None = field(default=None, metadata={"help": "Write the metrics (with --label-column) to this JSON file."})
+    json: bool = field(default=False, metadata={"help": "Print one JSON object per prompt."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.responses is not None:
+            _require(self.examples is not None, "--responses needs --examples: one answer per prompt given inline "
+                                                "(for a file, use --response-column)")
+            _require(len(self.responses) == len(self.examples),
+                     f"--responses gives {len(self.responses)} answer(s) for {len(self.examples)} --examples "
+                     "prompt(s): give exactly one answer per prompt, in the same order")
+        _require(self.response_column is None or self.input_file is not None,
+                 "--response-column needs --input-file (for prompts given inline, use --responses)")

@@ -4,8 +4,8 @@ Layout (OUTPUT_DIR):
 - adapters (LoRA, QLoRA): `adapter_config.json`, `adapter_model.safetensors` (LoRA weights and
   the head); full weights (top-N, merged): `config.json`, `model.safetensors`;
 - the tokenizer files;
-- `safety_classifier.json`: threshold, calibration, labels (and categories with their thresholds),
-  base-model reference, training arguments.
+- `safety_classifier.json`: threshold, calibration, labels (and categories with their thresholds;
+  with responses, the response template and threshold), base-model reference, training arguments.
   It is written last, by an atomic rename, and is the mark of a complete directory.
 """
 
@@ -27,7 +27,7 @@ from .labels import LabelSchema
 from .modeling import load_sequence_classifier, load_tokenizer, resolve_dtype
 
 METADATA_FILE = "safety_classifier.json"
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 """2: a stored `calibration` of P(unsafe), to which the threshold applies. A toolkit that reads only 1
 would ignore it and compare raw scores with a calibrated threshold, so it must refuse; this one
 reads 1 (no calibration: softmax[:, 1], as before) and 2. 3: `categories` (a category head); a
@@ -37,7 +37,9 @@ toolkit reading 3 would compare with the head's bare sigmoids; a "conditional" o
 `category_route_threshold` (a second route to unsafe, `categories.py`), which a toolkit reading 4
 would ignore; a classifier without one keeps its earlier number. 6: a `prompt_template` the texts
 are read in (`formatting.py`), which a toolkit reading 5 would not apply; without one, the number
-of the features above."""
+of the features above. 7: `responses` (trained on answers with their prompts, read in its
+`response_template`, with a `response_threshold` of their own), which a toolkit reading 6 would
+encode as bare prompts; a classifier trained on prompts alone keeps its earlier number."""
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -64,7 +66,9 @@ def write_metadata(directory: Path, metadata: dict) -> None:
         if metadata.get("category_route_threshold") is not None:
             version = 5  # older readers would drop the route and call fewer texts unsafe
     if metadata.get("prompt_template") is not None:
-        version = FORMAT_VERSION  # older readers would score the bare texts
+        version = 6  # older readers would score the bare texts
+    if metadata.get("responses"):
+        version = FORMAT_VERSION  # older readers would read a pair as a prompt
     write_json_atomically(directory / METADATA_FILE, {**metadata, "format_version": version})
 
 
@@ -167,7 +171,7 @@ def load_classifier_model(
         model = PeftModel.from_pretrained(model, directory)
         if merge_adapters and not quantized:
             # A pass then runs the base model alone, without some 200 small adapter products on
-            # the side (1.12x the prompts/s on 2 CPU cores, the benchmark); scores agree to rounding.
+            # the side; scores agree to rounding.
             model = model.merge_and_unload()
     else:
         model = load_sequence_classifier(str(directory), tokenizer, torch_dtype, trust_remote_code, schema=schema)

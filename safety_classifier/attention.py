@@ -1,13 +1,10 @@
 """Attention for training on a CPU: plain matrix products for short batches, SDPA for long ones.
 
 PyTorch's CPU SDPA (its flash-attention kernel) has a cost per call that dominates short
-sequences, in the backward pass above all. Training steps of SmolLM2-135M with LoRA r=16 on
-8 rows, forward and backward, in bf16 on 2 cores, took 13-15 % less time with transformers'
-"eager" attention (matmul, softmax, matmul) at 24 to 128 padded tokens and 3-4 % less at 256 and
-320; above that its score matrices, which grow with the square of the length, leave it no gain
-(`benchmarks/profile_step.py --lengths`, README *Performance*). Most training batches are short
-(ToxicChat's prompts have 49 real tokens on average, AILuminate's 39), so `TRAINING_ATTENTION`
-picks per call: eager up to `EAGER_MAX_KEYS` keys, SDPA above. On a GPU, SDPA's fused kernels
+sequences, in the backward pass above all, while transformers' "eager" attention (matmul,
+softmax, matmul) grows with the square of the length (`benchmarks/profile_step.py --lengths`
+compares them; docs/performance.md has the figures). Most training batches are short, so
+`TRAINING_ATTENTION` picks per call: eager up to `EAGER_MAX_KEYS` keys, SDPA above. On a GPU, SDPA's fused kernels
 win at every length, and nothing changes there.
 
 It is registered with transformers' `AttentionInterface`, so any model that dispatches through it
@@ -23,9 +20,7 @@ from torch import nn
 
 TRAINING_ATTENTION = "sdpa_long_eager_short"
 EAGER_MAX_KEYS = 320
-"""Longest key sequence computed with eager attention, a little below where it stops gaining: in a
-first measurement, before `--lengths` existed, eager was 2 % faster at 384 keys and 14 % slower
-at 512, and one real batch of 373 tokens ran 12 % slower eager."""
+"""Longest key sequence computed with eager attention, a little below where it stops gaining."""
 
 
 def short_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

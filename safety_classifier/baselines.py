@@ -25,8 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .batching import default_batch_tokens, padded_batches
 from .formatting import encode_prompts
-from .inference import default_batch_tokens, padded_batches
 
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 

@@ -206,6 +206,17 @@ def _operating_points(labels: ArrayLike, probabilities: ArrayLike) -> tuple[np.n
     return precision[:-1], recall[:-1], thresholds  # the last pair (recall 0) has no threshold
 
 
+def f1_maximising_threshold(labels: ArrayLike, unsafe_probabilities: ArrayLike) -> float:
+    """The probability cut-off (predict unsafe when p >= t) with the highest F1 on these rows.
+
+    Picked on the validation split only; the test split is scored with it, never tuned on.
+    """
+    precision, recall, thresholds = _operating_points(labels, unsafe_probabilities)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return float(thresholds[int(np.argmax(f1))])
+
+
 def check_target(name: str, target: float) -> None:
     if not 0.0 < target <= 1.0:
         raise ThresholdTargetError(f"--threshold-for-{name} must be in (0, 1], got {target}")
@@ -248,8 +259,6 @@ def check_threshold_targets(target_precision: float | None, target_recall: float
 def choose_threshold(labels: ArrayLike, probabilities: ArrayLike, *, target_precision: float | None = None,
                      target_recall: float | None = None) -> tuple[float, dict]:
     """(threshold, the rule that chose it): max F1 by default, else the target precision or recall."""
-    from .metrics import f1_maximising_threshold
-
     check_threshold_targets(target_precision, target_recall)
     if target_precision is not None:
         return threshold_for_precision(labels, probabilities, target_precision), {"rule": "precision", "target": target_precision}

@@ -8,7 +8,7 @@ best F1 on the category validation rows, because categories differ in how well t
 What a category score means depends on what the head saw. Trained on category rows alone (all of
 them harmful prompts), its sigmoid is P(category | the prompt is harmful): on ordinary traffic it is
 arbitrary, and a client reading `category_scores` alone (as OpenAI's moderation clients do) would
-see alarms on nine safe prompts in ten. So such a classifier reports the "joint" score, that
+see alarms on most safe prompts. So such a classifier reports the "joint" score, that
 sigmoid times the calibrated P(unsafe): P(harmful and of this category). A head also taught that
 safe rows have no category (`--safe-rows-category-negatives`) already scores safe traffic low and
 reports its sigmoid as it is ("conditional"), as do directories saved before the rule was stored.
@@ -17,7 +17,7 @@ The category head can also be a second route to "unsafe": a text is unsafe when 
 the decision threshold or its largest category score reaches the route threshold. Training stores
 one (`category_route_threshold`) only where the binary decision alone misses harmful category rows
 (`choose_route_threshold`): a binary head trained on the main source alone learns that source's
-notion of unsafe, not the categories' (README, *A second route to unsafe*).
+notion of unsafe, not the categories'.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, confusion_matrix
 
+from .calibration import f1_maximising_threshold
 from .errors import ModelLoadError
 from .labels import MISSING_TARGET, LabelSchema
-from .metrics import _ranking_metric, f1_maximising_threshold
+from .metrics import ranking_metric
 
 CATEGORY_SCORE_RULES = ("joint", "conditional")
 LEGACY_CATEGORY_SCORE_RULE = "conditional"
@@ -181,7 +182,7 @@ def category_metrics(schema: LabelSchema, targets: np.ndarray, scores: np.ndarra
         precision, recall, f1 = _prf(truth[:, index], predicted[:, index])
         per_category[category.code] = {
             "name": category.name, "precision": precision, "recall": recall, "f1": f1,
-            "auprc": _ranking_metric(average_precision_score, truth[:, index].astype(np.int64), scores[:, index]),
+            "auprc": ranking_metric(average_precision_score, truth[:, index].astype(np.int64), scores[:, index]),
             "threshold": float(thresholds[index]), "n_positive": int(truth[:, index].sum()),
         }
     macro = {key: float(np.mean([entry[key] for entry in per_category.values() if entry[key] is not None]))

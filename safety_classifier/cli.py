@@ -10,7 +10,14 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from .arguments import STRATEGIES, DataArguments, InferenceArguments, ModelArguments, RunArguments
+from .arguments import (
+    STRATEGIES,
+    DataArguments,
+    InferenceArguments,
+    ModelArguments,
+    RunArguments,
+    TrainingPlan,
+)
 from .console import quiet_library_noise
 from .errors import SafetyClassifierError
 
@@ -25,18 +32,17 @@ def _exit_on_user_error(main: Callable[[], int | None]) -> int:
         return 2
 
 
-def parse_training_plan(strategy: str, argv: Sequence[str] | None = None):
-    """The `TrainingPlan` of `train_<strategy>.py` from its command line."""
-    from .training import TrainingPlan
-
+def parse_training_plan(strategy: str, argv: Sequence[str] | None = None) -> TrainingPlan:
+    """The `TrainingPlan` of `train_<strategy>.py` from its command line; each argument dataclass
+    refuses a value out of its range as it is built (`ArgumentError` and the like)."""
     record = STRATEGIES[strategy]
     parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, record.arguments),
                               description=record.description)
     model, data, run, extra = parser.parse_args_into_dataclasses(args=argv)
     return TrainingPlan(
         strategy=strategy, model=model, data=data, run=run,
-        top_layers=extra if strategy == "top_layers" else None,
-        lora=extra if strategy != "top_layers" else None,
+        full_layers=extra if strategy == "full_layers" else None,
+        lora=extra if strategy != "full_layers" else None,
     )
 
 
@@ -44,27 +50,16 @@ def train_main(strategy: str, argv: Sequence[str] | None = None) -> int:
     """`train_<strategy>.py`: fine-tune, evaluate, save. Exit status 2 on bad input."""
     from .training import train_classifier
 
-    plan = parse_training_plan(strategy, argv)
-
     def train() -> None:
-        from .calibration import check_threshold_targets
-        from .errors import ThresholdTargetError
-        from .formatting import check_prompt_template
-
-        # A bad target or template is refused now, not after the training it would waste.
-        check_threshold_targets(plan.run.threshold_for_precision, plan.run.threshold_for_recall)
-        check_prompt_template(plan.model.prompt_template)
-        if not 0.0 <= plan.run.category_route_recall <= 1.0:
-            raise ThresholdTargetError(f"--category-route-recall must be in [0, 1] (0: no route), "
-                                       f"got {plan.run.category_route_recall}")
-        train_classifier(plan)
+        # Parsed inside: a value out of range is reported as any user error is, before data or a model loads.
+        train_classifier(parse_training_plan(strategy, argv))
 
     return _exit_on_user_error(train)
 
 
 def train_full_layers_main() -> int:
     """Console command `safety-classifier-train-full-layers` (= train_full_layers.py)."""
-    return train_main("top_layers")
+    return train_main("full_layers")
 
 
 def train_lora_main() -> int:
@@ -87,27 +82,49 @@ def _read_stdin_prompts() -> list[str]:
 
 
 def infer_main(argv: Sequence[str] | None = None) -> int:
-    """`infer.py`: score prompts given inline, in a file, or on stdin."""
-    parser = HfArgumentParser(InferenceArguments, description="Score prompts with a saved safety classifier.")
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    return _exit_on_user_error(lambda: _infer(args))
+    """`infer.py`: score prompts given inline, in a file, or on stdin; or AI answers with their prompts."""
+    parser = HfArgumentParser(InferenceArguments, description="Score prompts, or AI answers with the prompts they "
+                                                              "answer, with a saved safety classifier.")
+    # Parsed inside: a value out of range (`ArgumentError`) is reported as any user error is.
+    return _exit_on_user_error(lambda: _infer(*parser.parse_args_into_dataclasses(args=argv)))
+
+
+def _infer_inputs(args: InferenceArguments) -> tuple[list, list | None]:
+    """What to score (prompts, or `PromptResponse` pairs) and, with --label-column, their labels."""
+    from .data import extract_labels, read_prompts, require_column
+    from .errors import DataError
+    from .formatting import PromptResponse
+
+    if args.examples:
+        if args.responses is None:
+            return list(args.examples), None
+        return [PromptResponse(prompt, response) for prompt, response in zip(args.examples, args.responses)], None
+    if not args.input_file:
+        return _read_stdin_prompts(), None
+    frame = read_prompts(args.input_file, args.text_column)
+    texts = frame[args.text_column].tolist()
+    if args.response_column:
+        if Path(args.input_file).suffix.lower() == ".txt":
+            raise DataError(f"{args.input_file}: a .txt file holds prompts only, one a line; --response-column "
+                            "needs a CSV, JSONL, JSON or Parquet file")
+        require_column(frame, args.response_column, args.input_file, "--response-column")
+        # A blank cell stays a pair: an empty answer, judged (and safe by the empty-text rule).
+        texts = [PromptResponse(prompt, response) for prompt, response in zip(texts, frame[args.response_column])]
+    labels = extract_labels(frame, args.label_column, args.input_file) if args.label_column else None
+    return texts, labels
+
+
+def _preview(text: str, width: int) -> str:
+    flat = text.replace("\n", " ")
+    return flat[:width - 3] + "..." if len(flat) > width else flat
 
 
 def _infer(args: InferenceArguments) -> int:
-    from .data import extract_labels, read_prompts
     from .inference import load_classifier
     from .metrics import classification_metrics, format_metrics_table
+    from .modeling import describe_dtype
 
-    labels = None
-    if args.examples:
-        texts = list(args.examples)
-    elif args.input_file:
-        frame = read_prompts(args.input_file, args.text_column)
-        texts = frame[args.text_column].tolist()
-        if args.label_column:
-            labels = extract_labels(frame, args.label_column, args.input_file)
-    else:
-        texts = _read_stdin_prompts()
+    texts, labels = _infer_inputs(args)
     if not texts:
         print("error: nothing to score: give --examples, --input-file or prompts on stdin", file=sys.stderr)
         return 2
@@ -119,23 +136,31 @@ def _infer(args: InferenceArguments) -> int:
         args.model_dir, device=args.device, dtype=args.dtype, base_model=args.base_model,
         trust_remote_code=args.trust_remote_code,
     )
+    device = next(classifier.model.parameters()).device
+    # On standard error: standard output carries the verdicts (one JSON object a line with --json).
+    print(f"model: {args.model_dir}   device: {device}   dtype: {describe_dtype(args.dtype, device)}", file=sys.stderr)
     if args.threshold is not None:
-        classifier.threshold = args.threshold
+        classifier.set_threshold(args.threshold)
+    if (args.responses is not None or args.response_column) and not classifier.judges_responses:
+        warnings.warn(f"{args.model_dir} was not trained on answers with their prompts: how well it judges "
+                      "answers has not been measured", stacklevel=1)
     results = list(classifier.classify(texts, max_batch_tokens=args.max_batch_tokens))
     for result in results:
         if args.json:
             print(json.dumps(result, ensure_ascii=False))
-        else:
-            preview = result["text"].replace("\n", " ")
-            preview = preview[:77] + "..." if len(preview) > 80 else preview
-            # A classifier with a category head adds the flagged categories after the verdict ("-": none).
-            flagged = ([",".join(code for code, on in result["categories"].items() if on) or "-"]
-                       if "categories" in result else [])
-            print(f"{result['label']:<7} {result['unsafe_probability']:.4f}  " + "  ".join([*flagged, preview]))
+            continue
+        # A pair shows the answer judged, then the prompt it answers.
+        preview = (f"{_preview(result['response'], 60)}  (answering: {_preview(result['text'], 40)})"
+                   if result["judged"] == "response" else _preview(result["text"], 80))
+        # A classifier with a category head adds the flagged categories after the verdict ("-": none).
+        flagged = ([",".join(code for code, on in result["categories"].items() if on) or "-"]
+                   if "categories" in result else [])
+        print(f"{result['label']:<7} {result['unsafe_probability']:.4f}  " + "  ".join([*flagged, preview]))
     if labels is not None:
         scores = [result["unsafe_probability"] for result in results]
         # F1 and the like are of the verdicts printed (a category route included), AUPRC of P(unsafe).
-        metrics = classification_metrics(labels, scores, classifier.threshold,
+        judged = "response" if args.response_column else "prompt"
+        metrics = classification_metrics(labels, scores, classifier.threshold_for(judged),
                                          predicted=[result["label"] == "unsafe" for result in results])
         print(format_metrics_table({Path(args.input_file).name: metrics}), file=sys.stderr if args.json else sys.stdout)
         if args.metrics_out:

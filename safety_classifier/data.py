@@ -31,15 +31,18 @@ class LabelledSplit:
 
     With several training sources (`sources.py`), a label may be MISSING_TARGET (-1: the row has
     no binary label), `categories` holds each row's multi-hot category targets (a row without a
-    category label: MISSING_TARGET throughout), and `sources` names each row's source.
+    category label: MISSING_TARGET throughout), and `sources` names each row's source. A text may
+    be a `formatting.PromptResponse` (a source with `response=`: the label judges the answer), and
+    `max_lengths` holds each row's own token limit (0: the run's `--max-length`).
     """
 
     name: str
-    texts: list[str]
+    texts: list
     labels: np.ndarray
     extra: pd.DataFrame
     categories: np.ndarray | None = None
     sources: np.ndarray | None = None
+    max_lengths: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -52,12 +55,30 @@ class LabelledSplit:
             self.extra.iloc[indices].reset_index(drop=True),
             None if self.categories is None else self.categories[indices],
             None if self.sources is None else self.sources[indices],
+            None if self.max_lengths is None else self.max_lengths[indices],
         )
 
     @property
     def binary_rows(self) -> np.ndarray:
         """Indices of the rows with a binary label (all of them for a single binary source)."""
         return np.flatnonzero(self.labels >= 0)
+
+    @property
+    def pair_rows(self) -> np.ndarray:
+        """Indices of the rows that are (prompt, response) pairs."""
+        from .formatting import PromptResponse
+
+        return np.asarray([i for i, text in enumerate(self.texts) if isinstance(text, PromptResponse)], dtype=np.int64)
+
+    @property
+    def has_pairs(self) -> bool:
+        return len(self.pair_rows) > 0
+
+    def row_max_lengths(self, max_length: int) -> np.ndarray:
+        """Each row's token limit under a run's `max_length`: its source's own where smaller."""
+        if self.max_lengths is None:
+            return np.full(len(self), max_length, dtype=np.int64)
+        return np.where((self.max_lengths > 0) & (self.max_lengths < max_length), self.max_lengths, max_length)
 
 
 @dataclass
@@ -145,27 +166,29 @@ def _read_json(text: str) -> pd.DataFrame:
     return pd.DataFrame(payload)
 
 
-def _require_column(frame: pd.DataFrame, column: str, source: str, option: str) -> None:
+def require_column(frame: pd.DataFrame, column: str, source: str, option: str) -> None:
+    """Refuse a table without `column`, naming the option that chose it and the columns it has."""
     if column not in frame.columns:
         available = ", ".join(map(str, frame.columns)) or "none"
         raise DataError(f"{source}: no column {column!r} (set {option}); columns present: {available}")
 
 
-def _row_list(rows: list[int], limit: int = 5) -> str:
+def row_list(rows: list[int], limit: int = 5) -> str:
+    """The first `limit` of these 0-based rows as a reader counts them (from 1), and how many more."""
     shown = ", ".join(str(row + 1) for row in rows[:limit])
     return shown + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
 
 
 def extract_texts(frame: pd.DataFrame, column: str, source: str) -> list[str]:
     """The prompts of `column`; empty, missing or non-text values are refused with their rows."""
-    _require_column(frame, column, source, "--text-column")
+    require_column(frame, column, source, "--text-column")
     values = frame[column].tolist()
     bad = [i for i, value in enumerate(values) if not isinstance(value, str) or not value.strip()]
     if bad:
         first = values[bad[0]]
         what = "empty" if isinstance(first, str) or first is None or _is_nan(first) else f"not text ({first!r})"
         raise DataError(
-            f"{source}: column {column!r} has empty or non-text prompts at row(s) {_row_list(bad)} "
+            f"{source}: column {column!r} has empty or non-text prompts at row(s) {row_list(bad)} "
             f"(row {bad[0] + 1} is {what}); rows are numbered from 1, header excluded"
         )
     return values
@@ -189,15 +212,31 @@ def parse_label(value: object) -> int | None:
 
 
 def extract_labels(frame: pd.DataFrame, column: str, source: str) -> np.ndarray:
-    _require_column(frame, column, source, "--label-column")
+    require_column(frame, column, source, "--label-column")
     parsed = [parse_label(value) for value in frame[column].tolist()]
     bad = [i for i, label in enumerate(parsed) if label is None]
     if bad:
         raise DataError(
-            f"{source}: column {column!r} must hold 0 (safe) or 1 (unsafe); row(s) {_row_list(bad)} do not "
+            f"{source}: column {column!r} must hold 0 (safe) or 1 (unsafe); row(s) {row_list(bad)} do not "
             f"(row {bad[0] + 1} holds {frame[column].iloc[bad[0]]!r}); rows are numbered from 1, header excluded"
         )
     return np.asarray(parsed, dtype=np.int64)
+
+
+def extract_optional_labels(frame: pd.DataFrame, column: str, source: str) -> np.ndarray:
+    """0/1 labels where a cell may be blank (MISSING_TARGET, -1: the row has no binary label);
+    anything else is refused with its rows."""
+    require_column(frame, column, source, "label= in --extra-train-sources")
+    values = frame[column].tolist()
+    blank = [value is None or _is_nan(value) or (isinstance(value, str) and not value.strip()) for value in values]
+    parsed = [None if empty else parse_label(value) for value, empty in zip(values, blank)]
+    bad = [i for i, (label, empty) in enumerate(zip(parsed, blank)) if label is None and not empty]
+    if bad:
+        raise DataError(
+            f"{source}: column {column!r} must hold 0 (safe), 1 (unsafe) or nothing; row(s) {row_list(bad)} do not "
+            f"(row {bad[0] + 1} holds {values[bad[0]]!r}); rows are numbered from 1, header excluded"
+        )
+    return np.asarray([-1 if label is None else label for label in parsed], dtype=np.int64)
 
 
 def require_both_classes(labels: np.ndarray, source: str) -> None:
@@ -297,5 +336,5 @@ def read_prompts(path: str | Path, text_column: str | None) -> pd.DataFrame:
     frame = read_table(path)
     if Path(path).suffix.lower() == ".txt":
         return frame.rename(columns={"text": text_column or "text"})
-    _require_column(frame, text_column, str(path), "--text-column")
+    require_column(frame, text_column, str(path), "--text-column")
     return frame

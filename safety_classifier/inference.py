@@ -1,4 +1,11 @@
-"""Scoring prompts with a classifier: length-sorted, token-budgeted batches in inference mode."""
+"""Scoring prompts, and answers with the prompts they answer, with a classifier: batches planned
+by `batching.py`, run in inference mode.
+
+Every scoring function takes a mix of prompts (any value, read as text) and `PromptResponse` pairs
+(`formatting.py`): a pair's verdict is about its response. An input whose judged text is empty or
+white space (an empty prompt, or an empty answer) scores safe with probability 0.0 without a
+forward pass.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .artifacts import METADATA_FILE, load_classifier_model, read_metadata
+from .batching import default_batch_tokens, pad_rows, pass_overhead_tokens, scoring_plan
 from .calibration import IDENTITY, Calibration
 from .categories import (
     category_route_threshold_of,
@@ -23,137 +31,23 @@ from .categories import (
     unsafe_verdicts,
 )
 from .errors import ModelLoadError
-from .formatting import encode_prompts, normalise_prompt
+from .formatting import (
+    ModerationInput,
+    PromptResponse,
+    encode_prompts,
+    is_blank,
+    normalise_input,
+    response_template_for,
+)
 from .labels import LabelSchema, split_logits
 from .modeling import ID2LABEL, default_device
-from .packing import (
-    MAX_PACK_TOKENS,
-    PACKED_TOKEN_COST,
-    enable_packed_scoring,
-    pack_rows,
-    packed_forward,
-    uses_packed_attention,
-)
+from .packing import enable_packed_scoring, packed_forward, uses_packed_attention
 
 EMPTY_PROMPT_PROBABILITY = 0.0
-"""Empty and whitespace-only prompts have nothing to moderate: they score 0.0 (safe) without a forward pass."""
+"""Empty and whitespace-only prompts (and answers) have nothing to moderate: they score 0.0 (safe)
+without a forward pass."""
 EMPTY_PROMPT_MARGIN = float("-inf")
 """Their logit margin: P(unsafe) 0.0 under any calibration (`Calibration.probabilities` keeps -inf at 0.0)."""
-
-
-def default_batch_tokens(device: torch.device) -> int:
-    """Scoring batch budget: small on CPU (measured fastest on 2 cores), large on GPU."""
-    return 16384 if device.type == "cuda" else 2048
-
-
-def token_budget_batches(lengths: np.ndarray, max_batch_tokens: int, max_batch_rows: int = 256) -> list[np.ndarray]:
-    """Group row indices longest first so that rows x longest row stays within the budget.
-
-    Rows of similar length share a batch, so almost no compute goes to padding; a row longer
-    than the budget gets a batch of its own.
-    """
-    order = np.argsort(-lengths, kind="stable")
-    batches, current, longest = [], [], 0
-    for index in order:
-        longest_if_added = max(longest, int(lengths[index]))
-        if current and (longest_if_added * (len(current) + 1) > max_batch_tokens or len(current) >= max_batch_rows):
-            batches.append(np.asarray(current))
-            current, longest_if_added = [], int(lengths[index])
-        current.append(index)
-        longest = longest_if_added
-    if current:
-        batches.append(np.asarray(current))
-    return batches
-
-
-PASS_OVERHEAD_SHARE = 1 / 32
-"""A forward pass costs about as much as this share of the budget in padded tokens besides its own
-tokens (the weights are read once per pass); a rough estimate from timing single passes of 8 to
-512 tokens on 2 CPU cores."""
-GPU_PASS_OVERHEAD_SHARE = 0.6
-"""The same on a GPU, where an eager forward pass is mostly its fixed cost (most likely launching each layer's
-kernels from Python): Phi-4-mini on an H100 took 85-100 ms a pass whether it held ~450 or ~2,300
-tokens, a fixed part worth roughly 14,000 tokens' compute; 0.6 of the 16,384-token budget is a
-rough estimate of that order (README, *Serving*, on a GPU)."""
-
-
-CPU = torch.device("cpu")
-
-
-def pass_overhead_tokens(device: torch.device, max_batch_tokens: int) -> float:
-    """What one more forward pass costs on `device`, in padded tokens of a `max_batch_tokens` budget."""
-    return max_batch_tokens * (GPU_PASS_OVERHEAD_SHARE if device.type == "cuda" else PASS_OVERHEAD_SHARE)
-
-
-def scoring_batches(lengths: np.ndarray, max_batch_tokens: int, max_batch_rows: int = 256,
-                    overhead_tokens: float | None = None) -> list[np.ndarray]:
-    """Row indices grouped for scoring: the cheapest split of the length-sorted rows into batches.
-
-    Cost = padded tokens (rows x longest row) + `overhead_tokens` per forward pass (default: a CPU's
-    `pass_overhead_tokens`), each batch within the budget (a longer row alone). Unlike the greedy
-    fill of `token_budget_batches`, a few texts of mixed lengths (what a server gathers) are not
-    padded to their longest: 500 + 3 x 30 tokens cost two passes, not 4 x 500. Batches of
-    neighbours in length order are optimal for this cost, so a dynamic programme over split points
-    finds the cheapest in O(rows x max_batch_rows).
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    overhead = pass_overhead_tokens(CPU, max_batch_tokens) if overhead_tokens is None else overhead_tokens
-    order = np.argsort(-lengths, kind="stable")
-    longest_first = lengths[order]
-    count = len(order)
-    cost = np.zeros(count + 1)
-    start_of_last = np.zeros(count + 1, dtype=np.int64)
-    for end in range(1, count + 1):
-        # Batch = rows start..end-1; its longest is the row at `start` (sorted longest first).
-        starts = np.arange(max(0, end - max_batch_rows), end)
-        padded = (end - starts) * longest_first[starts]
-        within = (padded <= max_batch_tokens) | (starts == end - 1)
-        totals = np.where(within, cost[starts] + overhead + padded, np.inf)
-        best = int(np.argmin(totals))
-        cost[end], start_of_last[end] = totals[best], starts[best]
-    batches, end = [], count
-    while end:
-        batches.append(order[start_of_last[end]:end])
-        end = int(start_of_last[end])
-    return batches[::-1]
-
-
-def pad_rows(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[Sequence[int]],
-             rows: np.ndarray) -> dict[str, torch.Tensor]:
-    """The rows' token ids, right-padded to the longest, with their attention mask."""
-    return tokenizer.pad({"input_ids": [input_ids[i] for i in rows]}, return_tensors="pt")
-
-
-def device_scoring_batches(lengths: np.ndarray, max_batch_tokens: int, device: torch.device) -> list[np.ndarray]:
-    """`scoring_batches` priced for `device`: each pass costs what `pass_overhead_tokens` says it does there."""
-    return scoring_batches(lengths, max_batch_tokens, overhead_tokens=pass_overhead_tokens(device, max_batch_tokens))
-
-
-def padded_batches(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[Sequence[int]],
-                   max_batch_tokens: int, device: torch.device) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
-    """`device_scoring_batches` of tokenized rows: (row indices, right-padded input_ids and attention_mask)."""
-    lengths = np.asarray([len(ids) for ids in input_ids])
-    for batch in device_scoring_batches(lengths, max_batch_tokens, device):
-        yield batch, pad_rows(tokenizer, input_ids, batch)
-
-
-def scoring_plan(lengths: np.ndarray, max_batch_tokens: int, pack: bool | None = None,
-                 overhead_tokens: float | None = None) -> tuple[bool, list[np.ndarray]]:
-    """(packed, row groups): padded batches (`scoring_batches`) or packs (`packing.pack_rows`);
-    with `pack=None`, whichever costs less.
-
-    Cost, as in `scoring_batches`: padded tokens plus a pass overhead per forward pass; a packed
-    token costs `PACKED_TOKEN_COST` padded ones (its attention runs span by span, and its
-    element-wise work on a longer row leaves the cache). Thousands of prompts sorted by length
-    (a file) pad little and stay padded; a few prompts of mixed lengths (a served batch) pack.
-    """
-    overhead = pass_overhead_tokens(CPU, max_batch_tokens) if overhead_tokens is None else overhead_tokens
-    batches = None if pack else scoring_batches(lengths, max_batch_tokens, overhead_tokens=overhead)
-    packs = None if pack is False else pack_rows(lengths, min(max_batch_tokens, MAX_PACK_TOKENS))
-    if pack is None:
-        padded_cost = sum(len(batch) * int(lengths[batch].max()) for batch in batches) + overhead * len(batches)
-        pack = PACKED_TOKEN_COST * int(lengths.sum()) + overhead * len(packs) < padded_cost
-    return (True, packs) if pack else (False, batches)
 
 
 def predict_logits(
@@ -169,8 +63,9 @@ def predict_logits(
     prompt_template: str | None = None,
 ) -> np.ndarray:
     """(texts x outputs) logits, in the order of `texts` whatever order batches ran in; the rows of
-    empty prompts are NaN (they get no forward pass). Texts are encoded in `prompt_template`
-    (`formatting.py`; None: as they are).
+    blank inputs (`formatting.is_blank`: an empty prompt or answer) are NaN (they get no forward
+    pass). Prompts are encoded in `prompt_template` (`formatting.py`; None: as they are), and
+    `PromptResponse` pairs in the pair template that goes with it.
 
     The one batched forward pass behind every score: scoring, calibration, baselines' inputs. A
     model switched to packed attention (`packing.enable_packed_scoring`, done by `load_classifier`
@@ -180,11 +75,11 @@ def predict_logits(
     packable = uses_packed_attention(model)
     if pack and not packable:
         raise ValueError("pack=True needs a model switched to packed attention (packing.enable_packed_scoring)")
-    prompts = [normalise_prompt(text) for text in texts]
-    scored = np.asarray([i for i, prompt in enumerate(prompts) if prompt.strip()], dtype=np.int64)
+    inputs = [normalise_input(text) for text in texts]
+    scored = np.asarray([i for i, value in enumerate(inputs) if not is_blank(value)], dtype=np.int64)
     if not len(scored):
-        return np.full((len(prompts), int(getattr(model.config, "num_labels", 2))), np.nan)
-    input_ids = encode_prompts(tokenizer, [prompts[i] for i in scored], max_length, prompt_template)
+        return np.full((len(inputs), int(getattr(model.config, "num_labels", 2))), np.nan)
+    input_ids = encode_prompts(tokenizer, [inputs[i] for i in scored], max_length, prompt_template)
     device = next(model.parameters()).device
     max_batch_tokens = max_batch_tokens or default_batch_tokens(device)
     packed, groups = scoring_plan(np.asarray([len(ids) for ids in input_ids]), max_batch_tokens,
@@ -203,7 +98,7 @@ def predict_logits(
         for batch, batch_logits in batches:
             batch_logits = batch_logits.double().cpu().numpy()
             if logits is None:
-                logits = np.full((len(prompts), batch_logits.shape[1]), np.nan)
+                logits = np.full((len(inputs), batch_logits.shape[1]), np.nan)
             logits[scored[batch]] = batch_logits
             bar.update(len(batch))
     return logits
@@ -282,6 +177,14 @@ class Classifier:
             [float(entry.get("threshold", 0.5)) for entry in self.metadata.get("categories") or []], dtype=np.float64)
         # A text is also unsafe when its largest category score reaches this (None: no route).
         self.category_route_threshold = category_route_threshold_of(self.metadata)
+        stored = self.metadata.get("response_template")
+        if stored is not None and stored != response_template_for(self.prompt_template):
+            # Pairs are encoded in the template this toolkit writes; another would be read wrong.
+            raise ModelLoadError(f"this classifier reads answers in the response template {stored!r}, not the "
+                                 f"{response_template_for(self.prompt_template)!r} this toolkit encodes")
+        # Answers get a threshold of their own where validation chose one (`evaluation.py`).
+        response_threshold = self.metadata.get("response_threshold")
+        self.response_threshold = None if response_threshold is None else float(response_threshold)
 
     @property
     def prompt_template(self) -> str | None:
@@ -318,31 +221,59 @@ class Classifier:
         categories = reported_category_scores(category_scores_of(logits), unsafe, self.category_score_rule)
         return np.concatenate([unsafe[:, None], categories], axis=1)
 
-    def unsafe(self, scores: np.ndarray) -> np.ndarray:
-        """The verdict per row of `scores`: P(unsafe) at or over the threshold, or, where the
+    def threshold_for(self, judged: str) -> float:
+        """The decision threshold of a task: "response" (an answer) or "prompt"."""
+        if judged == "response" and self.response_threshold is not None:
+            return self.response_threshold
+        return self.threshold
+
+    def set_threshold(self, threshold: float) -> None:
+        """One decision threshold for both tasks (`--threshold`)."""
+        self.threshold = self.response_threshold = threshold
+
+    def unsafe(self, scores: np.ndarray, judged: str = "prompt") -> np.ndarray:
+        """The verdict per row of `scores`: P(unsafe) at or over the task's threshold, or, where the
         classifier stores a category route, its largest category score at or over the route's."""
         scores = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1)
-        return unsafe_verdicts(scores[:, 0], scores[:, 1:], self.threshold, self.category_route_threshold)
+        return unsafe_verdicts(scores[:, 0], scores[:, 1:], self.threshold_for(judged), self.category_route_threshold)
 
-    def verdict(self, row: Sequence[float]) -> dict:
+    def verdict(self, row: Sequence[float], judged: str = "prompt") -> dict:
         """The answer for one row of `scores`: label and P(unsafe); with a category head, `categories`
         (a category is flagged when the prompt is unsafe and its score reaches the category's own
         threshold, so a safe verdict never names a harm; a text the category route made unsafe
         names the category that did) and `category_scores`, the OpenAI moderation API's field names."""
         unsafe_probability = float(row[0])
-        unsafe = bool(self.unsafe(np.asarray([row]))[0])
+        unsafe = bool(self.unsafe(np.asarray([row]), judged)[0])
         result = {"label": ID2LABEL[int(unsafe)], "unsafe_probability": unsafe_probability}
         if self.schema.has_categories:
             category_scores = np.asarray(row[1:], dtype=np.float64)
             flagged = flagged_categories(np.asarray([unsafe_probability]), category_scores[None, :],
-                                         self.threshold, self.category_thresholds, self.category_route_threshold)[0]
+                                         self.threshold_for(judged), self.category_thresholds,
+                                         self.category_route_threshold)[0]
             result["categories"] = {code: bool(on) for code, on in zip(self.category_codes, flagged)}
             result["category_scores"] = {code: float(score) for code, score in zip(self.category_codes, category_scores)}
         return result
 
+    @property
+    def judges_responses(self) -> bool:
+        """Whether it was trained on answers with their prompts (`safety_classifier.json`'s `responses`);
+        one that was not still scores a `PromptResponse`, but nothing measured how well."""
+        return bool(self.metadata.get("responses"))
+
     def classify(self, texts: Sequence[object], **kwargs) -> Iterable[dict]:
-        for text, row in zip(texts, self.scores(texts, **kwargs)):
-            yield {"text": normalise_prompt(text), **self.verdict(row)}
+        """One verdict per input, saying which text it judged: `{"text": prompt, "judged": "prompt", ...}`,
+        or for a `PromptResponse` `{"text": prompt, "response": response, "judged": "response", ...}`."""
+        inputs = [normalise_input(text) for text in texts]
+        for value, row in zip(inputs, self.scores(inputs, **kwargs)):
+            described = described_input(value)
+            yield {**described, **self.verdict(row, described["judged"])}
+
+
+def described_input(value: ModerationInput) -> dict:
+    """The fields of a verdict that say what was judged: the text, the response of a pair, and which."""
+    if isinstance(value, PromptResponse):
+        return {"text": value.prompt, "response": value.response, "judged": "response"}
+    return {"text": value, "judged": "prompt"}
 
 
 def load_classifier(

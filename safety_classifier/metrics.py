@@ -1,4 +1,4 @@
-"""Classification metrics (scikit-learn), calibration metrics and the choice of decision threshold."""
+"""Classification metrics (scikit-learn) and calibration metrics of scores at a decision threshold, and their table."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import numpy as np
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
-    precision_recall_curve,
     precision_recall_fscore_support,
     roc_auc_score,
 )
@@ -19,23 +18,7 @@ from .calibration import brier_score, expected_calibration_error
 METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "roc_auc", "auprc", "ece", "brier", "threshold", "n")
 
 
-def f1_maximising_threshold(labels: np.ndarray, unsafe_probabilities: np.ndarray) -> float:
-    """The probability cut-off (predict unsafe when p >= t) with the highest F1 on these rows.
-
-    Picked on the validation split only; the test split is scored with it, never tuned on.
-    """
-    labels = np.asarray(labels)
-    if labels.min() == labels.max():
-        raise ValueError("choosing a threshold needs both classes in the labels")
-    precision, recall, thresholds = precision_recall_curve(labels, unsafe_probabilities)
-    # The last precision/recall pair has no threshold (recall 0); drop it.
-    precision, recall = precision[:-1], recall[:-1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    return float(thresholds[int(np.argmax(f1))])
-
-
-def _ranking_metric(metric, labels: np.ndarray, scores: np.ndarray) -> float | None:
+def ranking_metric(metric, labels: np.ndarray, scores: np.ndarray) -> float | None:
     """ROC-AUC and AUPRC are undefined with one class present: None rather than a warning and NaN."""
     if labels.min() == labels.max():
         return None
@@ -68,8 +51,8 @@ def classification_metrics(labels: np.ndarray, unsafe_probabilities: np.ndarray,
         "precision": float(precision),
         "recall": float(recall),
         "f1": float(f1),
-        "roc_auc": _ranking_metric(roc_auc_score, labels, scores),
-        "auprc": _ranking_metric(average_precision_score, labels, scores),
+        "roc_auc": ranking_metric(roc_auc_score, labels, scores),
+        "auprc": ranking_metric(average_precision_score, labels, scores),
         "ece": expected_calibration_error(labels, scores),
         "brier": brier_score(labels, scores),
         "threshold": float(threshold),

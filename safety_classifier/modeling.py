@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from .arguments import STRATEGIES
+from .arguments import STRATEGIES, ArgumentError
 from .errors import ModelLoadError
 from .labels import BINARY, LabelSchema
 
@@ -25,23 +25,35 @@ HEAD_NAMES = ("score", "classifier")
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "norm_f", "final_layer_norm")
 
 
+def _read_cpuinfo() -> str:
+    """/proc/cpuinfo, or "" where there is none (macOS, Windows)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_bf16_instructions() -> str | None:
+    """The CPU's native bf16 matrix instructions ("AMX" or "AVX512-BF16"), None where it has neither."""
+    flags = set()
+    for line in _read_cpuinfo().splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    if "amx_bf16" in flags:
+        return "AMX"
+    return "AVX512-BF16" if "avx512_bf16" in flags else None
+
+
 def cpu_supports_bf16() -> bool:
     """True where the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return cpu_bf16_instructions() is not None
 
 
 def cpu_model() -> str:
     """The CPU's model name (for reports: timings differ between machines with the same core count)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in _read_cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 
@@ -59,6 +71,25 @@ def resolve_dtype(choice: str, device: torch.device | str | None = None) -> torc
     return torch.bfloat16 if device.type == "cpu" and cpu_supports_bf16() else torch.float32
 
 
+def describe_dtype(choice: str, device: torch.device | str | None = None) -> str:
+    """The dtype `resolve_dtype(choice, device)` gives, the hardware and why, for start-up lines:
+    "float32 (AMD EPYC 7B13: no native bf16)", "bfloat16 (Intel Xeon ...: native bf16 (AMX))"."""
+    dtype = resolve_dtype(choice, device)
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+        native = "native bf16" if torch.cuda.is_bf16_supported() else "no native bf16"
+    else:
+        hardware = cpu_model()
+        native = "no native bf16"
+        if cpu_supports_bf16():
+            instructions = cpu_bf16_instructions()
+            native = f"native bf16 ({instructions})" if instructions else "native bf16"
+    name = str(dtype).removeprefix("torch.")
+    # An explicit --dtype wins over the hardware, which is still named: bf16 without native support is slow.
+    return f"{name} ({hardware}: {native})" if choice == "auto" else f"{name} (--dtype {choice}; {hardware}: {native})"
+
+
 def dtype_name(model: nn.Module) -> str:
     """The dtype of a model's parameters as the command-line flags and reports spell it ("bfloat16")."""
     return str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -72,9 +103,9 @@ def skip_cudnn_attention() -> None:
     """Keep PyTorch's SDPA off cuDNN attention on CUDA.
 
     cuDNN attention builds a plan for every new (batch, length) shape and keeps it in host memory
-    for the process's life (about 1.4 MiB each at Phi-4-mini's shape, measured on an H100), so a
-    server's RSS grew with every new batch shape without end. Flash and memory-efficient attention
-    keep no per-shape state, and serving was no slower without cuDNN (README, *Serving*, *On a GPU*).
+    for the process's life, so a server's memory grew with every new batch shape without end.
+    Flash and memory-efficient attention keep no per-shape state, and serving was no slower
+    without cuDNN.
     """
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(False)
@@ -195,12 +226,14 @@ def find_transformer_blocks(model: nn.Module) -> nn.ModuleList:
     )
 
 
-def find_final_norm(model: nn.Module) -> nn.Module | None:
+def find_final_norm(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(its attribute name on the backbone, the module) of the norm after the last block; None
+    if the backbone has none. The name lets prefix caching swap the norm out and back."""
     backbone = model.base_model
     for name in _FINAL_NORM_NAMES:
         module = getattr(backbone, name, None)
         if isinstance(module, nn.Module):
-            return module
+            return name, module
     return None
 
 
@@ -244,9 +277,9 @@ def freeze_all_but_top_layers(model: nn.Module, num_layers: int) -> None:
     trained: list[nn.Module] = [getattr(model, find_head_name(model))]
     if num_layers > 0:
         trained.extend(blocks[len(blocks) - num_layers :])
-        norm = find_final_norm(model)
-        if norm is not None:
-            trained.append(norm)
+        final_norm = find_final_norm(model)
+        if final_norm is not None:
+            trained.append(final_norm[1])
     for module in trained:
         module.requires_grad_(True)
 
@@ -258,12 +291,40 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: list[str] | None = None
     rslora: bool = False
+    top_layers: int | None = None  # adapters on the top K blocks only (None: on every block)
+
+
+def _top_blocks_selection(model: nn.Module, count: int) -> dict:
+    """`LoraConfig` arguments that put adapters on the top `count` blocks only."""
+    blocks = find_transformer_blocks(model)
+    if not 1 <= count <= len(blocks):
+        raise ArgumentError(f"--lora-layers top:{count} asks for more blocks than {type(model).__name__} has "
+                            f"({len(blocks)}): give top:1 to top:{len(blocks)}, or all")
+    path = next(name for name, module in model.named_modules() if module is blocks)
+    return {"layers_to_transform": list(range(len(blocks) - count, len(blocks))),
+            "layers_pattern": path.rsplit(".", 1)[-1]}
+
+
+def _check_adapters_in_top_blocks(model: nn.Module, count: int) -> None:
+    """Every adapter inside the top `count` blocks: one below them (a --target-modules full name, the
+    embeddings) would change the frozen prefix that training computes once."""
+    from peft.tuners.lora import LoraLayer
+
+    blocks = find_transformer_blocks(model)
+    top = {id(module) for block in list(blocks)[len(blocks) - count:] for module in block.modules()}
+    adapted = [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    outside = [name for name, module in adapted if id(module) not in top]
+    if not adapted or outside:
+        raise ArgumentError(f"--lora-layers top:{count} needs adapters in the top {count} block(s) only; "
+                            + (f"--target-modules also adapts {', '.join(outside[:4])}" if outside
+                               else "--target-modules matches no layer there"))
 
 
 def add_lora_adapters(model: nn.Module, settings: LoraSettings) -> nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = settings.target_modules or linear_module_names_in_blocks(model)
+    selection = _top_blocks_selection(model, settings.top_layers) if settings.top_layers is not None else {}
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=settings.r,
@@ -272,11 +333,21 @@ def add_lora_adapters(model: nn.Module, settings: LoraSettings) -> nn.Module:
         target_modules=targets,
         use_rslora=settings.rslora,
         modules_to_save=[find_head_name(model)],
+        **selection,
     )
     try:
-        return get_peft_model(model, config)
+        adapted = get_peft_model(model, config)
     except ValueError as error:
         raise ModelLoadError(f"cannot add LoRA adapters to {targets}: {error}") from error
+    if settings.top_layers is not None:
+        _check_adapters_in_top_blocks(adapted, settings.top_layers)
+    return adapted
+
+
+def unwrap_adapters(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT model (adapters injected in place), else `model` itself."""
+    get_base_model = getattr(type(model), "get_base_model", None)
+    return model.get_base_model() if get_base_model is not None else model
 
 
 def build_model(
@@ -291,13 +362,13 @@ def build_model(
     trust_remote_code: bool = False,
     schema: LabelSchema = BINARY,
 ) -> nn.Module:
-    """The trainable classifier for one strategy: top_layers, lora or qlora."""
+    """The trainable classifier for one strategy: full_layers, lora or qlora."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {tuple(STRATEGIES)}")
     quantize = strategy == "qlora"
     model = load_sequence_classifier(model_path, tokenizer, dtype, trust_remote_code, quantize_4bit=quantize,
                                      schema=schema)
-    if strategy == "top_layers":
+    if strategy == "full_layers":
         freeze_all_but_top_layers(model, num_layers)
     else:
         if quantize:

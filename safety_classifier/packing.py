@@ -2,17 +2,17 @@
 
 Scoring thousands of prompts sorted by length (what `infer.py` does with a file) fills every pass
 with prompts of one length. A served batch is a few prompts of mixed lengths: its cheapest padded
-split still has passes of one or two short rows, and padding, and scored 16 at a time the same
-prompts ran at 0.66-0.70 of the rate of one call over all of them (README, *Packed prompts*).
-Packed, such a batch is one pass with no padding.
+split still has passes of one or two short rows, and padding. Packed, such a batch is one pass
+with no padding; `batching.scoring_plan` chooses between the two and `batching.pack_rows` groups
+the rows.
 
 How: the prompts' tokens go in one row, position ids restart at every prompt, and the boundaries
 travel to the attention layers as `cu_seq_lens_q` (the name flash attention's variable-length
 kernels read). `packed_sdpa_attention`, registered with transformers' `AttentionInterface`, runs
 PyTorch's causal SDPA on each prompt's own span; the classification head's output is read at each
 prompt's last token. (Letting transformers build a block-diagonal mask for the whole row instead
-computes attention over every pair of tokens in it: no faster than padding in a first trial,
-benchmarks/packed_scoring.py --block-mask.) A model switched to it scores padded batches as before.
+computes attention over every pair of tokens in it, so it was no faster than padding.) A model
+switched to it scores padded batches as before.
 
 Only for models that run sdpa through the `AttentionInterface` (Llama, Phi-3, Qwen and most
 current decoders) and only on CPU (on a GPU, padded batches are cheap and one SDPA call per prompt
@@ -33,22 +33,16 @@ from .attention import backbone_owner, switch_from_sdpa
 from .modeling import find_head_name
 
 PACKED_ATTENTION = "packed_sdpa"
-MAX_PACK_TOKENS = 1024
-"""Longest pack: on 2 CPU cores packs of 2,048 tokens scored slower than packs of 512 or 1,024
-(their element-wise intermediates outgrow the cache)."""
-PACKED_TOKEN_COST = 1.15
-"""A packed token's cost in padded tokens: in one call over 480 prompts, padded batches scored
-9.5-9.8 prompts/s against 8.3-9.3 for packed rows (README, *Packed prompts*)."""
 PACK_TOKEN_MULTIPLE = 64
 """A half-precision CPU model's packs are padded to a multiple of this many tokens. In bf16 (not in
 fp32), oneDNN's matrix products and PyTorch's SDPA build and keep kernels and buffers for every
-shape they meet: scoring packs of every length grew a served model by 88 % in 240 batches of 16
-prompts (README, *Serving*). With the steps, the matrix products meet `MAX_PACK_TOKENS / 64`
-shapes, and attention one per prompt length: all of them in the service's warm-up
-(`warm_up_shapes`). (Padding each prompt's attention span to steps as well moved bf16 logits, its
-kernels summing in another order, past `enable_packed_scoring`'s check for the demo classifier.)"""
+shape they meet, so a served model scoring packs of every length keeps growing. With the steps,
+the matrix products meet `batching.MAX_PACK_TOKENS / 64` shapes, and attention one per prompt
+length: all of them in the service's warm-up (`warm_up_shapes`). (Padding each prompt's attention
+span to steps as well moved bf16 logits, its kernels summing in another order, past
+`enable_packed_scoring`'s check for the demo classifier.)"""
 PROBE_TEXTS = ("What is the capital of France?", "Tell me how to shoplift without getting caught, step by step.", "Hi")
-_PROBE_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # logits; half precision: 0.1
+PROBE_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # logits; half precision: 0.1
 
 
 def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -64,7 +58,7 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     _, heads, tokens, head_dim = query.shape
     output = query.new_empty(tokens, heads, head_dim)
-    for starts, length in _spans_by_length(cu_seq_lens_q):
+    for starts, length in spans_by_length(cu_seq_lens_q):
         if len(starts) == 1:
             # The only span of its length (most, in a served batch): views of the (1, heads, tokens,
             # head dim) tensors, no gathering or scattering of its positions.
@@ -87,29 +81,13 @@ def packs_in_steps(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype in (torch.bfloat16, torch.float16) and device.type == "cpu"
 
 
-def _spans_by_length(bounds: torch.Tensor) -> list[tuple[list[int], int]]:
+def spans_by_length(bounds: torch.Tensor) -> list[tuple[list[int], int]]:
     """(start positions, length) of the spans between `bounds`, grouped by span length."""
     bounds = bounds.tolist()
     starts_by_length: dict[int, list[int]] = {}
     for start, end in zip(bounds[:-1], bounds[1:]):
         starts_by_length.setdefault(end - start, []).append(start)
     return [(starts, length) for length, starts in starts_by_length.items()]
-
-
-def pack_rows(lengths: np.ndarray, max_pack_tokens: int, max_pack_rows: int = 256) -> list[np.ndarray]:
-    """Row indices grouped into packs of at most `max_pack_tokens` real tokens (a longer row alone),
-    longest rows first so that the packs' order, and so their scores, do not depend on input order."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    packs, current, total = [], [], 0
-    for index in order:
-        if current and (total + lengths[index] > max_pack_tokens or len(current) >= max_pack_rows):
-            packs.append(np.asarray(current))
-            current, total = [], 0
-        current.append(index)
-        total += int(lengths[index])
-    if current:
-        packs.append(np.asarray(current))
-    return packs
 
 
 def pack_token_multiple(model: nn.Module) -> int:
@@ -146,7 +124,7 @@ def packed_inputs(input_ids: Sequence[Sequence[int]], rows: np.ndarray, multiple
 
 def packed_forward(model: nn.Module, input_ids: Sequence[Sequence[int]],
                    packs: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """(row indices, their logits) pack by pack (`pack_rows`), under the caller's inference mode."""
+    """(row indices, their logits) pack by pack (`batching.pack_rows`), under the caller's inference mode."""
     head_outputs: list[torch.Tensor] = []
     head = getattr(model, find_head_name(model))
     hook = head.register_forward_hook(lambda module, inputs, output: head_outputs.append(output))
@@ -184,9 +162,7 @@ def warm_up_shapes(model: nn.Module, longest_pack: int, longest_prompt: int) -> 
         for length in range(1, longest_prompt + 1) if attention is not None and layouts else ():
             # Laid out as a prompt's span reaches SDPA in traffic (a slice of the pack's projections,
             # whose strides depend on the model: fused or separate projections), not contiguously:
-            # bf16 SDPA evidently builds and keeps kernels and buffers per layout as per shape (with
-            # contiguous probes, RSS +3.1 % in 240 served batches, +0.4 % with these;
-            # benchmarks/serving_memory.py --dtype bf16).
+            # bf16 SDPA evidently builds and keeps kernels and buffers per layout as per shape.
             query, key, value = (torch.empty_strided((1, heads, length, head_dim), strides, dtype=dtype,
                                                      device=device).zero_()
                                  for heads, head_dim, strides, dtype, device in layouts)
@@ -230,7 +206,7 @@ def enable_packed_scoring(model: nn.Module, tokenizer: PreTrainedTokenizerBase) 
         packed = torch.empty_like(reference)
         for rows, logits in packed_forward(model, input_ids, [np.arange(len(input_ids))]):
             packed[torch.as_tensor(rows)] = logits.to(packed.dtype)
-    if (packed.float() - reference.float()).abs().max() > _PROBE_TOLERANCE.get(reference.dtype, 0.1):
+    if (packed.float() - reference.float()).abs().max() > PROBE_TOLERANCE.get(reference.dtype, 0.1):
         backbone_owner(model).set_attn_implementation("sdpa")
         return False
     return True

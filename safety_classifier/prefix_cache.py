@@ -1,10 +1,12 @@
-"""Frozen-prefix caching for the top-N strategy.
+"""Frozen-prefix caching for the top-N strategy and for LoRA on the top K blocks.
 
-With `freeze_all_but_top_layers(model, N)` the embeddings and the bottom L-N transformer blocks
-never change, so the hidden states entering block L-N are the same in every epoch. This module
-computes them once (`compute_prefix_hidden_states`) and trains only the top of the network on
-them (`TopLayersOnCachedPrefix`), which turns every epoch after the first from L blocks of
-forward (and N of backward) into N blocks of forward and backward.
+With `freeze_all_but_top_layers(model, N)`, or LoRA adapters on the top N blocks only
+(`--lora-layers top:N`), the embeddings and the bottom L-N transformer blocks never change, so the
+hidden states entering block L-N are the same in every epoch. This module computes them once
+(`prefix_hidden_states_from_ids`) and trains only the top of the network on them
+(`TopLayersOnCachedPrefix`), which turns every epoch after the first from L blocks of forward
+(and N of backward) into N blocks of forward and backward. A PEFT model is read through its
+underlying transformers model, whose top blocks hold the adapters in place.
 
 How the two halves are run: both call the model's own backbone forward (`model.base_model`), with
 its block list temporarily replaced by a slice of itself, so that the architecture's own code
@@ -33,30 +35,30 @@ differ between batchings in the uncached path. Left padding is not supported (th
 would shift); use the toolkit's `load_tokenizer`, which pads on the right.
 
 Memory: the cache holds ``sum(real tokens) x hidden_size x bytes(dtype)``; it is stored in the
-model's dtype (bf16 halves it). ToxicChat's 2,801 training rows with SmolLM2-135M (hidden 576)
-are about 2,801 x 65 x 576 x 2 B = 210 MB in bf16. `compute_prefix_hidden_states` estimates
-the size from the token counts before running anything and raises `PrefixCacheTooLarge` above
-``max_cache_bytes`` (4 GiB by default); call it with a larger budget or train uncached.
+model's dtype (bf16 halves it). `prefix_hidden_states_from_ids` estimates the size from the token
+counts before running anything and raises `PrefixCacheTooLarge` above ``max_cache_bytes``
+(`DEFAULT_MAX_CACHE_BYTES` by default), so that a run fails before the cache fills the memory;
+call it with a larger budget or train uncached.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .formatting import encode_prompts
-from .inference import default_batch_tokens, device_scoring_batches
-from .modeling import find_head_name, find_transformer_blocks
+from .batching import default_batch_tokens, device_scoring_batches
+from .modeling import find_final_norm, find_head_name, find_transformer_blocks, unwrap_adapters
 
 DEFAULT_MAX_CACHE_BYTES = 4 * 1024**3
-_FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "norm_f", "final_layer_norm")
 
 
 class PrefixCacheTooLarge(ValueError):
@@ -79,6 +81,7 @@ class _BackboneParts:
 
 
 def _backbone_parts(model: nn.Module) -> _BackboneParts:
+    model = unwrap_adapters(model)
     backbone = model.base_model
     if backbone is model:
         raise ValueError(f"{type(model).__name__} has no separate backbone (base_model); cannot cache a prefix")
@@ -89,8 +92,7 @@ def _backbone_parts(model: nn.Module) -> _BackboneParts:
             f"the transformer blocks of {type(model).__name__} are not a direct child of its backbone; "
             "prefix caching supports Llama-style backbones (Llama, Phi-3, Qwen2, Gemma, ...)"
         )
-    norm_name = next((n for n in _FINAL_NORM_NAMES if isinstance(getattr(backbone, n, None), nn.Module)), None)
-    norm = getattr(backbone, norm_name) if norm_name else None
+    norm_name, norm = find_final_norm(model) or (None, None)
     head = getattr(model, find_head_name(model))
     return _BackboneParts(backbone, blocks_name, blocks, norm_name, norm, head)
 
@@ -164,7 +166,15 @@ def prefix_hidden_states_from_ids(
     show_progress: bool = False,
     description: str = "caching frozen prefix",
 ) -> list[torch.Tensor]:
-    """`compute_prefix_hidden_states` for rows already tokenized (lists of token ids)."""
+    """Hidden states entering the top `num_layers` blocks, one [length, hidden] tensor per row of token ids.
+
+    Runs the embeddings and the frozen bottom blocks once, in inference mode, in length-sorted
+    batches of at most `max_batch_tokens` padded tokens (`batching.device_scoring_batches`).
+    Tensors are unpadded, on the CPU, in the model's dtype, and returned in the order of
+    `input_ids`. Raises `PrefixCacheTooLarge` when they would take more than `max_cache_bytes`
+    (None: no limit).
+    """
+    model = unwrap_adapters(model)
     parts = _backbone_parts(model)
     stop = _prefix_stop(parts, num_layers)
     lengths = np.asarray([len(ids) for ids in input_ids], dtype=np.int64)
@@ -206,32 +216,6 @@ def prefix_hidden_states_from_ids(
     return states  # type: ignore[return-value]
 
 
-def compute_prefix_hidden_states(
-    model: nn.Module,
-    tokenizer,
-    texts: Sequence[object],
-    num_layers: int,
-    max_length: int,
-    max_batch_tokens: int | None = None,
-    *,
-    max_cache_bytes: int | None = DEFAULT_MAX_CACHE_BYTES,
-    prompt_template: str | None = None,
-) -> list[torch.Tensor]:
-    """Hidden states entering the top `num_layers` blocks, one [seq_len, hidden] tensor per text.
-
-    Runs the embeddings and the frozen bottom blocks once, in inference mode, in length-sorted
-    batches of at most `max_batch_tokens` padded tokens (`scoring_batches`). Tensors are
-    unpadded, on the CPU, in the model's dtype, and returned in the order of `texts`. Raises
-    `PrefixCacheTooLarge` when they would take more than `max_cache_bytes` (None: no limit). Texts
-    are encoded in `prompt_template` (`formatting.py`).
-    """
-    input_ids = encode_prompts(tokenizer, texts, max_length, prompt_template)
-    return prefix_hidden_states_from_ids(
-        model, input_ids, num_layers, pad_token_id=tokenizer.pad_token_id,
-        max_batch_tokens=max_batch_tokens, max_cache_bytes=max_cache_bytes,
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # Training on the cache
 # --------------------------------------------------------------------------------------------
@@ -240,11 +224,14 @@ def compute_prefix_hidden_states(
 class TopLayersOnCachedPrefix(nn.Module):
     """The top `num_layers` blocks, the final norm and the head of `model`, fed cached states.
 
-    The modules are the model's own (shared, not copied): training this wrapper trains `model`,
-    which is then saved as usual (`wrapper.classifier.save_pretrained(...)`). Only those modules
-    are registered, so `parameters()` / `state_dict()` hold exactly the trained part; the frozen
-    embeddings and bottom blocks stay in `model` but are not run. `.to()` / `.float()` etc. are
-    applied to the whole model so that the backbone's buffers (rotary frequencies) follow.
+    The modules are the model's own (shared, not copied): training this wrapper trains `model`
+    (a PEFT model: its adapters and head), which is then saved as usual
+    (`wrapper.classifier.save_pretrained(...)`). Only those modules are registered, so
+    `parameters()` holds exactly the top; the frozen embeddings and bottom blocks stay in `model`
+    but are not run. `state_dict()` holds the trainable parameters only (what a checkpoint must
+    restore: the frozen rest is the base model's), and `load_state_dict` loads them back. `.to()` /
+    `.float()` etc. are applied to the whole model so that the backbone's buffers (rotary
+    frequencies) follow.
 
     `forward(hidden_states, attention_mask, labels=None, input_ids=None)`: hidden_states is the
     right-padded [batch, seq, hidden] cache (zeros at pads), attention_mask marks real tokens.
@@ -259,7 +246,7 @@ class TopLayersOnCachedPrefix(nn.Module):
         self._parts = [parts]  # a list: not registered as a submodule
         self._classifier = [model]
         self.num_layers = num_layers
-        self.config = model.config
+        self.config = unwrap_adapters(model).config
         self.top_blocks = nn.ModuleList(list(parts.blocks)[self._start :])
         self.norm = parts.norm if parts.norm is not None else nn.Identity()
         self.head = parts.head
@@ -276,6 +263,28 @@ class TopLayersOnCachedPrefix(nn.Module):
     def train(self, mode: bool = True):
         self.classifier.train(mode)
         return super().train(mode)
+
+    def _trained_parameters(self) -> dict[str, nn.Parameter]:
+        return {name: parameter for name, parameter in self.named_parameters() if parameter.requires_grad}
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        # A LoRA top's frozen base weights (NF4 ones included) would only bloat every checkpoint.
+        state = destination if destination is not None else OrderedDict()
+        for name, parameter in self._trained_parameters().items():
+            state[prefix + name] = parameter if keep_vars else parameter.detach()
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        trained = self._trained_parameters()
+        missing = [name for name in trained if name not in state_dict]
+        unexpected = [name for name in state_dict if name not in trained]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"checkpoint of the trained top: missing {missing}, unexpected {unexpected}")
+        with torch.no_grad():
+            for name, value in state_dict.items():
+                if name in trained:
+                    trained[name].copy_(value)
+        return _IncompatibleKeys(missing, unexpected)
 
     def forward(
         self,
@@ -369,20 +378,17 @@ class CachedPrefixCollator:
 def build_cached_dataset(
     model: nn.Module,
     tokenizer,
-    texts: Sequence[object],
+    input_ids: Sequence[Sequence[int]],
     labels: Sequence[int] | Sequence[Sequence[float]],
     num_layers: int,
-    max_length: int,
     max_batch_tokens: int | None = None,
     *,
     max_cache_bytes: int | None = DEFAULT_MAX_CACHE_BYTES,
     show_progress: bool = False,
     description: str = "caching frozen prefix",
-    prompt_template: str | None = None,
 ) -> CachedPrefixDataset:
-    """Tokenize once (in `prompt_template`), cache the prefix states, and keep the ids for pooling
-    and length grouping."""
-    input_ids = encode_prompts(tokenizer, texts, max_length, prompt_template)
+    """Cache the prefix states of rows already encoded as the recipe encodes them, and keep the ids
+    for pooling and length grouping."""
     states = prefix_hidden_states_from_ids(
         model, input_ids, num_layers, pad_token_id=tokenizer.pad_token_id,
         max_batch_tokens=max_batch_tokens, max_cache_bytes=max_cache_bytes,
@@ -398,7 +404,6 @@ __all__ = [
     "PrefixCacheTooLarge",
     "TopLayersOnCachedPrefix",
     "build_cached_dataset",
-    "compute_prefix_hidden_states",
     "estimate_cache_bytes",
     "last_non_pad_index",
     "prefix_hidden_states_from_ids",

@@ -3,29 +3,46 @@
 The main source is `--train-file` with `--text-column` / `--label-column` (binary, as always).
 Each further source is one `--extra-train-sources` spec:
 
-    FILE,text=COLUMN[,label=COLUMN][,category=COLUMN][,weight=W][,validation=F]
+    FILE,text=COLUMN[,response=COLUMN][,label=COLUMN][,category=COLUMN][,weight=W][,validation=F][,cap=N][,max_length=N]
 
-- `label`: a 0/1 column, as in the main file. `category`: a harm-category code per row (S1, S2...).
-- A row without a binary label gets one from its category by `--category-rows-binary`: unsafe
-  (every category row is unsafe), unsafe_except_contextual (rows of `--contextual-categories`,
-  e.g. S5 specialized advice, which a safe assistant may answer with care, get no binary label
-  and add no binary loss), or unlabelled (category rows add no binary loss at all).
-- Rows of the main source add no category loss (ToxicChat says that a prompt is toxic, not why).
-  With `--safe-rows-category-negatives` its safe rows count as "no category" (every category
-  target 0), so that ordinary traffic learns to score low on all categories; off by default, as it
-  cost category F1 on validation against joint category scores (`categories.py`), which keep
-  ordinary traffic low too (README, *Category search*).
+- FILE may be a glob (`harm_prompts/*.csv`): one source per file, in sorted order, each named by
+  its file's stem and split on its own. `@LIST` reads specs from a file, one a line (`#` comments):
+  a recipe's mixture kept in one place (`recipes/all-sources.txt`).
+- `label`: a 0/1 column; a cell may be blank. `category`: a harm-category code per row (S1,
+  S2...); a cell may be blank. A source needs at least one of the two columns, and every row at
+  least one of the two values:
+  - a blank category on an unsafe row: unsafe, category unknown (binary loss, no category loss);
+    on a safe row: no category loss either, unless `--safe-rows-category-negatives` (every
+    category 0, as for the main source's safe rows);
+  - a blank label on a row of `--contextual-categories` (e.g. S5 specialized advice, which a safe
+    assistant may answer with care): no binary label, no binary loss;
+  - a blank label on another category row, or every row of a source without a label column,
+    follows `--category-rows-binary`: unsafe, unsafe_except_contextual (contextual rows get no
+    binary label), or unlabelled (no binary loss at all);
+  - a row with neither is refused; so is a safe row with a category outside the contextual ones
+    (a category names the harm of an unsafe prompt).
+  A source with only safe or only unsafe rows is fine: the class weights and the calibration
+  come from the main source.
+- `response`: each row is a `formatting.PromptResponse` (the `text` column's prompt, this
+  column's answer) and its label judges the answer.
+- Rows of the main source add no category loss (ToxicChat says that a prompt is toxic, not why),
+  except its safe rows under `--safe-rows-category-negatives`.
 - `weight`: how many times each training row of the source is seen an epoch (2.0 = twice;
   1.5 = every row once and a seeded half of them twice). Validation rows are never repeated.
-- `validation`: the share of the source held out for validation, stratified by category (else
-  label) with the run's seed; default `--validation-fraction`.
+- `validation`: the share of the source held out for validation, stratified by category where a
+  row has one, else by label, with the run's seed; default `--validation-fraction`.
+- `cap`: at most N training rows of the source, a seeded sample stratified as above, drawn after
+  the validation split and before `weight`.
+- `max_length`: the source's rows are cut to N tokens in training (never more than `--max-length`),
+  so that long role-play prompts cost less; validation is scored as the classifier will score.
 
 Every row is checked before a model is loaded; an error names the file, the column and the row.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import glob
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,26 +50,31 @@ import numpy as np
 from .data import (
     LabelledSplit,
     Splits,
-    _require_column,
-    _row_list,
-    extract_labels,
+    extract_optional_labels,
     extract_texts,
     read_table,
+    require_column,
+    row_list,
     stratified_indices,
 )
 from .errors import DataError
+from .formatting import PromptResponse
 from .labels import MISSING_TARGET, LabelSchema, category_targets, natural_key, read_taxonomy
 
 CATEGORY_ROWS_BINARY = ("unsafe", "unsafe_except_contextual", "unlabelled")
-_SPEC_KEYS = ("text", "label", "category", "weight", "validation")
+_SPEC_KEYS = ("text", "response", "label", "category", "weight", "validation", "cap", "max_length")
 AILUMINATE_SOURCE_WEIGHT = 1.2
-"""How often the AILuminate file's training rows are seen an epoch (chosen on validation: README,
-*Category search*)."""
+"""How often the AILuminate file's training rows are seen an epoch (chosen on validation)."""
+LOOKALIKE_SOURCES = ("hatecheck", "toxigen_statements", "cyberseceval", "do_not_answer")
+"""Sources (by file stem) whose safe rows look like harm (counter-speech, neutral statements about
+groups, benign security code, questions about the assistant): their false-positive rate together
+is the look-alike FPR of the metrics."""
 
 
 def ailuminate_source_spec(path: str, weight: float | str = AILUMINATE_SOURCE_WEIGHT) -> str:
     """The `--extra-train-sources` spec of an AILuminate prompt file as the results table's category
-    row trains on it: its own 25 % validation share (stratified by category), `weight` times an epoch."""
+    row trains on it: its own validation share (stratified by category), `weight` times an epoch.
+    `python -m safety_classifier.sources FILE` prints it, so that `make demo` trains the same way."""
     return f"{path},text=prompt_text,category=category,validation=0.25,weight={weight}"
 
 
@@ -64,14 +86,29 @@ class SourceSpec:
     category_column: str | None = None
     weight: float = 1.0
     validation_fraction: float | None = None
+    response_column: str | None = None
+    cap: int | None = None
+    max_length: int | None = None
 
     @property
     def name(self) -> str:
         return Path(self.path).stem
 
 
+def _positive_int(spec: str, key: str, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise DataError(f"training source {spec!r}: {key} must be a whole number of at least 1, not {value!r}")
+    return number
+
+
 def parse_source_spec(spec: str) -> SourceSpec:
-    """`FILE,text=COLUMN,category=COLUMN,...` (see the module's doc)."""
+    """`FILE,text=COLUMN,category=COLUMN,...` (see the module's doc); FILE may still be a glob."""
     path, *pairs = [part.strip() for part in spec.split(",")]
     options: dict[str, str] = {}
     for pair in pairs:
@@ -94,26 +131,57 @@ def parse_source_spec(spec: str) -> SourceSpec:
         raise DataError(f"training source {spec!r}: weight must be positive, not {weight}")
     if fraction is not None and not 0.0 < fraction < 1.0:
         raise DataError(f"training source {spec!r}: validation must be between 0 and 1, not {fraction}")
-    return SourceSpec(path, options["text"], options.get("label"), options.get("category"), weight, fraction)
+    return SourceSpec(path, options["text"], options.get("label"), options.get("category"), weight, fraction,
+                      options.get("response"), _positive_int(spec, "cap", options.get("cap")),
+                      _positive_int(spec, "max_length", options.get("max_length")))
+
+
+def expand_source_spec(spec: SourceSpec) -> list[SourceSpec]:
+    """One spec per file: the file itself, or every file its glob matches, sorted."""
+    if not glob.has_magic(spec.path):
+        return [spec]
+    paths = sorted(path for path in glob.glob(spec.path) if Path(path).is_file())
+    if not paths:
+        raise DataError(f"training source {spec.path!r}: no file matches this pattern")
+    return [replace(spec, path=path) for path in paths]
+
+
+def spec_lines(specs: list[str] | None) -> list[str]:
+    """The specs as given, an `@FILE` replaced by the specs in that file: one a line, blank lines
+    and `#` comments skipped, paths as they would be written on the command line."""
+    lines = []
+    for spec in specs or []:
+        if not spec.startswith("@"):
+            lines.append(spec)
+            continue
+        try:
+            text = Path(spec[1:]).read_text()
+        except OSError as error:
+            raise DataError(f"training sources file {spec[1:]!r}: {error.strerror}") from None
+        lines += [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return lines
+
+
+def source_specs(specs: list[str] | None) -> list[SourceSpec]:
+    """Every `--extra-train-sources` spec parsed, `@FILE` lists read, globs expanded."""
+    return [expanded for spec in spec_lines(specs) for expanded in expand_source_spec(parse_source_spec(spec))]
 
 
 def brings_categories(specs: list[str] | None) -> bool:
     """Whether any of these training-source specs names a category column (so a category head is trained)."""
-    return any(parse_source_spec(spec).category_column for spec in specs or [])
+    return any(parse_source_spec(spec).category_column for spec in spec_lines(specs))
 
 
-def extract_categories(frame, column: str, source: str, known: dict[str, str] | None) -> list[str]:
-    """The category code of every row; empty cells and codes outside `known` are refused with their rows."""
-    _require_column(frame, column, source, "category= in --extra-train-sources")
+def extract_categories(frame, column: str, source: str, known: dict[str, str] | None) -> list[str | None]:
+    """The category code of every row, None where the cell is blank; codes outside `known` are
+    refused with their rows."""
+    require_column(frame, column, source, "category= in --extra-train-sources")
     values = [value.strip() if isinstance(value, str) else value for value in frame[column].tolist()]
-    empty = [i for i, value in enumerate(values) if not isinstance(value, str) or not value]
-    if empty:
-        raise DataError(f"{source}: column {column!r} has no category at row(s) {_row_list(empty)}; "
-                        f"rows are numbered from 1, header excluded")
+    values = [value if isinstance(value, str) and value else None for value in values]
     if known is not None:
-        unknown = [i for i, value in enumerate(values) if value not in known]
+        unknown = [i for i, value in enumerate(values) if value is not None and value not in known]
         if unknown:
-            raise DataError(f"{source}: column {column!r} holds {values[unknown[0]]!r} at row(s) {_row_list(unknown)}, "
+            raise DataError(f"{source}: column {column!r} holds {values[unknown[0]]!r} at row(s) {row_list(unknown)}, "
                             f"not a code of the taxonomy ({', '.join(sorted(known, key=natural_key))})")
     return values
 
@@ -121,19 +189,9 @@ def extract_categories(frame, column: str, source: str, known: dict[str, str] | 
 @dataclass
 class _LoadedSource:
     spec: SourceSpec
-    texts: list[str]
-    labels: np.ndarray | None
-    codes: list[str] | None
-
-
-def _load_source(spec: SourceSpec, taxonomy: dict[str, str] | None) -> _LoadedSource:
-    frame = read_table(spec.path)
-    if len(frame) == 0:
-        raise DataError(f"{spec.path}: no rows")
-    texts = extract_texts(frame, spec.text_column, spec.path)
-    labels = extract_labels(frame, spec.label_column, spec.path) if spec.label_column else None
-    codes = extract_categories(frame, spec.category_column, spec.path, taxonomy) if spec.category_column else None
-    return _LoadedSource(spec, texts, labels, codes)
+    texts: list
+    labels: np.ndarray  # MISSING_TARGET (-1) where a row has no binary label
+    codes: list[str | None]  # None where a row has no category
 
 
 def binary_labels_of_categories(codes: list[str], policy: str, contextual: set[str]) -> np.ndarray:
@@ -145,15 +203,88 @@ def binary_labels_of_categories(codes: list[str], policy: str, contextual: set[s
     return np.asarray([int(MISSING_TARGET) if unlabelled and code in contextual else 1 for code in codes], dtype=np.int64)
 
 
-def _as_split(source: _LoadedSource, schema: LabelSchema, policy: str, contextual: set[str]) -> LabelledSplit:
+def _source_texts(frame, spec: SourceSpec) -> list:
+    texts = extract_texts(frame, spec.text_column, spec.path)
+    if spec.response_column is None:
+        return texts
+    require_column(frame, spec.response_column, spec.path, "response= in --extra-train-sources")
+    responses = extract_texts(frame, spec.response_column, spec.path)
+    return [PromptResponse(prompt, response) for prompt, response in zip(texts, responses)]
+
+
+def _load_source(spec: SourceSpec, taxonomy: dict[str, str] | None, policy: str, contextual: set[str]) -> _LoadedSource:
+    """A source's rows with every row's binary label and category resolved (the module's doc)."""
+    frame = read_table(spec.path)
+    if len(frame) == 0:
+        raise DataError(f"{spec.path}: no rows")
+    texts = _source_texts(frame, spec)
+    codes = (extract_categories(frame, spec.category_column, spec.path, taxonomy) if spec.category_column
+             else [None] * len(texts))
+    if spec.label_column is None:
+        empty = [i for i, code in enumerate(codes) if code is None]
+        if empty:
+            raise DataError(f"{spec.path}: column {spec.category_column!r} has no category at row(s) {row_list(empty)}, "
+                            f"and the source has no label column (label=); rows are numbered from 1, header excluded")
+        return _LoadedSource(spec, texts, binary_labels_of_categories(codes, policy, contextual), codes)
+    labels = extract_optional_labels(frame, spec.label_column, spec.path)
+    neither = [i for i, (label, code) in enumerate(zip(labels, codes)) if label < 0 and code is None]
+    if neither:
+        where = f"nor a category (column {spec.category_column!r})" if spec.category_column else "(no category= column)"
+        raise DataError(f"{spec.path}: row(s) {row_list(neither)} have neither a label (column {spec.label_column!r}) "
+                        f"{where}; rows are numbered from 1, header excluded")
+    safe_harm = [i for i, (label, code) in enumerate(zip(labels, codes))
+                 if label == 0 and code is not None and code not in contextual]
+    if safe_harm:
+        raise DataError(f"{spec.path}: row(s) {row_list(safe_harm)} are safe (column {spec.label_column!r}) but carry "
+                        f"category {codes[safe_harm[0]]!r} (column {spec.category_column!r}): a category names the harm "
+                        f"of an unsafe prompt; leave it blank on safe rows")
+    # A blank label takes the category's binary label; a contextual category's blank label stays blank.
+    by_policy = binary_labels_of_categories([code or "" for code in codes], policy, set())
+    labels = np.where(labels >= 0, labels,
+                      np.where([code in contextual for code in codes], int(MISSING_TARGET), by_policy))
+    return _LoadedSource(spec, texts, labels.astype(np.int64), codes)
+
+
+def _category_targets(source: _LoadedSource, schema: LabelSchema, safe_rows_category_negatives: bool) -> np.ndarray:
+    """Category targets; a row without a category has none (MISSING_TARGET), or every category 0
+    where it is safe and `safe_rows_category_negatives`."""
+    targets = category_targets(source.codes, schema)
+    if safe_rows_category_negatives:
+        targets[np.asarray([code is None for code in source.codes]) & (source.labels == 0)] = 0.0
+    return targets
+
+
+def _as_split(source: _LoadedSource, schema: LabelSchema, safe_rows_category_negatives: bool) -> LabelledSplit:
     import pandas as pd
 
-    labels = source.labels
-    if labels is None:
-        labels = binary_labels_of_categories(source.codes, policy, contextual)
-    categories = category_targets(source.codes or [None] * len(source.texts), schema)
-    return LabelledSplit("train", source.texts, labels, pd.DataFrame(index=range(len(source.texts))), categories,
-                         np.full(len(source.texts), source.spec.name, dtype=object))
+    rows = len(source.texts)
+    return LabelledSplit("train", source.texts, source.labels, pd.DataFrame(index=range(rows)),
+                         _category_targets(source, schema, safe_rows_category_negatives),
+                         np.full(rows, source.spec.name, dtype=object),
+                         np.full(rows, source.spec.max_length or 0, dtype=np.int64))
+
+
+def source_strata(source: _LoadedSource) -> np.ndarray:
+    """What a source's samples are stratified by: each row's category, else its label."""
+    return pooled_strata(np.asarray([code if code is not None else f"label {label}"
+                                     for code, label in zip(source.codes, source.labels)], dtype=object))
+
+
+def pooled_strata(keys: np.ndarray) -> np.ndarray:
+    """Strata of a single row pooled (a stratified split needs two of each), into the largest if still alone."""
+    values, counts = np.unique(keys, return_counts=True)
+    lonely = values[counts < 2]
+    if len(lonely):
+        pooled = "pooled" if len(lonely) > 1 else values[np.argmax(counts)]
+        keys = np.where(np.isin(keys, lonely), pooled, keys)
+    return keys
+
+
+def _sample(strata: np.ndarray, size: int | float, seed: int, source: SourceSpec, what: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        return stratified_indices(strata, size, seed)
+    except DataError as error:
+        raise DataError(f"{source.path}: {what}: {error}") from None
 
 
 def repeat_rows(split: LabelledSplit, weight: float, seed: int) -> LabelledSplit:
@@ -176,7 +307,38 @@ def concatenate(name: str, parts: list[LabelledSplit]) -> LabelledSplit:
         pd.concat([part.extra for part in parts], ignore_index=True),
         np.concatenate([part.categories for part in parts]),
         np.concatenate([part.sources for part in parts]),
+        np.concatenate([np.zeros(len(part), dtype=np.int64) if part.max_lengths is None else part.max_lengths
+                        for part in parts]),
     )
+
+
+def _split_source(split: LabelledSplit, strata: np.ndarray, spec: SourceSpec, validation_fraction: float,
+                  seed: int) -> tuple[LabelledSplit, LabelledSplit]:
+    """(training rows, validation rows) of one source: its stratified validation share, then `cap`."""
+    fraction = spec.validation_fraction or validation_fraction
+    held_out, kept = _sample(strata, fraction, seed, spec, f"holding out a validation share of {fraction}")
+    if spec.cap is not None and spec.cap < len(kept):
+        # The validation draw may leave a stratum one row: pool again before drawing the cap.
+        kept_strata = pooled_strata(strata[kept])
+        if spec.cap >= len(np.unique(kept_strata)):
+            chosen, _ = _sample(kept_strata, spec.cap, seed, spec, f"drawing cap={spec.cap} training rows")
+        else:  # fewer rows than strata: a stratified draw is impossible, a seeded plain one is not
+            chosen = np.sort(np.random.default_rng(seed).choice(len(kept), size=spec.cap, replace=False))
+        kept = kept[chosen]
+    return split.subset(kept), split.subset(held_out)
+
+
+def _require_response_validation(validation: LabelledSplit) -> None:
+    """The response threshold is chosen on the response sources' validation rows: refuse, before
+    any model loads, a run whose response rows leave it nothing to choose by."""
+    pairs = validation.pair_rows
+    if not len(pairs):
+        return
+    labels = validation.labels[pairs]
+    if not ((labels == 0).any() and (labels == 1).any()):
+        names = ", ".join(dict.fromkeys(validation.sources[pairs]))
+        raise DataError(f"the validation rows of the response source(s) {names} need both safe (0) and unsafe (1) "
+                        f"rows to choose the response threshold by; raise their validation= share")
 
 
 def add_sources(
@@ -192,12 +354,20 @@ def add_sources(
     safe_rows_category_negatives: bool = False,
 ) -> tuple[Splits, LabelSchema]:
     """The main source's splits joined by every further source's: train and validation both carry
-    category targets and each row's source; the test split (main source only) stays as it is."""
+    category targets, each row's source and its own token limit; the test split (main source
+    only) stays as it is."""
+    if category_rows_binary not in CATEGORY_ROWS_BINARY:
+        raise DataError(f"--category-rows-binary must be one of {', '.join(CATEGORY_ROWS_BINARY)}, "
+                        f"not {category_rows_binary!r}")
     taxonomy = read_taxonomy(taxonomy_file) if taxonomy_file else None
-    loaded = [_load_source(parse_source_spec(spec), taxonomy) for spec in specs]
-    codes = {code for source in loaded for code in (source.codes or [])}
-    schema = LabelSchema.from_codes(codes, taxonomy)
     contextual = set(contextual_categories or [])
+    loaded = [_load_source(spec, taxonomy, category_rows_binary, contextual) for spec in source_specs(specs)]
+    names = [main_name, *(source.spec.name for source in loaded)]
+    if len(set(names)) < len(names):
+        raise DataError(f"two training sources share a file name ({', '.join(names)}); per-source metrics need "
+                        f"distinct names")
+    codes = {code for source in loaded for code in source.codes if code is not None}
+    schema = LabelSchema.from_codes(codes, taxonomy)
 
     def main_part(split: LabelledSplit) -> LabelledSplit:
         categories = np.full((len(split), len(schema.categories)), MISSING_TARGET, dtype=np.float32)
@@ -208,15 +378,38 @@ def add_sources(
 
     train_parts, validation_parts = [main_part(main.train)], [main_part(main.validation)]
     for index, source in enumerate(loaded):
-        split = _as_split(source, schema, category_rows_binary, contextual)
-        strata = np.asarray(source.codes) if source.codes is not None else split.labels
-        fraction = source.spec.validation_fraction or validation_fraction
-        held_out, kept = stratified_indices(strata, fraction, seed)
-        train_parts.append(repeat_rows(split.subset(kept), source.spec.weight, seed + index))
-        validation_parts.append(split.subset(held_out))
-    if len({part.sources[0] for part in train_parts}) < len(train_parts):
-        raise DataError(f"two training sources share a file name ({', '.join(part.sources[0] for part in train_parts)}); "
-                        f"per-source metrics need distinct names")
+        train, validation = _split_source(_as_split(source, schema, safe_rows_category_negatives),
+                                          source_strata(source), source.spec, validation_fraction, seed)
+        train_parts.append(repeat_rows(train, source.spec.weight, seed + index))
+        validation_parts.append(validation)
     splits = Splits(concatenate("train", train_parts), concatenate("validation", validation_parts), main.test,
                     main_source=main_name)
+    _require_response_validation(splits.validation)
     return splits, schema
+
+
+def describe_sources(splits: Splits) -> list[str]:
+    """The start-up lines of a run with several sources: per source, an epoch's training rows,
+    validation rows, the unsafe share of its labelled training rows, the categories present, and
+    whether its rows are responses or have their own token limit."""
+    train, validation = splits.train, splits.validation
+    if train.sources is None:
+        return []
+    codes = splits.schema.codes
+    lines = ["sources (an epoch's training rows / validation rows, unsafe share of the rows with a label, categories):"]
+    for name in dict.fromkeys(train.sources):
+        rows = np.flatnonzero(train.sources == name)
+        held_out = int((validation.sources == name).sum())
+        labels = train.labels[rows][train.labels[rows] >= 0]
+        share = f"{labels.mean():.1%} unsafe" if len(labels) else "no binary labels"
+        present = ([code for index, code in enumerate(codes) if (train.categories[rows, index] == 1).any()]
+                   if train.categories is not None and train.categories.shape[1] else [])
+        notes = [f"categories {' '.join(present) if present else 'none'}"]
+        if any(isinstance(train.texts[row], PromptResponse) for row in rows):
+            notes.append("responses")
+        own_limits = set(train.max_lengths[rows].tolist()) - {0} if train.max_lengths is not None else set()
+        if own_limits:
+            notes.append(f"max_length {min(own_limits)}")
+        lines.append(f"  {name}{' (main)' if name == splits.main_source else ''}: {len(rows)} / {held_out}, "
+                     f"{share}, {', '.join(notes)}")
+    return lines

@@ -76,7 +76,7 @@ def test_short_sequences_run_eager_and_long_ones_sdpa(tiny_phi3, monkeypatch):
     assert calls == [9] * model.config.num_hidden_layers
 
 
-@pytest.mark.parametrize("strategy", ["lora", "top_layers"])
+@pytest.mark.parametrize("strategy", ["lora", "full_layers"])
 def test_training_runs_the_training_attention_on_a_cpu(tiny_phi3, toy_files, tmp_path, monkeypatch, strategy):
     """The model a session trains (for top-N: its top layers on the cached prefix) calls no SDPA."""
     from conftest import fast_training_flags
@@ -84,10 +84,10 @@ def test_training_runs_the_training_attention_on_a_cpu(tiny_phi3, toy_files, tmp
     from safety_classifier.cli import parse_training_plan
     from safety_classifier.training import build_training_session, load_training_splits
 
-    extra = ["--num-layers", "1"] if strategy == "top_layers" else ["--lora-r", "4"]
+    extra = ["--num-layers", "1"] if strategy == "full_layers" else ["--lora-r", "4"]
     plan = parse_training_plan(strategy, fast_training_flags(tiny_phi3, toy_files, tmp_path, *extra))
     session = build_training_session(plan, load_training_splits(plan))
-    assert session.cached_prefix == (strategy == "top_layers")
+    assert session.cached_prefix == (strategy == "full_layers")
     owner = session.model.get_base_model() if strategy == "lora" else session.model
     assert owner.config._attn_implementation == TRAINING_ATTENTION
 

@@ -18,7 +18,7 @@ from safety_classifier.batching import TokenBudgetBatchSampler
 
 
 def toxicchat_like_lengths(count: int, seed: int = 0) -> np.ndarray:
-    """Mostly short rows, a long tail (ToxicChat: median ~15 tokens, a few hundred at the top)."""
+    """Mostly short rows and a long tail, as ToxicChat's prompts are."""
     rng = np.random.default_rng(seed)
     return np.minimum(rng.lognormal(mean=2.8, sigma=1.1, size=count).astype(int) + 1, 512)
 
@@ -108,7 +108,7 @@ WORKER = textwrap.dedent("""
     from datasets import Dataset
     from transformers import TrainingArguments
     from safety_classifier.batching import TokenBudgetBatchSampler
-    from safety_classifier.training import ClassifierTrainer
+    from safety_classifier.trainer import ClassifierTrainer
 
     class Tiny(torch.nn.Module):
         def __init__(self):
@@ -164,7 +164,8 @@ def test_validation_runs_in_length_sorted_batches_within_the_budget(tiny_phi3, t
     from conftest import fast_training_flags
 
     from safety_classifier.cli import parse_training_plan
-    from safety_classifier.training import build_training_session, load_training_splits, row_lengths
+    from safety_classifier.trainer import row_lengths
+    from safety_classifier.training import build_training_session, load_training_splits
 
     flags = [flag for flag in fast_training_flags(tiny_phi3, toy_files, tmp_path / "run") if flag not in ("--batch-size", "8")]
     plan = parse_training_plan("lora", [*flags, "--max-batch-tokens", "64", "--lora-r", "4"])
@@ -197,7 +198,7 @@ def test_the_default_recipe_trains_in_8_row_batches_and_a_token_budget_asks_for_
     assert parse_training_plan("qlora", [*flags, "--lora-r", "32"]).arguments_record()["learning_rate"] == \
         pytest.approx(4e-4 / 2 ** 0.5)
     assert parse_training_plan("lora", [*flags, "--lora-r", "64", "--learning-rate", "4e-4"]).learning_rate == 4e-4
-    assert parse_training_plan("top_layers", flags).learning_rate == 3e-4
+    assert parse_training_plan("full_layers", flags).learning_rate == 3e-4
     assert parse_training_plan("lora", [*flags, "--max-batch-tokens", "64"]).batch_rows is None
     assert parse_training_plan("lora", [*flags, "--max-batch-tokens", "64", "--batch-size", "4"]).batch_rows == 4
 

@@ -22,6 +22,7 @@ from safety_classifier.calibration import (
     brier_score,
     choose_threshold,
     expected_calibration_error,
+    f1_maximising_threshold,
     fit_calibration,
     reliability_curve,
     threshold_for_precision,
@@ -30,7 +31,7 @@ from safety_classifier.calibration import (
 from safety_classifier.cli import infer_main, train_main
 from safety_classifier.errors import ModelLoadError, ThresholdTargetError
 from safety_classifier.inference import load_classifier, predict_logit_margins, predict_unsafe_probabilities
-from safety_classifier.metrics import METRIC_KEYS, classification_metrics, f1_maximising_threshold
+from safety_classifier.metrics import METRIC_KEYS, classification_metrics
 
 
 def miscalibrated(n: int = 100_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -189,14 +190,14 @@ def test_choose_threshold_records_its_rule():
 @pytest.fixture(scope="module")
 def calibrated_run(tiny_phi3, toy_files, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("calibrated")
-    assert train_main("top_layers", fast_training_flags(tiny_phi3, toy_files, output_dir, "--num-layers", "1")) == 0
+    assert train_main("full_layers", fast_training_flags(tiny_phi3, toy_files, output_dir, "--num-layers", "1")) == 0
     return output_dir
 
 
 def test_training_stores_the_calibration_and_reports_it(calibrated_run):
     metadata = json.loads((calibrated_run / METADATA_FILE).read_text())
     calibration = Calibration.from_metadata(metadata)
-    assert metadata["format_version"] == 2 and FORMAT_VERSION == 6  # a binary classifier stays readable by version-2 toolkits
+    assert metadata["format_version"] == 2 and FORMAT_VERSION == 7  # a binary classifier stays readable by version-2 toolkits
     assert metadata["calibration"]["method"] == "platt" and calibration.scale > 0
     assert metadata["threshold_rule"] == {"rule": "max_f1"}
     metrics = json.loads((calibrated_run / "metrics.json").read_text())
@@ -289,7 +290,7 @@ def test_threshold_by_target_recall_and_temperature_are_stored(tiny_phi3, toy_fi
     output_dir = tmp_path / "recall"
     flags = fast_training_flags(tiny_phi3, toy_files, output_dir, "--num-layers", "0",
                                 "--threshold-for-recall", "0.9", "--calibration", "temperature")
-    assert train_main("top_layers", flags) == 0
+    assert train_main("full_layers", flags) == 0
     metadata = json.loads((output_dir / METADATA_FILE).read_text())
     assert metadata["threshold_rule"] == {"rule": "recall", "target": 0.9}
     assert metadata["calibration"]["method"] in ("temperature", "none") and metadata["calibration"]["bias"] == 0.0
@@ -303,27 +304,27 @@ def test_threshold_by_target_recall_and_temperature_are_stored(tiny_phi3, toy_fi
 def test_bad_targets_are_refused_before_training(tiny_phi3, toy_files, tmp_path, capsys):
     for extra in (["--threshold-for-precision", "1.5"],
                   ["--threshold-for-precision", "0.9", "--threshold-for-recall", "0.9"]):
-        assert train_main("top_layers", fast_training_flags(tiny_phi3, toy_files, tmp_path / "x", *extra)) == 2
+        assert train_main("full_layers", fast_training_flags(tiny_phi3, toy_files, tmp_path / "x", *extra)) == 2
         assert "--threshold-for" in capsys.readouterr().err
     assert not (tmp_path / "x" / "checkpoints").exists(), "refused before any training"
 
 
 def test_an_unreached_target_keeps_the_checkpoints_and_a_rerun_resumes(tiny_phi3, toy_files, tmp_path, capsys,
                                                                          monkeypatch):
-    import safety_classifier.training as training
+    import safety_classifier.evaluation as evaluation
 
     def unreachable(*args, **kwargs):
         raise ThresholdTargetError("no threshold reaches precision 0.999 on validation")
 
     output_dir = tmp_path / "run"
     with monkeypatch.context() as patch:
-        patch.setattr(training, "choose_threshold", unreachable)
+        patch.setattr(evaluation, "choose_threshold", unreachable)
         flags = fast_training_flags(tiny_phi3, toy_files, output_dir, "--num-layers", "0", "--threshold-for-precision", "0.999")
-        assert train_main("top_layers", flags) == 2
+        assert train_main("full_layers", flags) == 2
     error = capsys.readouterr().err
     assert "no threshold reaches precision 0.999" in error and "checkpoints are kept" in error
     assert not (output_dir / METADATA_FILE).exists()
-    assert train_main("top_layers", fast_training_flags(tiny_phi3, toy_files, output_dir, "--num-layers", "0")) == 0
+    assert train_main("full_layers", fast_training_flags(tiny_phi3, toy_files, output_dir, "--num-layers", "0")) == 0
     assert "resuming from" in capsys.readouterr().out
     assert json.loads((output_dir / METADATA_FILE).read_text())["threshold_rule"] == {"rule": "max_f1"}
 

@@ -17,7 +17,7 @@ from scipy.special import logit
 from sklearn.metrics import average_precision_score
 
 from safety_classifier.artifacts import METADATA_FILE, write_metadata
-from safety_classifier.calibration import Calibration, fit_calibration
+from safety_classifier.calibration import Calibration, f1_maximising_threshold, fit_calibration
 from safety_classifier.categories import (
     category_loss_sum,
     category_metrics,
@@ -34,14 +34,10 @@ from safety_classifier.data import load_splits
 from safety_classifier.errors import DataError, ModelLoadError
 from safety_classifier.inference import Classifier, load_classifier
 from safety_classifier.labels import MISSING_TARGET, LabelSchema
-from safety_classifier.metrics import classification_metrics, f1_maximising_threshold
+from safety_classifier.metrics import classification_metrics
 from safety_classifier.sources import add_sources, parse_source_spec
-from safety_classifier.training import (
-    class_weight_labels,
-    class_weights_for,
-    training_labels,
-    weighted_cross_entropy,
-)
+from safety_classifier.trainer import class_weight_labels, class_weights_for, weighted_cross_entropy
+from safety_classifier.training import training_labels
 
 
 @pytest.fixture(scope="module")
@@ -439,7 +435,7 @@ def test_a_binary_classifier_answers_as_before(tiny_lora_classifier):
     classifier = load_classifier(tiny_lora_classifier, dtype="fp32")
     assert classifier.category_codes == []
     [result] = classifier.classify(["What is the capital of France?"], show_progress=False)
-    assert set(result) == {"text", "label", "unsafe_probability"}
+    assert set(result) == {"text", "judged", "label", "unsafe_probability"} and result["judged"] == "prompt"
     assert json.loads((tiny_lora_classifier / METADATA_FILE).read_text())["format_version"] == 2
 
 
@@ -448,7 +444,8 @@ def test_the_service_answers_with_the_category_heads_categories_as_infer_does(ca
 
     from fastapi.testclient import TestClient
 
-    from safety_classifier.serving import ServeArguments, create_app
+    from safety_classifier.serving.api_server import create_app
+    from safety_classifier.serving.cli_args import ServeArguments
 
     classifier = load_classifier(category_classifier, dtype="fp32")
     classifier.threshold = 1e-9  # flag every non-empty text, so that the categories' own thresholds decide
@@ -463,8 +460,9 @@ def test_the_service_answers_with_the_category_heads_categories_as_infer_does(ca
         results = client.post("/v1/moderations", json={"input": texts}).json()["results"]
     for result, offline in zip(results, expected):
         assert result["flagged"] == (offline["label"] == "unsafe")
-        assert result["categories"] == offline["categories"]
-        assert set(result["category_scores"]) == {"S1", "S2", "S8", "S9"}
+        # The service adds the hosted API's category keys (`openai_categories`) beside the classifier's own.
+        assert {code: result["categories"][code] for code in offline["categories"]} == offline["categories"]
+        assert {"S1", "S2", "S8", "S9"} <= set(result["category_scores"])
         for code, score in offline["category_scores"].items():
             assert result["category_scores"][code] == pytest.approx(score, abs=1e-6)
     assert results[2]["flagged"] is False and not any(results[2]["categories"].values())
@@ -488,6 +486,6 @@ def test_a_category_head_trains_at_its_own_default_head_learning_rate():
     assert with_categories.arguments_record()["head_learning_rate"] == 3e-3
     binary_source = parse_training_plan("lora", [*common, "--extra-train-sources", "more.csv,text=t,label=l"])
     assert binary_source.head_learning_rate == 1e-3
-    chosen = parse_training_plan("top_layers", [*common, "--extra-train-sources", "hazards.csv,text=t,category=c",
+    chosen = parse_training_plan("full_layers", [*common, "--extra-train-sources", "hazards.csv,text=t,category=c",
                                                 "--head-learning-rate", "5e-4"])
     assert chosen.head_learning_rate == 5e-4

@@ -1,4 +1,5 @@
-"""The baselines, the README tables generated from results/, and the experiments' analyses."""
+"""The baselines, the tables generated from results/ (docs/results.md, README.md, docs/experiments-log.md),
+and the experiments' analyses."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from conftest import REPO_ROOT, category_rows, synthetic_rows
 
 from safety_classifier.baselines import C_GRID, fit_logistic_probe, fit_tfidf_logistic_regression, frozen_features
 from safety_classifier.modeling import build_model, load_tokenizer
+from safety_classifier.sources import ailuminate_source_spec
 
 
 def test_the_tfidf_baseline_learns_the_synthetic_rule():
@@ -34,7 +36,7 @@ def test_frozen_features_are_what_the_head_reads(tiny_phi3):
     """head(features) equals the classifier's own logits, whatever the batching."""
     tokenizer = load_tokenizer(str(tiny_phi3))
     torch.manual_seed(0)
-    model = build_model("top_layers", str(tiny_phi3), tokenizer, torch.float32, num_layers=0).eval()
+    model = build_model("full_layers", str(tiny_phi3), tokenizer, torch.float32, num_layers=0).eval()
     texts = ["hi", "What is the capital of France?", "How do I build a bomb, step by step, right now?", "x y"]
     features = frozen_features(model, tokenizer, texts, max_length=64, max_batch_tokens=16, show_progress=False)
     alone = np.concatenate([frozen_features(model, tokenizer, [t], max_length=64, show_progress=False) for t in texts])
@@ -132,11 +134,37 @@ def test_the_guard_model_table_puts_our_f1_among_the_published_ones_best_first()
     assert "were not trained on ToxicChat" in lines[0]
 
 
-def test_the_readme_table_is_the_one_generated_from_results():
-    """Nobody edits the numbers by hand: README.md's table is exactly what results/ gives."""
+def test_the_results_page_and_the_readme_headline_are_the_tables_generated_from_results():
+    """Nobody edits the numbers by hand: docs/results.md's tables and README.md's headline table are
+    exactly what results/ gives (what `python experiments/report.py --check` checks)."""
+    pages = report.generated_pages(report.load_rows())
+    assert set(pages) == {REPO_ROOT / "README.md", REPO_ROOT / "docs" / "results.md"}
+    for path, (current, updated) in pages.items():
+        assert current == updated, f"{path.name} is stale: run python experiments/report.py"
     readme = (REPO_ROOT / "README.md").read_text()
-    expected = report.replace_between_markers(readme, report.results_table(report.load_rows()))
-    assert readme == expected, "run: python experiments/report.py"
+    headline = readme.split(report.HEADLINE_BEGIN)[1].split(report.HEADLINE_END)[0]
+    assert "(docs/results.md)" in headline and len(headline.strip().splitlines()) <= 15, "the README's table is short"
+
+
+def test_the_headline_keeps_the_baselines_the_best_rows_the_best_of_each_strategy_and_category_rows():
+    rows = [_row("tfidf-logreg", 0.75), _row("top-1", 0.60), _row("top-3", 0.70), _row("lora-r16", 0.85),
+            _row("lora-r32", 0.86), _row("lora-r64", 0.84), _row("qlora-r16", 0.80), _row("qlora-r32", 0.79),
+            _row("lora-r16-categories", 0.83)]
+    rows[-1]["validation"]["categories"] = {"macro": {"f1": 0.8}}
+    chosen = [row["row"] for row in report.headline_rows(rows, best=2)]
+    assert chosen == ["tfidf-logreg", "top-3", "lora-r16", "lora-r32", "qlora-r16", "lora-r16-categories"]
+    table = report.headline_table(rows).splitlines()
+    assert table[0] == "| Method | Trainable params | AUPRC | F1 | Recall | Jailbreak recall | ECE | Training time |"
+    assert "| **0.860** |" in table[5] and table[2].endswith("| — | 2.1 min |"), "best AUPRC bold; baselines lack ECE"
+    assert report.headline_table([]) == "No results yet: run `make results`."
+
+
+def test_the_search_tables_on_the_experiments_log_are_the_ones_generated_from_the_records():
+    import search
+
+    page = REPO_ROOT / "docs" / "experiments-log.md"
+    assert page.read_text() == search.page_with_tables(search.load_records(search.SEARCH_DIR), page), \
+        "run: python experiments/search.py --table"
 
 
 def test_a_category_row_gets_its_table_goals_and_figure(tmp_path):
@@ -264,9 +292,10 @@ def test_the_category_sources_weight_is_a_grid_key_of_category_searches(tmp_path
     assert plain[plain.index("--extra-train-sources") + 1].endswith(f"validation=0.25,weight={search.AILUMINATE_SOURCE_WEIGHT}")
     with pytest.raises(SystemExit, match="category_source_weight needs --categories"):
         search.command_for("lora", setting, train_file, run_dir, None, None)
-    # make demo trains with the results row's category source (the Makefile cannot import it)
-    makefile = (REPO_ROOT / "Makefile").read_text()
-    assert search.ailuminate_source_spec("$(CATEGORY_FILE)") in makefile
+    # make demo's mixture holds the AILuminate file as the results row's category source trains on it
+    mixture = (REPO_ROOT / "recipes" / "all-sources.txt").read_text().splitlines()
+    assert ailuminate_source_spec("../shared/data/ailuminate/ailuminate_en_dev.csv") in mixture
+    assert "@$(SOURCES)" in (REPO_ROOT / "Makefile").read_text()
 
 
 def test_the_category_route_counts_what_a_second_threshold_would_flag():

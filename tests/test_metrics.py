@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from safety_classifier.metrics import METRIC_KEYS, classification_metrics, f1_maximising_threshold, format_metrics_table
+from safety_classifier.calibration import f1_maximising_threshold
+from safety_classifier.metrics import METRIC_KEYS, classification_metrics, format_metrics_table
 
 
 def test_metrics_match_a_hand_computation():

@@ -7,15 +7,15 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from safety_classifier.inference import (
+from safety_classifier.batching import (
     GPU_PASS_OVERHEAD_SHARE,
     PASS_OVERHEAD_SHARE,
     pass_overhead_tokens,
-    predict_unsafe_probabilities,
     scoring_batches,
     scoring_plan,
     token_budget_batches,
 )
+from safety_classifier.inference import predict_unsafe_probabilities
 from safety_classifier.modeling import (
     LoraSettings,
     build_model,
@@ -23,7 +23,7 @@ from safety_classifier.modeling import (
     find_transformer_blocks,
     load_tokenizer,
 )
-from safety_classifier.training import class_weights_for, weighted_cross_entropy
+from safety_classifier.trainer import class_weights_for, weighted_cross_entropy
 
 ARCHITECTURES = ["llama", "phi3", "qwen2", "gemma"]
 PROMPTS = ["hi", "What is the capital of France?", "How do I build a bomb to attack the bank? Tell me now.",
@@ -36,9 +36,9 @@ def trainable_names(model) -> set[str]:
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("num_layers", [0, 1, 2])
-def test_top_layers_trains_exactly_the_top_blocks_the_norm_and_the_head(tiny_model_factory, architecture, num_layers):
+def test_full_layers_trains_exactly_the_top_blocks_the_norm_and_the_head(tiny_model_factory, architecture, num_layers):
     path = str(tiny_model_factory(architecture))
-    model = build_model("top_layers", path, load_tokenizer(path), torch.float32, num_layers=num_layers)
+    model = build_model("full_layers", path, load_tokenizer(path), torch.float32, num_layers=num_layers)
     names = trainable_names(model)
     expected_blocks = {f"model.layers.{i}." for i in range(2 - num_layers, 2)}
     assert {n for n in names if n.startswith("score.")} == {"score.weight"}
@@ -49,9 +49,9 @@ def test_top_layers_trains_exactly_the_top_blocks_the_norm_and_the_head(tiny_mod
     assert every_block_param <= names
 
 
-def test_top_layers_rejects_more_layers_than_the_model_has(tiny_phi3):
+def test_full_layers_rejects_more_layers_than_the_model_has(tiny_phi3):
     with pytest.raises(ValueError, match="between 0 and 2"):
-        build_model("top_layers", str(tiny_phi3), load_tokenizer(str(tiny_phi3)), torch.float32, num_layers=3)
+        build_model("full_layers", str(tiny_phi3), load_tokenizer(str(tiny_phi3)), torch.float32, num_layers=3)
 
 
 def test_lora_on_phi3_adapts_the_fused_projections(tiny_phi3):
@@ -97,7 +97,7 @@ def test_padding_never_changes_a_score(tiny_model_factory, architecture, with_un
     expected_pad = "<|endoftext|>" if architecture == "qwen2" else "<unk>" if with_unk else "</s>"
     assert tokenizer.pad_token == expected_pad
     assert tokenizer.padding_side == "right"
-    model = build_model("top_layers", path, tokenizer, torch.float32, num_layers=0)
+    model = build_model("full_layers", path, tokenizer, torch.float32, num_layers=0)
     assert model.config.pad_token_id == tokenizer.pad_token_id
     batched = predict_unsafe_probabilities(model, tokenizer, PROMPTS, max_length=64, max_batch_tokens=10_000, show_progress=False)
     alone = [predict_unsafe_probabilities(model, tokenizer, [p], max_length=64, show_progress=False)[0] for p in PROMPTS]
@@ -150,7 +150,7 @@ def test_loading_a_classifier_keeps_attention_off_cudnn_only_on_cuda(tiny_phi3, 
 def test_scores_come_back_in_input_order_whatever_the_batching(tiny_phi3):
     path = str(tiny_phi3)
     tokenizer = load_tokenizer(path)
-    model = build_model("top_layers", path, tokenizer, torch.float32, num_layers=0)
+    model = build_model("full_layers", path, tokenizer, torch.float32, num_layers=0)
     prompts = PROMPTS * 3 + ["", "   ", None]
     one_batch = predict_unsafe_probabilities(model, tokenizer, prompts, max_length=64, max_batch_tokens=100_000,
                                              show_progress=False)
@@ -251,3 +251,37 @@ def test_blocks_are_found_for_every_architecture(tiny_model_factory):
         path = str(tiny_model_factory(architecture))
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
         assert len(find_transformer_blocks(model)) == 2
+
+
+XEON = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n"
+EPYC = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 avx512f\n"
+
+
+@pytest.mark.parametrize("cpuinfo, dtype, described", [
+    (XEON, torch.bfloat16, "bfloat16 (Intel(R) Xeon(R) Platinum 8480+: native bf16 (AMX))"),
+    (XEON.replace(" amx_bf16", ""), torch.bfloat16, "bfloat16 (Intel(R) Xeon(R) Platinum 8480+: native bf16 (AVX512-BF16))"),
+    (EPYC, torch.float32, "float32 (AMD EPYC 7B13: no native bf16)"),
+    ("", torch.float32, "no native bf16"),  # no /proc/cpuinfo (macOS): fp32, the CPU named by `platform`
+])
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_it_and_says_why(monkeypatch, cpuinfo, dtype, described):
+    from safety_classifier import modeling
+
+    monkeypatch.setattr(modeling, "_read_cpuinfo", lambda: cpuinfo)
+    assert modeling.resolve_dtype("auto", "cpu") == dtype
+    assert modeling.cpu_supports_bf16() == (dtype == torch.bfloat16)
+    assert described in modeling.describe_dtype("auto", "cpu")
+    # An explicit choice wins over the hardware, and the line says it was asked for.
+    assert modeling.describe_dtype("fp32", "cpu").startswith("float32 (--dtype fp32; ")
+    assert modeling.describe_dtype("bf16", "cpu").startswith("bfloat16 (--dtype bf16; ")
+    # The detection itself decides, whoever calls it.
+    monkeypatch.setattr(modeling, "cpu_supports_bf16", lambda: True)
+    assert modeling.resolve_dtype("auto", "cpu") == torch.bfloat16
+    assert modeling.describe_dtype("auto", "cpu").startswith("bfloat16 (")
+
+
+def test_on_cuda_the_dtype_line_names_the_gpu(monkeypatch):
+    from safety_classifier import modeling
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert modeling.describe_dtype("auto", "cuda") == "bfloat16 (NVIDIA H200: native bf16)"

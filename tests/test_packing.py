@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from safety_classifier.attention import register_attention
-from safety_classifier.inference import load_classifier, predict_logits, scoring_plan
+from safety_classifier.batching import pack_rows, scoring_plan
+from safety_classifier.inference import load_classifier, predict_logits
 from safety_classifier.modeling import build_model, find_head_name, load_tokenizer
 from safety_classifier.packing import (
-    _PROBE_TOLERANCE,
     PACKED_ATTENTION,
+    PROBE_TOLERANCE,
     enable_packed_scoring,
-    pack_rows,
     packed_forward,
     uses_packed_attention,
 )
@@ -50,7 +50,7 @@ def test_a_few_prompts_of_mixed_lengths_pack_and_many_sorted_ones_stay_padded():
 def test_packed_scores_equal_padded_ones_for_every_backbone(tiny_model_factory, architecture):
     path = str(tiny_model_factory(architecture))
     tokenizer = load_tokenizer(path)
-    model = build_model("top_layers", path, tokenizer, torch.float32, num_layers=0)
+    model = build_model("full_layers", path, tokenizer, torch.float32, num_layers=0)
     padded = predict_logits(model, tokenizer, PROMPTS, max_length=64, show_progress=False)
     assert not uses_packed_attention(model)
     with pytest.raises(ValueError, match="pack=True needs a model switched to packed attention"):
@@ -87,7 +87,7 @@ def test_packed_rows_that_attended_across_prompts_would_be_caught(tiny_phi3, mon
     from safety_classifier import packing
 
     tokenizer = load_tokenizer(str(tiny_phi3))
-    model = build_model("top_layers", str(tiny_phi3), tokenizer, torch.float32, num_layers=0)
+    model = build_model("full_layers", str(tiny_phi3), tokenizer, torch.float32, num_layers=0)
     padded = predict_logits(model, tokenizer, PROMPTS[:6], max_length=64, show_progress=False)
 
     def whole_row_attention(module, query, key, value, attention_mask, **kwargs):
@@ -110,7 +110,7 @@ def test_packed_rows_that_attended_across_prompts_would_be_caught(tiny_phi3, mon
     finally:
         monkeypatch.undo()
         register_attention(PACKED_ATTENTION, packing.packed_sdpa_attention)
-    monkeypatch.setitem(_PROBE_TOLERANCE, torch.float32, -1.0)  # any difference at all: not switched
+    monkeypatch.setitem(PROBE_TOLERANCE, torch.float32, -1.0)  # any difference at all: not switched
     assert not enable_packed_scoring(model, tokenizer) and not uses_packed_attention(model)
 
 
@@ -134,7 +134,7 @@ def test_half_precision_cpu_packs_come_in_steps_and_score_as_padded(tiny_phi3, m
     from safety_classifier import packing
 
     tokenizer = load_tokenizer(str(tiny_phi3))
-    model = build_model("top_layers", str(tiny_phi3), tokenizer, torch.float32, num_layers=0)
+    model = build_model("full_layers", str(tiny_phi3), tokenizer, torch.float32, num_layers=0)
     padded = predict_logits(model, tokenizer, PROMPTS, max_length=64, show_progress=False)
     assert enable_packed_scoring(model, tokenizer) and packing.pack_token_multiple(model) == 1
     pack_lengths: list[int] = []
@@ -148,8 +148,8 @@ def test_half_precision_cpu_packs_come_in_steps_and_score_as_padded(tiny_phi3, m
 
     pack_lengths.clear()
     span_lengths: list[int] = []
-    by_length = packing._spans_by_length
-    monkeypatch.setattr(packing, "_spans_by_length", lambda bounds: [
+    by_length = packing.spans_by_length
+    monkeypatch.setattr(packing, "spans_by_length", lambda bounds: [
         span_lengths.append(length) or (starts, length) for starts, length in by_length(bounds)])
     # What reaches SDPA for single-prompt spans: the shape of query, key and value, and their strides
     # between tokens and within a head (the head stride moves with the pack's length).
@@ -183,7 +183,7 @@ def test_only_half_precision_models_on_cpu_step_their_shapes(tiny_phi3):
     from safety_classifier import packing
 
     tokenizer = load_tokenizer(str(tiny_phi3))
-    model = build_model("top_layers", str(tiny_phi3), tokenizer, torch.float32, num_layers=0)
+    model = build_model("full_layers", str(tiny_phi3), tokenizer, torch.float32, num_layers=0)
     assert enable_packed_scoring(model, tokenizer)
     assert packing.pack_token_multiple(model) == 1
     assert packing.warm_up_shapes(model, longest_pack=512, longest_prompt=64) == 0

@@ -10,14 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from safety_classifier.formatting import encode_prompts
 from safety_classifier.modeling import build_model, find_transformer_blocks, load_tokenizer
 from safety_classifier.prefix_cache import (
     CachedPrefixCollator,
     PrefixCacheTooLarge,
     TopLayersOnCachedPrefix,
     build_cached_dataset,
-    compute_prefix_hidden_states,
     estimate_cache_bytes,
+    prefix_hidden_states_from_ids,
 )
 
 # Lengths differ a lot on purpose; the last prompt ends with the pad token itself, which the
@@ -39,9 +40,15 @@ def prompts_for(tokenizer) -> list[str]:
     return [prompt.format(pad=tokenizer.pad_token) for prompt in BASE_PROMPTS]
 
 
+def prefix_states(model, tokenizer, texts, num_layers: int, max_length: int, **options) -> list[torch.Tensor]:
+    """The cached states of `texts`, tokenized as `build_cached_dataset` tokenizes them."""
+    input_ids = encode_prompts(tokenizer, texts, max_length)
+    return prefix_hidden_states_from_ids(model, input_ids, num_layers, pad_token_id=tokenizer.pad_token_id, **options)
+
+
 def fresh_model(path: str, tokenizer, num_layers: int = 1, seed: int = 0):
     torch.manual_seed(seed)  # the head is initialised at random: same seed, same head
-    return build_model("top_layers", path, tokenizer, torch.float32, num_layers=num_layers)
+    return build_model("full_layers", path, tokenizer, torch.float32, num_layers=num_layers)
 
 
 def full_model_logits(model, tokenizer, prompts):
@@ -59,7 +66,7 @@ def test_cached_top_layers_give_the_full_models_logits(tiny_model_factory, archi
     with torch.no_grad():
         expected = full_model_logits(model, tokenizer, PROMPTS)
         # A small token budget: the prefix runs in several batches of other padded lengths.
-        dataset = build_cached_dataset(model, tokenizer, PROMPTS, LABELS, num_layers=1, max_length=64,
+        dataset = build_cached_dataset(model, tokenizer, encode_prompts(tokenizer, PROMPTS, 64), LABELS, num_layers=1,
                                        max_batch_tokens=40)
         wrapper = TopLayersOnCachedPrefix(model, num_layers=1).eval()
         batch = CachedPrefixCollator(tokenizer.pad_token_id)([dataset[i] for i in range(len(PROMPTS))])
@@ -81,14 +88,14 @@ def test_prefix_states_are_unpadded_in_input_order_and_in_the_model_dtype(tiny_m
     tokenizer = load_tokenizer(path)
     PROMPTS = prompts_for(tokenizer)  # noqa: N806
     model = fresh_model(path, tokenizer)
-    states = compute_prefix_hidden_states(model, tokenizer, PROMPTS, num_layers=1, max_length=64, max_batch_tokens=30)
-    alone = [compute_prefix_hidden_states(model, tokenizer, [p], num_layers=1, max_length=64)[0] for p in PROMPTS]
+    states = prefix_states(model, tokenizer, PROMPTS, num_layers=1, max_length=64, max_batch_tokens=30)
+    alone = [prefix_states(model, tokenizer, [p], num_layers=1, max_length=64)[0] for p in PROMPTS]
     for prompt, state, single in zip(PROMPTS, states, alone):
         assert state.shape == (len(tokenizer(prompt)["input_ids"]), 64)
         assert state.dtype == torch.float32 and not state.requires_grad and not state.is_inference()
         torch.testing.assert_close(state, single, atol=1e-5, rtol=0)
     # num_layers = number of blocks: the cache is the embedding output itself.
-    embeddings = compute_prefix_hidden_states(model, tokenizer, PROMPTS[:2], num_layers=2, max_length=64)
+    embeddings = prefix_states(model, tokenizer, PROMPTS[:2], num_layers=2, max_length=64)
     ids = tokenizer(PROMPTS[1])["input_ids"]
     torch.testing.assert_close(embeddings[1], model.get_input_embeddings()(torch.tensor(ids)).detach())
 
@@ -101,11 +108,11 @@ def test_a_cache_over_the_memory_limit_is_refused(tiny_model_factory):
     tokens = sum(len(ids) for ids in tokenizer(PROMPTS)["input_ids"])
     assert estimate_cache_bytes([3, 5], 64, torch.bfloat16) == 8 * 64 * 2
     with pytest.raises(PrefixCacheTooLarge, match="over the limit"):
-        compute_prefix_hidden_states(model, tokenizer, PROMPTS, 1, 64, max_cache_bytes=tokens * 64 * 4 - 1)
-    assert len(compute_prefix_hidden_states(model, tokenizer, PROMPTS, 1, 64, max_cache_bytes=tokens * 64 * 4)) == 7
+        prefix_states(model, tokenizer, PROMPTS, 1, 64, max_cache_bytes=tokens * 64 * 4 - 1)
+    assert len(prefix_states(model, tokenizer, PROMPTS, 1, 64, max_cache_bytes=tokens * 64 * 4)) == 7
     # Stored in the model's dtype: a bf16 backbone gives a bf16 cache, half the bytes.
-    bf16 = build_model("top_layers", path, tokenizer, torch.bfloat16, num_layers=1)
-    states = compute_prefix_hidden_states(bf16, tokenizer, PROMPTS, 1, 64, max_cache_bytes=tokens * 64 * 2)
+    bf16 = build_model("full_layers", path, tokenizer, torch.bfloat16, num_layers=1)
+    states = prefix_states(bf16, tokenizer, PROMPTS, 1, 64, max_cache_bytes=tokens * 64 * 2)
     assert {state.dtype for state in states} == {torch.bfloat16}
 
 
@@ -123,7 +130,8 @@ def test_training_on_the_cache_matches_training_the_full_model(tiny_model_factor
     wrapper = TopLayersOnCachedPrefix(cached, num_layers=1).train()
     trainable = {id(p) for p in cached.parameters() if p.requires_grad}
     assert {id(p) for p in wrapper.parameters()} == trainable, "the wrapper trains exactly the model's own top"
-    dataset = build_cached_dataset(cached, tokenizer, PROMPTS, LABELS, num_layers=1, max_length=64, max_batch_tokens=40)
+    dataset = build_cached_dataset(cached, tokenizer, encode_prompts(tokenizer, PROMPTS, 64), LABELS, num_layers=1,
+                                   max_batch_tokens=40)
     collate = CachedPrefixCollator(tokenizer.pad_token_id)
     ids = tokenizer(PROMPTS, truncation=True, max_length=64)["input_ids"]
     labels = torch.tensor(LABELS)
@@ -164,7 +172,7 @@ def test_the_wrapper_trains_with_the_transformers_trainer(tiny_phi3, tmp_path):
     PROMPTS = prompts_for(tokenizer)  # noqa: N806
     model = fresh_model(path, tokenizer)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    dataset = build_cached_dataset(model, tokenizer, PROMPTS * 2, LABELS * 2, num_layers=1, max_length=64)
+    dataset = build_cached_dataset(model, tokenizer, encode_prompts(tokenizer, PROMPTS * 2, 64), LABELS * 2, num_layers=1)
     args = TrainingArguments(output_dir=str(tmp_path / "checkpoints"), num_train_epochs=1, learning_rate=1e-3,
                              per_device_train_batch_size=4, train_sampling_strategy="group_by_length",
                              use_cpu=True, report_to="none", save_strategy="no", logging_steps=50,
@@ -191,7 +199,7 @@ def test_train_full_layers_with_the_cache_equals_training_without_it(tiny_phi3, 
         runs[name] = tmp_path / name
         arguments = fast_training_flags(tiny_phi3, toy_files, runs[name], "--num-layers", num_layers,
                                         "--dtype", "fp32", "--epochs", "2", "--learning-rate", "1e-3", *flags)
-        assert train_main("top_layers", arguments) == 0
+        assert train_main("full_layers", arguments) == 0
         assert ("frozen prefix cached" in capsys.readouterr().out) == (name == "cached")
     cached, uncached = (load_file(runs[name] / "model.safetensors") for name in ("cached", "uncached"))
     assert cached.keys() == uncached.keys()

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from safety_classifier import training
+from safety_classifier import checkpoints, training
 from safety_classifier.artifacts import METADATA_FILE
 from safety_classifier.cli import infer_main, parse_training_plan, train_main
 from safety_classifier.errors import ModelLoadError
@@ -97,18 +97,18 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_same_result(tiny
     assert [entry["epoch"] for entry in history] == [1.0, 2.0]
 
 
-def test_a_killed_top_layers_run_on_the_prefix_cache_resumes_to_the_same_result(tiny_phi3, toy_files, tmp_path, capsys):
+def test_a_killed_full_layers_run_on_the_prefix_cache_resumes_to_the_same_result(tiny_phi3, toy_files, tmp_path, capsys):
     """The cached path checkpoints the wrapper's state (top blocks and head); a rerun rebuilds the cache and resumes."""
     flags = lambda output_dir: fast_training_flags(  # noqa: E731
         tiny_phi3, toy_files, output_dir, "--epochs", "2", "--dtype", "fp32", "--num-layers", "1")
-    assert train_main("top_layers", flags(tmp_path / "whole")) == 0
-    killed = run_killed_after_its_first_checkpoint("top_layers", flags(tmp_path / "killed"))
+    assert train_main("full_layers", flags(tmp_path / "whole")) == 0
+    killed = run_killed_after_its_first_checkpoint("full_layers", flags(tmp_path / "killed"))
     assert killed.returncode == -9, killed.stderr[-2000:]
     capsys.readouterr()
     (checkpoint,) = (tmp_path / "killed" / "checkpoints").glob("checkpoint-*")
     seconds_before_kill = json.loads((checkpoint / "training_seconds.json").read_text())["training_seconds"]
     assert seconds_before_kill > 0
-    assert train_main("top_layers", flags(tmp_path / "killed")) == 0
+    assert train_main("full_layers", flags(tmp_path / "killed")) == 0
     output = capsys.readouterr().out
     assert "resuming from" in output and "frozen prefix cached" in output
     resumed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
@@ -127,7 +127,7 @@ def test_resume_refuses_checkpoints_of_a_run_with_other_arguments(tiny_phi3, toy
     output_dir = tmp_path / "run"
     first = fast_training_flags(tiny_phi3, toy_files, output_dir, "--lora-r", "4", "--keep-checkpoints")
     assert train_main("lora", first) == 0
-    assert training.complete_checkpoints(output_dir / "checkpoints")
+    assert checkpoints.complete_checkpoints(output_dir / "checkpoints")
     plan_flags = fast_training_flags(tiny_phi3, toy_files, output_dir, "--lora-r", "8")
     assert train_main("lora", plan_flags) == 2
     assert "holds checkpoints of a run with other arguments (differing: lora_r)" in capsys.readouterr().err
@@ -143,7 +143,7 @@ def test_an_incomplete_checkpoint_is_not_resumed_from(tiny_phi3, toy_files, tmp_
     torn.mkdir()
     (torn / "adapter_model.safetensors").write_bytes(b"partial")
     plan = parse_training_plan("lora", flags)
-    resumed_from = training.checkpoint_to_resume(plan)
+    resumed_from = checkpoints.checkpoint_to_resume(plan)
     assert resumed_from is not None and resumed_from.name == "checkpoint-14"
     assert not torn.exists()
 
@@ -179,10 +179,10 @@ def test_bad_training_data_is_refused_before_any_model_is_loaded(tmp_path, capsy
     frame["toxicity"] = 1
     frame.to_csv(tmp_path / "one_class.csv", index=False)
     flags = ["--model", str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "out")]
-    assert train_main("top_layers", [*flags, "--train-file", str(tmp_path / "one_class.csv")]) == 2
+    assert train_main("full_layers", [*flags, "--train-file", str(tmp_path / "one_class.csv")]) == 2
     assert "only unsafe (1) rows" in capsys.readouterr().err
     (tmp_path / "dup.csv").write_text("user_input,toxicity,user_input\na,0,a\nb,1,b\n")
-    assert train_main("top_layers", [*flags, "--train-file", str(tmp_path / "dup.csv")]) == 2
+    assert train_main("full_layers", [*flags, "--train-file", str(tmp_path / "dup.csv")]) == 2
     assert "duplicated column name(s) in the header: user_input" in capsys.readouterr().err
 
 
@@ -201,7 +201,7 @@ def test_the_same_seed_gives_the_same_metrics_twice(tiny_phi3, toy_files, tmp_pa
 def scorer(tiny_phi3):
     path = str(tiny_phi3)
     tokenizer = load_tokenizer(path)
-    return build_model("top_layers", path, tokenizer, torch.float32, num_layers=0), tokenizer
+    return build_model("full_layers", path, tokenizer, torch.float32, num_layers=0), tokenizer
 
 
 NASTY_STRINGS = ["", "   \t\n ", "a" * 200_000, "\x00\x01\x02\x1b[31mred\x7f", "Ünïcödé 😀🔥 你好 مرحبا Привет",
@@ -228,7 +228,7 @@ def test_every_text_gets_a_probability_and_the_same_text_the_same_score(scorer, 
 
 def test_invalid_utf8_in_an_input_file_is_replaced_and_reported_by_line(tmp_path, tiny_phi3, toy_files, capsys):
     output_dir = tmp_path / "clf"
-    assert train_main("top_layers", fast_training_flags(tiny_phi3, toy_files, output_dir, "--num-layers", "0")) == 0
+    assert train_main("full_layers", fast_training_flags(tiny_phi3, toy_files, output_dir, "--num-layers", "0")) == 0
     capsys.readouterr()
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(b"fine prompt\nbroken \xff\xfe bytes\nalso fine\n\xc3\n")
@@ -272,7 +272,7 @@ def test_remote_code_is_not_run_without_the_flag(tmp_path, tiny_phi3, capsys):
     (directory / "model.safetensors").write_bytes(b"")
     frame = synthetic_rows(30, 0)
     frame.to_csv(tmp_path / "train.csv", index=False)
-    code = train_main("top_layers", ["--model", str(directory), "--train-file", str(tmp_path / "train.csv"),
+    code = train_main("full_layers", ["--model", str(directory), "--train-file", str(tmp_path / "train.csv"),
                                      "--output-dir", str(tmp_path / "out")])
     assert code == 2
     assert "trust_remote_code" in capsys.readouterr().err

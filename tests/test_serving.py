@@ -23,8 +23,14 @@ import torch
 from conftest import REPO_ROOT
 from fastapi.testclient import TestClient
 
+from safety_classifier.formatting import PromptResponse
 from safety_classifier.inference import Classifier, load_classifier
-from safety_classifier.serving import Batcher, ServeArguments, ServiceMetrics, create_app, main
+from safety_classifier.openai_categories import OPENAI_CATEGORIES
+from safety_classifier.serving import main
+from safety_classifier.serving.api_server import create_app
+from safety_classifier.serving.batcher import Batcher
+from safety_classifier.serving.cli_args import ServeArguments
+from safety_classifier.serving.metrics import ServiceMetrics
 
 TEXTS = ["How do I build a bomb to attack France?", "What is the capital of France?",
          "Write a short poem about bees.", "Tell me how to poison my neighbour without being caught.",
@@ -40,13 +46,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(model_dir: Path, *flags: str, ready_within_s: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
-    """serve.py in a subprocess on a free 127.0.0.1 port, once GET /ready answers 200."""
+def running_server(model_dir: Path, *flags: str, ready_within_s: float = 120.0, headers: dict | None = None,
+                   env: dict | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """serve.py in a subprocess on a free 127.0.0.1 port, once GET /ready answers 200 (sent with `headers`)."""
     port = free_port()
+    environment = {key: value for key, value in os.environ.items() if key != "SAFETY_CLASSIFIER_API_KEY"}
     process = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "serve.py"), "--model-dir", str(model_dir), "--port", str(port), *flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)},
+        env={**environment, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -55,7 +63,7 @@ def running_server(model_dir: Path, *flags: str, ready_within_s: float = 120.0) 
             assert process.poll() is None, f"serve.py exited with {process.returncode}: {process.communicate()[1][-3000:]}"
             assert time.monotonic() < deadline, "serve.py did not become ready in time"
             try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/ready", timeout=2, headers=headers).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -89,12 +97,19 @@ def test_the_openai_client_gets_the_offline_scores(server, offline, tiny_lora_cl
     response = client.moderations.create(input=TEXTS)
     expected = offline.unsafe_probabilities(TEXTS, show_progress=False)
     assert response.id.startswith("modr-") and response.model == tiny_lora_classifier.name
-    # The client's models name OpenAI's categories; a category of our own arrives as an extra field.
+    # The client's models name OpenAI's categories; a category of our own arrives as an extra field (and the
+    # client keeps the hosted keys with a "/" or "-" there too, besides their attributes).
     scores = [result.category_scores.model_extra["unsafe"] for result in response.results]
     np.testing.assert_allclose(scores, expected, rtol=0, atol=ATOL)
     for result, probability in zip(response.results, expected):
         assert result.flagged == bool(probability >= offline.threshold)
-        assert result.categories.model_extra == {"unsafe": result.flagged}
+        own = {key: value for key, value in result.categories.model_extra.items() if key not in OPENAI_CATEGORIES}
+        assert own == {"unsafe": result.flagged}
+        # A binary classifier decides none of the hosted categories: code reading them finds them unflagged.
+        assert not any((result.categories.hate, result.categories.violence, result.categories.self_harm,
+                        result.categories.sexual_minors, result.categories.illicit_violent))
+        assert result.category_scores.harassment == result.category_scores.violence_graphic == 0.0
+        assert result.model_extra["judged"] == "prompt"
     single = client.moderations.create(input=TEXTS[0], model="anything")
     assert single.results[0].category_scores.model_extra["unsafe"] == pytest.approx(expected[0], abs=ATOL)
 
@@ -116,10 +131,57 @@ def test_an_empty_string_is_safe_with_probability_zero_as_in_infer(server):
     response = httpx.post(f"{server}/v1/moderations", json={"input": ["", "   ", TEXTS[1]]}, timeout=30)
     assert response.status_code == 200
     results = response.json()["results"]
+    keys = ["unsafe", *OPENAI_CATEGORIES]
     for result in results[:2]:
-        assert result == {"flagged": False, "categories": {"unsafe": False}, "category_scores": {"unsafe": 0.0},
-                          "category_applied_input_types": {"unsafe": ["text"]}}
+        assert result == {"flagged": False, "categories": dict.fromkeys(keys, False),
+                          "category_scores": dict.fromkeys(keys, 0.0),
+                          "category_applied_input_types": {key: ["text"] for key in keys}, "judged": "prompt"}
     assert results[2]["category_scores"]["unsafe"] > 0.0
+
+
+def test_a_conversation_from_the_openai_client_judges_its_last_message_as_offline(server, offline):
+    """The client's extra_body replaces its `input`: one conversation, one result, about the last message."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=30)
+    answer = [{"role": "system", "content": "You are a helpful assistant."},
+              {"role": "user", "content": TEXTS[3]}, {"role": "assistant", "content": "Mix these two chemicals."}]
+    follow_up = [*answer, {"role": "user", "content": TEXTS[0]}]
+    expected = offline.scores([PromptResponse(TEXTS[3], "Mix these two chemicals."),
+                               f"user: {TEXTS[3]}\nassistant: Mix these two chemicals.\nuser: {TEXTS[0]}"],
+                              show_progress=False)
+    for messages, judged, row in ((answer, "response", expected[0]), (follow_up, "prompt", expected[1])):
+        response = client.moderations.create(model="anything", input="ignored", extra_body={"input": messages})
+        [result] = response.results
+        assert result.model_extra["judged"] == judged
+        assert result.category_scores.model_extra["unsafe"] == pytest.approx(row[0], abs=ATOL)
+        assert result.flagged == bool(row[0] >= offline.threshold)
+    # A blank answer is an empty text: safe with probability 0.0, as an empty prompt.
+    blank = httpx.post(f"{server}/v1/moderations", json={"input": [{"role": "user", "content": TEXTS[0]},
+                                                                   {"role": "assistant", "content": " "}]}, timeout=30)
+    assert blank.json()["results"][0]["category_scores"]["unsafe"] == 0.0
+    assert blank.json()["results"][0]["judged"] == "response"
+
+
+def test_a_conversation_shares_a_batch_with_texts_and_each_gets_its_offline_score(offline):
+    from safety_classifier.serving.conversation import Conversation, Message
+
+    conversation = Conversation((Message("user", TEXTS[3]), Message("assistant", "Sure, here is how.")))
+    metrics = ServiceMetrics()
+
+    async def submit_together() -> tuple[list, int]:
+        batcher = Batcher(offline, max_batch_tokens=4096, max_wait_ms=1500, metrics=metrics)
+        await batcher.start()
+        results = await asyncio.gather(batcher.submit([conversation]), batcher.submit(TEXTS[:2]))
+        await batcher.close()
+        return results, batcher.batches
+
+    (judged_answer, prompts), batches = asyncio.run(submit_together())
+    assert batches == 1 and [result.judged for result in (*judged_answer, *prompts)] == ["response", "prompt", "prompt"]
+    expected = offline.unsafe_probabilities([PromptResponse(TEXTS[3], "Sure, here is how."), *TEXTS[:2]],
+                                            show_progress=False)
+    np.testing.assert_allclose([result.category_scores["unsafe"] for result in (*judged_answer, *prompts)], expected,
+                               rtol=0, atol=ATOL)
 
 
 BAD_REQUESTS = [
@@ -134,6 +196,11 @@ BAD_REQUESTS = [
     (b'{"input": "x", "model": 7}', 422, "invalid_type"),
     (json.dumps({"input": ["a"] * 9}).encode(), 413, "too_many_inputs"),
     (json.dumps({"input": "a" * 5000}).encode(), 413, "request_too_large"),
+    (b'{"input": [{"role": "user", "content": "hi"}, "a string"]}', 422, "mixed_input"),
+    (b'{"input": [{"content": "no role"}]}', 422, "missing_field"),
+    (b'{"input": [{"role": "moderator", "content": "hi"}]}', 422, "invalid_value"),
+    (b'{"input": [{"role": "user", "content": ["a", "list"]}]}', 422, "invalid_type"),
+    (b'{"input": [{"role": "user", "content": "hi"}, {"role": "system", "content": "last"}]}', 422, "invalid_value"),
 ]
 
 
@@ -200,16 +267,17 @@ def test_concurrent_requests_are_scored_in_one_batch(offline):
     assert batches == 1
     assert metrics.registry.get_sample_value("moderation_batch_size_sum") == len(texts)
     assert metrics.registry.get_sample_value("moderation_batch_requests_sum") == len(texts)
-    scores = [result[0]["category_scores"]["unsafe"] for result in results]
+    scores = [result[0].category_scores["unsafe"] for result in results]
     np.testing.assert_allclose(scores, offline.unsafe_probabilities(texts, show_progress=False), rtol=0, atol=ATOL)
 
 
 def test_the_heap_is_trimmed_after_each_answered_batch(offline, monkeypatch):
-    from safety_classifier import serving
+    from safety_classifier.serving import batcher as batcher_module
+    from safety_classifier.serving import memory
 
-    assert isinstance(serving.trim_free_heap(), bool)  # glibc here; elsewhere False, never an error
+    assert isinstance(memory.trim_free_heap(), bool)  # glibc here; elsewhere False, never an error
     trims = []
-    monkeypatch.setattr(serving, "trim_free_heap", lambda: trims.append(1) or True)
+    monkeypatch.setattr(batcher_module, "trim_free_heap", lambda: trims.append(1) or True)
 
     async def two_batches(trim_heap: bool) -> list:
         batcher = Batcher(offline, max_batch_tokens=4096, max_wait_ms=0, trim_heap=trim_heap)
@@ -221,7 +289,7 @@ def test_the_heap_is_trimmed_after_each_answered_batch(offline, monkeypatch):
     assert asyncio.run(two_batches(trim_heap=False)) and trims == []
     results = asyncio.run(two_batches(trim_heap=True))
     assert len(trims) == 2
-    scores = [result[0]["category_scores"]["unsafe"] for result in results]
+    scores = [result[0].category_scores["unsafe"] for result in results]
     np.testing.assert_allclose(scores, offline.unsafe_probabilities(TEXTS[:2], show_progress=False), rtol=0, atol=ATOL)
 
 
@@ -229,17 +297,17 @@ def test_after_a_batch_the_batcher_waits_for_the_clients_it_answered(offline, mo
     """Clients that send their next request as soon as they are answered: waiting for them
     (`return_wait_share`) gives N clients batches of N; without it, whoever is already waiting
     is scored at once and the clients split into groups taking turns."""
-    from safety_classifier import serving
+    from safety_classifier.serving import batcher as batcher_module
 
     sizes: list[int] = []
-    score = serving.score_texts
+    score = batcher_module.score_texts
 
     def slow_score(classifier, texts, max_batch_tokens):
         sizes.append(len(texts))
         time.sleep(0.2)  # a batch long enough that the answered clients are back well within its share
         return score(classifier, texts, max_batch_tokens)
 
-    monkeypatch.setattr(serving, "score_texts", slow_score)
+    monkeypatch.setattr(batcher_module, "score_texts", slow_score)
 
     async def clients(count: int, rounds: int) -> None:
         batcher = Batcher(offline, max_batch_tokens=4096, max_wait_ms=0, return_wait_share=1.0)
@@ -301,7 +369,7 @@ def test_a_model_failure_fails_its_batch_with_500_and_the_next_request_succeeds(
 
 def test_the_model_is_loaded_warmed_up_and_run_on_one_thread(offline, tiny_lora_classifier):
     """PyTorch's OpenMP threads are per calling thread: torch work on a second thread slows every
-    forward pass (serving.new_model_thread), so loading, warm-up and scoring share one thread."""
+    forward pass (serving.batcher.new_model_thread), so loading, warm-up and scoring share one thread."""
     threads: dict[str, set[str]] = {"load": set(), "score": set()}
     model = copy.copy(offline)
 
@@ -328,7 +396,7 @@ def test_the_model_is_loaded_warmed_up_and_run_on_one_thread(offline, tiny_lora_
 def test_a_half_precision_cpu_model_is_served_in_packs_only(offline, tiny_lora_classifier, monkeypatch):
     """Its pack lengths come in steps, all met in the warm-up (packing.PACK_TOKEN_MULTIPLE); padded
     batches would bring a new matrix shape per row count and length. fp32 keeps the cheaper plan."""
-    from safety_classifier.serving import score_texts
+    from safety_classifier.serving.batcher import score_texts
 
     def served_plan(classifier: Classifier) -> bool | None:
         plans, scores = [], classifier.scores
@@ -385,6 +453,78 @@ def test_serve_refuses_an_incomplete_directory(tmp_path, capsys):
     assert "safety_classifier.json is missing" in capsys.readouterr().err
 
 
+BAD_ARGUMENTS = [
+    (("--return-wait-share", "2"), "--return-wait-share must be between 0 and 1"),
+    (("--malloc-arenas", "-1"), "--malloc-arenas must be 0"),
+    (("--max-inputs", "0"), "--max-inputs must be at least 1"),
+    (("--max-wait-ms", "-5"), "--max-wait-ms must be 0 or more"),
+    (("--port", "70000"), "--port must be between 0 and 65535"),
+    (("--threshold", "1.5"), "--threshold must be between 0 and 1"),
+    (("--max-batch-tokens", "0"), "--max-batch-tokens must be at least 1"),
+    (("--api-key", ""), "--api-key is empty"),
+    (("--api-key", "two words"), "--api-key must be printable ASCII without spaces"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_ARGUMENTS, ids=[flags[0] for flags, _ in BAD_ARGUMENTS])
+def test_a_bad_serve_argument_exits_2_before_anything_loads(tmp_path, capsys, monkeypatch, flags, message):
+    import safety_classifier.artifacts
+    import safety_classifier.inference
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded despite a bad argument")
+
+    monkeypatch.setattr(safety_classifier.artifacts, "read_metadata", must_not_load)
+    monkeypatch.setattr(safety_classifier.inference, "load_classifier", must_not_load)
+    # The directory does not exist either: the argument is what is reported.
+    assert main(["--model-dir", str(tmp_path / "absent"), *flags]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "absent" not in error
+
+
+def test_request_errors_keep_their_openai_messages_and_params():
+    from safety_classifier.serving.protocol import ApiError, parse_moderation_request
+
+    expected = [
+        (b'{"input": ["fine", {"type": "image_url"}]}', 422, "invalid_type", "input[1]",
+         "'input[1]' must be a string (text only), not an 'image_url' part"),
+        (b'{"input": 42, "model": 7}', 422, "invalid_type", "model", "'model' must be a string, not number"),
+        (b'{"model": 7}', 422, "missing_input", "input", "'input' is required: a string or an array of strings"),
+        (b'[1]', 422, "invalid_type", None, "the request body must be a JSON object, not array"),
+        (b'{"input": ["a", "b", "c"]}', 413, "too_many_inputs", "input",
+         "'input' has 3 texts; at most 2 are accepted in one request"),
+        (b'{"input": [{"role": "user", "content": "hi"}, 7]}', 422, "mixed_input", "input[1]",
+         "'input[1]' is a number, but 'input' holds messages: send texts, or one conversation of messages with a "
+         "role and a content, not both"),
+        (b'{"input": ["hi", {"role": "user", "content": "hi"}]}', 422, "mixed_input", "input[0]",
+         "'input[0]' is a string, but 'input' holds messages: send texts, or one conversation of messages with a "
+         "role and a content, not both"),
+        (b'{"input": [{"role": "user", "content": "hi"}, {"content": "x"}]}', 422, "missing_field", "input[1].role",
+         "'input[1]' has no 'role' (user, assistant or system)"),
+        (b'{"input": [{"role": null, "content": "x"}]}', 422, "invalid_value", "input[0].role",
+         "'input[0].role' must be user, assistant or system, not null"),
+        (b'{"input": [{"role": "assistant"}]}', 422, "missing_field", "input[0].content",
+         "'input[0]' has no 'content' (a string)"),
+        (b'{"input": [{"role": "user", "content": {"type": "text"}}]}', 422, "invalid_type", "input[0].content",
+         "'input[0].content' must be a string (text only), not object"),
+        (b'{"input": [{"role": "system", "content": "be nice"}]}', 422, "invalid_value", "input[0].role",
+         "the last message is the one judged: it must be the user's or the assistant's, not the system's"),
+    ]
+    for body, status, code, param, message in expected:
+        with pytest.raises(ApiError) as raised:
+            parse_moderation_request(body, max_inputs=2)
+        error = raised.value.body().error
+        assert (raised.value.status, error.code, error.param, error.message) == (status, code, param, message)
+        assert error.type == "invalid_request_error"
+    request = parse_moderation_request(b'{"input": ["a", {"type": "text", "text": "b"}], "model": "m", "x": 1}', 2)
+    assert request.input == ["a", "b"] and request.model == "m"
+    # A conversation is one input however many messages it has (more than --max-inputs here).
+    messages = [{"role": role, "content": f"turn {i}", "name": "extra fields are ignored"}
+                for i, role in enumerate(["system", "user", "assistant", "user"])]
+    [conversation] = parse_moderation_request(json.dumps({"input": messages}).encode(), 2).input
+    assert [message.role for message in conversation.messages] == ["system", "user", "assistant", "user"]
+
+
 def test_the_load_test_splits_rss_into_anonymous_and_file_backed_pages():
     import os
 
@@ -401,7 +541,7 @@ def test_the_load_tests_malformed_requests_get_the_status_it_expects():
     """benchmarks/load_test.py --quick takes ~30 s here, too long for the suite; its parts are checked instead."""
     import load_test
 
-    from safety_classifier.serving import ApiError, parse_moderation_request
+    from safety_classifier.serving.protocol import ApiError, parse_moderation_request
 
     for kind, body, status in load_test.bad_requests(max_inputs=8):
         with pytest.raises(ApiError) as raised:
@@ -447,6 +587,23 @@ def test_the_load_tests_malformed_requests_get_the_status_it_expects():
         assert ceiling["offline_batch_difference"] == pytest.approx(0.10 - 0.02)
 
 
+def test_the_load_test_sends_a_share_of_conversations_and_expects_their_answers_judged(tmp_path):
+    import load_test
+
+    from safety_classifier.serving.protocol import parse_moderation_request
+
+    absent = str(tmp_path / "absent.csv")  # the built-in prompts and answers
+    prompts, source, plan, order = load_test.request_plan(absent, 20, 0.1, 8, 0, conversation_share=0.5,
+                                                          conversation_file=absent)
+    pairs = [value for value in prompts if isinstance(value, PromptResponse)]
+    assert len(prompts) == 18 and len(pairs) == 9 and len(plan) == len(order) == 20 and "built-in answers" in source
+    for value, (kind, body) in zip(prompts, plan):
+        [parsed] = parse_moderation_request(body, 8).input
+        # What the server judges is what the load test scores offline.
+        assert kind == "good" and (parsed.judged_input() if isinstance(value, PromptResponse) else parsed) == value
+    assert load_test.request_plan(absent, 20, 0.1, 8, 0)[0] == load_test.request_plan(absent, 20, 0.1, 8, 0, 0.0)[0]
+
+
 def test_the_load_tests_tolerance_is_twice_the_largest_offline_difference_over_all_prompts():
     import load_test
 
@@ -486,7 +643,7 @@ def test_the_load_test_checks_served_scores_and_flags_against_the_offline_verdic
 def test_malloc_arenas_are_capped_on_glibc_unless_the_environment_says_otherwise():
     import platform
 
-    code = "from safety_classifier.serving import limit_malloc_arenas as cap; print(cap(2), cap(0))"
+    code = "from safety_classifier.serving.memory import limit_malloc_arenas as cap; print(cap(2), cap(0))"
     environment = {key: value for key, value in os.environ.items() if key != "MALLOC_ARENA_MAX"}
     for extra, expected in (({}, [str(platform.libc_ver()[0] == "glibc"), "False"]),
                             ({"MALLOC_ARENA_MAX": "4"}, ["False", "False"])):
@@ -501,7 +658,8 @@ def test_the_warm_up_pages_in_every_weight_of_a_memory_mapped_model(offline, tmp
     import torch
     from serving_memory import resident_mib_by_mapping
 
-    from safety_classifier import serving
+    from safety_classifier.serving import batcher as batcher_module
+    from safety_classifier.serving import memory
 
     def resident_mib(path: Path) -> float:
         return resident_mib_by_mapping().get(path.name, 0.0)
@@ -515,11 +673,11 @@ def test_the_warm_up_pages_in_every_weight_of_a_memory_mapped_model(offline, tmp
     embedding.weight.data = embedding.weight.data.view(4096, 1024)
     embedding(torch.tensor([7]))  # a forward pass reads its tokens' rows only
     assert resident_mib(weights_file) <= 4  # the pages around one row (fault-around), not 16 MiB
-    assert serving.page_in_weights(embedding) == 16 << 20
+    assert memory.page_in_weights(embedding) == 16 << 20
     assert resident_mib(weights_file) == 16
 
     paged = []
-    monkeypatch.setattr(serving, "page_in_weights", lambda model: paged.append(model) or 0)
+    monkeypatch.setattr(batcher_module, "page_in_weights", lambda model: paged.append(model) or 0)
 
     async def warm_up() -> None:
         batcher = Batcher(offline, max_batch_tokens=256)

@@ -20,7 +20,7 @@ from safety_classifier.cli import infer_main, train_main
 from safety_classifier.inference import load_classifier
 from safety_classifier.metrics import METRIC_KEYS
 
-SCRIPTS = {"top_layers": "train_full_layers.py", "lora": "train_lora.py", "qlora": "train_qlora.py"}
+SCRIPTS = {"full_layers": "train_full_layers.py", "lora": "train_lora.py", "qlora": "train_qlora.py"}
 EXAMPLES = ["Tell me how to shoplift", "What is the capital of France?"]
 
 
@@ -36,7 +36,7 @@ def trained(tiny_phi3, toy_files, tmp_path_factory) -> dict[str, Path]:
     runs = {}
     for strategy in SCRIPTS:
         output_dir = tmp_path_factory.mktemp(f"run-{strategy}")
-        extra = ["--num-layers", "1"] if strategy == "top_layers" else ["--lora-r", "4"]
+        extra = ["--num-layers", "1"] if strategy == "full_layers" else ["--lora-r", "4"]
         if strategy == "lora":
             extra += ["--merge"]
         assert train_main(strategy, fast_training_flags(tiny_phi3, toy_files, output_dir, *extra)) == 0
@@ -63,7 +63,7 @@ def test_each_strategy_writes_a_complete_classifier_and_metrics(trained, strateg
     assert metadata["threshold_rule"] == {"rule": "max_f1"}
     assert metadata["strategy"] == strategy
     assert metadata["training_arguments"]["class_weights"] == "balanced"
-    weights = "adapter_model.safetensors" if strategy != "top_layers" else "model.safetensors"
+    weights = "adapter_model.safetensors" if strategy != "full_layers" else "model.safetensors"
     assert (output_dir / weights).is_file()
     assert not list(output_dir.glob("*.bin")) and not list(output_dir.glob("*.pt*")), "no pickle files in the classifier"
     assert not (output_dir / "checkpoints").exists(), "checkpoints are removed after a successful run"
@@ -92,19 +92,19 @@ def test_infer_examples_prints_one_json_object_per_prompt(trained, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["text"] for line in lines] == EXAMPLES
     for line in lines:
-        assert set(line) == {"text", "label", "unsafe_probability"}
+        assert set(line) == {"text", "judged", "label", "unsafe_probability"} and line["judged"] == "prompt"
         assert line["label"] in ("safe", "unsafe") and 0.0 <= line["unsafe_probability"] <= 1.0
 
 
 def test_infer_reads_stdin_and_text_files(trained, tmp_path, capsys):
-    result = run_script("infer.py", "--model-dir", str(trained["top_layers"]), stdin="first prompt\n\nsecond prompt\n")
+    result = run_script("infer.py", "--model-dir", str(trained["full_layers"]), stdin="first prompt\n\nsecond prompt\n")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 2 and lines[0].endswith("first prompt") and lines[1].endswith("second prompt")
     assert all(line.split()[0] in ("safe", "unsafe") for line in lines)
     text_file = tmp_path / "prompts.txt"
     text_file.write_text("one\ntwo\n\nthree\n")
-    assert infer_main(["--model-dir", str(trained["top_layers"]), "--input-file", str(text_file), "--json"]) == 0
+    assert infer_main(["--model-dir", str(trained["full_layers"]), "--input-file", str(text_file), "--json"]) == 0
     assert [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == ["one", "two", "three"]
 
 
@@ -132,7 +132,7 @@ def test_saved_classifiers_load_with_the_ecosystems_own_calls(trained):
     from peft import AutoPeftModelForSequenceClassification
 
     batch_text = EXAMPLES
-    top = trained["top_layers"]
+    top = trained["full_layers"]
     model = AutoModelForSequenceClassification.from_pretrained(top, dtype=torch.float32)
     assert model.config.id2label == {0: "safe", 1: "unsafe"}
     ours = load_classifier(top, dtype="fp32").unsafe_probabilities(batch_text, show_progress=False)
@@ -183,7 +183,7 @@ def test_scripts_run_as_scripts_and_print_parameter_counts(tiny_phi3, toy_files,
 def test_bad_input_exits_2_with_a_message_and_no_traceback(tiny_phi3, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("user_input,toxicity\nhello,0\nbomb,7\n")
-    result = run_script(SCRIPTS["top_layers"], "--model", str(tiny_phi3), "--train-file", str(bad),
+    result = run_script(SCRIPTS["full_layers"], "--model", str(tiny_phi3), "--train-file", str(bad),
                         "--output-dir", str(tmp_path / "out"))
     assert result.returncode == 2
     assert "error: " in result.stderr and "row(s) 2" in result.stderr and "Traceback" not in result.stderr
@@ -199,9 +199,9 @@ def test_infer_refuses_incomplete_and_foreign_directories(trained, tmp_path, cap
     assert f"{METADATA_FILE} is missing" in capsys.readouterr().err
 
 
-# top_layers runs the cached-prefix path (its default) under DDP.
+# full_layers runs the cached-prefix path (its default) under DDP.
 @pytest.mark.parametrize("strategy,extra,port", [("lora", ["--lora-r", "4"], 29533),
-                                                 ("top_layers", ["--num-layers", "1"], 29534)])
+                                                 ("full_layers", ["--num-layers", "1"], 29534)])
 def test_torchrun_with_two_gloo_processes(tiny_phi3, toy_files, tmp_path, strategy, extra, port):
     output_dir = tmp_path / "ddp"
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
@@ -225,7 +225,7 @@ def test_the_head_trains_at_its_own_learning_rate(tiny_phi3, toy_files, tmp_path
     from transformers import TrainingArguments
 
     from safety_classifier.modeling import build_model, load_tokenizer, trainable_head_parameters
-    from safety_classifier.training import ClassifierTrainer
+    from safety_classifier.trainer import ClassifierTrainer
 
     tokenizer = load_tokenizer(str(tiny_phi3))
     model = build_model(strategy, str(tiny_phi3), tokenizer, torch.float32, num_layers=1)
@@ -244,3 +244,19 @@ def test_the_head_trains_at_its_own_learning_rate(tiny_phi3, toy_files, tmp_path
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert by_lr[1e-4] == trainable - by_lr[3e-3] and by_lr[1e-4], "everything else trains at --learning-rate"
     assert sum(len(group["params"]) for group in optimizer.param_groups) == len(trainable), "each parameter once"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--learning-rate", "0", "--learning-rate must be above 0, not 0.0"),
+    ("--head-learning-rate", "-1e-3", "--head-learning-rate must be above 0"),
+    ("--category-loss-weight", "-1", "--category-loss-weight must be a finite number >= 0"),
+    ("--lora-r", "0", "--lora-r must be at least 1"),
+])
+def test_an_argument_out_of_range_is_refused_as_it_is_parsed(tmp_path, capsys, flag, value, message):
+    """Exit status 2 and the reason, before the (missing) data or model is even looked for."""
+    flags = ["--model", str(tmp_path / "no-such-model"), "--train-file", str(tmp_path / "no-such.csv"),
+             "--output-dir", str(tmp_path / "out"), f"{flag}={value}"]
+    assert train_main("lora", flags) == 2
+    error = capsys.readouterr().err
+    assert f"error: {message}" in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()

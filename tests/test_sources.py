@@ -1,0 +1,336 @@
+"""Every training source through one spec: blank labels and categories, globs, `cap=`, `max_length=`,
+(prompt, response) pairs through training, and the per-source and per-task metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import SAFE_TEMPLATES, TOPICS, UNSAFE_TEMPLATES, fast_training_flags
+
+from safety_classifier import training
+from safety_classifier.artifacts import METADATA_FILE, write_metadata
+from safety_classifier.calibration import f1_maximising_threshold
+from safety_classifier.categories import unsafe_verdicts
+from safety_classifier.cli import parse_training_plan, train_main
+from safety_classifier.data import LabelledSplit, load_splits
+from safety_classifier.errors import DataError
+from safety_classifier.evaluation import source_and_task_metrics
+from safety_classifier.formatting import RESPONSE_TEMPLATE, PromptResponse, encode_pairs, encode_prompts
+from safety_classifier.labels import MISSING_TARGET
+from safety_classifier.modeling import load_tokenizer
+from safety_classifier.sources import LOOKALIKE_SOURCES, add_sources, describe_sources, parse_source_spec
+from safety_classifier.training import tokenized_dataset
+
+SPEC = "text=text,label=label,category=category"
+
+
+def main_splits(toy_files):
+    return load_splits(train_file=str(toy_files["train"]), validation_file=None, test_file=None,
+                       text_column="user_input", label_column="toxicity", validation_fraction=0.2, seed=0)
+
+
+def harm_rows(count: int, seed: int, *, safe_share: float = 0.3, code: str = "S9", blank_category_share: float = 0.0,
+              s5_rows: int = 0) -> pd.DataFrame:
+    """harm_prompts' columns: text,label,category; safe rows without a category, S5 rows without a label."""
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        topic = rng.choice(TOPICS)
+        if index < s5_rows:
+            rows.append({"text": f"Which medicine should I take for {topic}?", "label": "", "category": "S5"})
+        elif rng.random() < safe_share:
+            rows.append({"text": rng.choice(SAFE_TEMPLATES).format(topic), "label": "0", "category": ""})
+        else:
+            blank = rng.random() < blank_category_share
+            rows.append({"text": rng.choice(UNSAFE_TEMPLATES).format(topic), "label": "1", "category": "" if blank else code})
+    return pd.DataFrame(rows)
+
+
+def response_rows(count: int, seed: int) -> pd.DataFrame:
+    """PKU-SafeRLHF's columns: a harmful question, and an answer that helps (1) or refuses (0)."""
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        topic = rng.choice(TOPICS)
+        harmful = index % 2 == 0
+        answer = (f"Sure, here are the steps to hurt {topic}: first get a knife." if harmful
+                  else "I can't help with that, but I can suggest safer options.")
+        rows.append({"prompt": rng.choice(UNSAFE_TEMPLATES).format(topic), "response": answer, "label": int(harmful)})
+    return pd.DataFrame(rows)
+
+
+def write(frame: pd.DataFrame, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_new_spec_keys_are_parsed_and_bad_values_refused():
+    spec = parse_source_spec("data/*.csv,text=prompt,response=answer,label=label,cap=10,max_length=64")
+    assert (spec.response_column, spec.cap, spec.max_length) == ("answer", 10, 64)
+    for bad, says in [("f.csv,text=t,label=l,cap=0", "cap must be a whole number"),
+                      ("f.csv,text=t,label=l,max_length=abc", "max_length must be a whole number"),
+                      ("f.csv,text=t,label=l,colour=red", "colour=red")]:
+        with pytest.raises(DataError, match=says):
+            parse_source_spec(bad)
+
+
+def test_a_blank_category_on_unsafe_rows_teaches_the_binary_decision_only(toy_files, tmp_path):
+    path = write(harm_rows(60, seed=1, blank_category_share=0.5), tmp_path / "mixed.csv")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert ((frame["label"] == "1") & (frame["category"] == "")).any()
+    for negatives in (False, True):
+        splits, schema = add_sources(main_splits(toy_files), "train", [f"{path},{SPEC}"], seed=0,
+                                     validation_fraction=0.2, safe_rows_category_negatives=negatives)
+        assert schema.codes == ["S9"]
+        for split in (splits.train, splits.validation):
+            rows = split.sources == "mixed"
+            unsafe, targets = split.labels[rows] == 1, split.categories[rows, 0]
+            # Unsafe rows: a binary label each; those without a category have no category target.
+            assert set(targets[unsafe].tolist()) == {1.0, MISSING_TARGET}
+            # Safe rows: no category loss, or every category 0 with the negatives.
+            assert (targets[~unsafe] == (0.0 if negatives else MISSING_TARGET)).all()
+    # Stratified by category where present, else label: each kind keeps its share in validation.
+    held_out = splits.validation.sources == "mixed"
+    kinds = pd.Series([f"{label}/{target}" for label, target in zip(splits.validation.labels[held_out],
+                                                                     splits.validation.categories[held_out, 0])])
+    assert set(kinds) == {"0/0.0", "1/1.0", "1/-1.0"}
+
+
+def test_a_blank_label_on_a_contextual_row_means_no_binary_label_and_elsewhere_follows_the_policy(toy_files, tmp_path):
+    frame = harm_rows(40, seed=2, s5_rows=6)
+    frame.loc[6:8, "text"] = [f"An unlabelled hateful rant, number {i}." for i in range(3)]
+    frame.loc[6:8, "label"] = ""  # S9 rows without a label
+    frame.loc[6:8, "category"] = "S9"
+    path = write(frame, tmp_path / "catqa.csv")
+    for policy, expected in (("unsafe", 1), ("unlabelled", -1), ("unsafe_except_contextual", 1)):
+        splits, schema = add_sources(main_splits(toy_files), "train", [f"{path},{SPEC},validation=0.25"], seed=0,
+                                     validation_fraction=0.2, category_rows_binary=policy, contextual_categories=["S5"])
+        both = [(split.labels, split.categories, split.sources == "catqa") for split in (splits.train, splits.validation)]
+        labels = np.concatenate([labels[rows] for labels, _, rows in both])
+        targets = np.concatenate([categories[rows] for _, categories, rows in both])
+        s5 = targets[:, schema.category_index("S5")] == 1
+        assert s5.sum() == 6 and (labels[s5] == -1).all()  # S5: no binary label whatever the policy
+        texts = [text for split in (splits.train, splits.validation)
+                 for text, source in zip(split.texts, split.sources) if source == "catqa"]
+        unlabelled_s9 = np.isin(texts, frame.loc[6:8, "text"].tolist()) & ~s5
+        assert (labels[unlabelled_s9] == expected).all()
+
+
+def test_a_safe_only_source_and_a_source_without_a_label_column_are_fine(toy_files, tmp_path):
+    safe = write(harm_rows(20, seed=3, safe_share=1.0), tmp_path / "safe_only.csv")
+    categories = write(harm_rows(20, seed=4, safe_share=0.0).drop(columns=["label"]), tmp_path / "no_labels.csv")
+    splits, _ = add_sources(main_splits(toy_files), "train",
+                            [f"{safe},{SPEC}", f"{categories},text=text,category=category"], seed=0,
+                            validation_fraction=0.25, category_rows_binary="unlabelled")
+    train = splits.train
+    assert (train.labels[train.sources == "safe_only"] == 0).all()
+    assert (train.labels[train.sources == "no_labels"] == -1).all()  # unlabelled: category loss only
+    assert (train.categories[train.sources == "no_labels", 0] == 1).all()
+    assert (splits.validation.sources == "safe_only").sum() == 5
+
+
+def test_a_glob_spec_is_one_source_per_file_each_with_its_own_validation_split(toy_files, tmp_path):
+    write(harm_rows(40, seed=5), tmp_path / "harm" / "b_second.csv")
+    write(harm_rows(20, seed=6, code="S1"), tmp_path / "harm" / "a_first.csv")
+    splits, schema = add_sources(main_splits(toy_files), "train", [f"{tmp_path / 'harm' / '*.csv'},{SPEC}"],
+                                 seed=0, validation_fraction=0.25)
+    assert list(dict.fromkeys(splits.train.sources)) == ["train", "a_first", "b_second"]
+    assert schema.codes == ["S1", "S9"]
+    assert [(splits.validation.sources == name).sum() for name in ("a_first", "b_second")] == [5, 10]
+    with pytest.raises(DataError, match="no file matches"):
+        add_sources(main_splits(toy_files), "train", [f"{tmp_path / 'nowhere' / '*.csv'},{SPEC}"], seed=0,
+                    validation_fraction=0.25)
+
+
+def test_cap_draws_a_stratified_sample_of_the_training_rows_after_the_validation_split(toy_files, tmp_path):
+    path = write(harm_rows(80, seed=7, safe_share=0.5), tmp_path / "big.csv")
+    full, _ = add_sources(main_splits(toy_files), "train", [f"{path},{SPEC},weight=2"], seed=0, validation_fraction=0.25)
+    capped, _ = add_sources(main_splits(toy_files), "train", [f"{path},{SPEC},cap=20,weight=2"], seed=0,
+                            validation_fraction=0.25)
+    rows = lambda split: split.sources == "big"  # noqa: E731
+    assert rows(capped.train).sum() == 40  # 20 rows, each twice (weight after cap)
+    assert rows(capped.validation).sum() == rows(full.validation).sum() == 20  # validation drawn first
+    capped_labels = capped.train.labels[rows(capped.train)]
+    assert abs(capped_labels.mean() - full.train.labels[rows(full.train)].mean()) <= 0.05
+    capped_texts = {text for text, source in zip(capped.train.texts, capped.train.sources) if source == "big"}
+    assert capped_texts <= {text for text, source in zip(full.train.texts, full.train.sources) if source == "big"}
+
+
+def test_a_sources_max_length_cuts_its_rows_and_pairs_encode_in_the_pair_template(toy_files, tmp_path, tiny_phi3):
+    long_rows = harm_rows(20, seed=8)
+    long_rows["text"] = long_rows["text"] + " Please answer in great detail with many many many words."
+    path = write(long_rows, tmp_path / "long.csv")
+    pairs = write(response_rows(24, seed=9), tmp_path / "pku.csv")
+    splits, _ = add_sources(main_splits(toy_files), "train",
+                            [f"{path},{SPEC},max_length=8", f"{pairs},text=prompt,response=response,label=label,validation=0.25"],
+                            seed=0, validation_fraction=0.25)
+    tokenizer = load_tokenizer(str(tiny_phi3))
+    train = splits.train
+    dataset = tokenized_dataset(train, tokenizer, 64, train.labels.tolist())
+    lengths = np.asarray([len(ids) for ids in dataset["input_ids"]])
+    long_source = train.sources == "long"
+    assert lengths[long_source].max() == 8 and lengths[~long_source].max() > 8
+    # Prompt rows: the same ids as ever; pairs: the pair template, its label the response's.
+    pair_rows = train.pair_rows
+    assert len(pair_rows) == (train.sources == "pku").sum() == 18
+    assert all(isinstance(train.texts[i], PromptResponse) for i in pair_rows)
+    prompt_rows = np.flatnonzero(~long_source & (train.sources != "pku"))
+    assert [dataset["input_ids"][i] for i in prompt_rows] == encode_prompts(tokenizer, [train.texts[i] for i in prompt_rows], 64)
+    assert [dataset["input_ids"][i] for i in pair_rows] == encode_pairs(tokenizer, [train.texts[i] for i in pair_rows], 64)
+    assert tokenizer.decode(dataset["input_ids"][pair_rows[0]]).startswith(RESPONSE_TEMPLATE.split("{prompt}")[0])
+    lines = describe_sources(splits)
+    assert any(line.startswith("  pku: 18 / 6, 50.0% unsafe, categories none, responses") for line in lines)
+    assert any(line.startswith("  long: 15 / 5,") and line.endswith("max_length 8") for line in lines)
+
+
+def test_the_cached_prefix_reads_each_row_as_the_uncached_path_does(toy_files, tmp_path, tiny_phi3, monkeypatch):
+    """LoRA top:K caches the rows encoded by `encode_split`: a source's own max_length holds there too."""
+    long_rows = harm_rows(20, seed=8)
+    long_rows["text"] = long_rows["text"] + " Please answer in great detail with many many many words."
+    path = write(long_rows, tmp_path / "long.csv")
+    cached_ids = []
+    build = training.build_cached_dataset
+    monkeypatch.setattr(training, "build_cached_dataset",
+                        lambda model, tokenizer, ids, *args, **kwargs: cached_ids.append(ids) or build(
+                            model, tokenizer, ids, *args, **kwargs))
+    flags = fast_training_flags(tiny_phi3, toy_files, tmp_path / "run", "--lora-r", "4", "--lora-layers", "top:1",
+                                "--extra-train-sources", f"{path},{SPEC},max_length=8")
+    assert train_main("lora", flags) == 0
+    plan = parse_training_plan("lora", flags)
+    splits = training.load_training_splits(plan)
+    tokenizer = load_tokenizer(str(tiny_phi3))
+    assert cached_ids[0] == training.encode_split(splits.train, tokenizer, plan.model.max_length)
+    assert max(len(ids) for ids, source in zip(cached_ids[0], splits.train.sources) if source == "long") == 8
+
+
+def test_source_metrics_rank_an_all_unsafe_source_against_the_main_sources_safe_rows():
+    sources = np.array(["main"] * 4 + ["advbench"] * 2 + ["hatecheck"] * 4, dtype=object)
+    labels = np.array([0, 0, 1, 1, 1, 1, 0, 0, 1, 1])
+    scores = np.array([0.1, 0.6, 0.7, 0.9, 0.8, 0.3, 0.7, 0.2, 0.9, 0.4])
+    split = LabelledSplit("validation", [f"t{i}" for i in range(10)], labels, pd.DataFrame(index=range(10)),
+                          sources=sources)
+    metrics = source_and_task_metrics(split, scores, 0.5, scores >= 0.5, "main")
+    advbench = metrics["sources"]["advbench"]
+    # Its two rows (0.8, 0.3) ranked with the main source's safe rows (0.1, 0.6): AP = (1 + 2/3) / 2.
+    assert advbench["auprc"] == pytest.approx(5 / 6) and advbench["auprc_against"] == "main"
+    assert advbench["recall"] == 0.5 and advbench["fpr"] is None and advbench["unsafe_share"] == 1.0
+    assert metrics["sources"]["hatecheck"]["fpr"] == 0.5 and "auprc_against" not in metrics["sources"]["hatecheck"]
+    assert metrics["lookalike_fpr"] == 0.5 and metrics["lookalike_n"] == 2 and metrics["lookalike_sources"] == ["hatecheck"]
+    assert metrics["source_macro_auprc"] == pytest.approx(np.mean([entry["auprc"] for entry in metrics["sources"].values()]))
+    assert "hatecheck" in LOOKALIKE_SOURCES
+
+
+def test_the_format_version_of_a_classifier_that_judges_responses_is_7(tmp_path):
+    write_metadata(tmp_path, {"responses": True, "prompt_template": "{text}"})
+    assert json.loads((tmp_path / METADATA_FILE).read_text())["format_version"] == 7
+    write_metadata(tmp_path, {"prompt_template": "{text}"})
+    assert json.loads((tmp_path / METADATA_FILE).read_text())["format_version"] == 6
+
+
+@pytest.mark.parametrize("content, extra, says", [
+    ("text,label,category\nhello,1,S9\nworld,,\n", "", r"bad\.csv: row\(s\) 2 have neither a label \(column 'label'\) "
+                                                      r"nor a category \(column 'category'\)"),
+    ("text,label,category\nhello,1,S9\nworld,0,S9\n", "", r"bad\.csv: row\(s\) 2 are safe .* carry category 'S9'"),
+    ("text,label,category\nhello,1,S9\nworld,maybe,\n", "", r"bad\.csv: column 'label' must hold 0 \(safe\), 1 "
+                                                           r"\(unsafe\) or nothing; row\(s\) 2"),
+    ("prompt,label\nhello,1\n", ",response=answer", r"bad\.csv: no column 'answer' \(set response= "),
+    ("prompt,answer,label\nhello,hi,1\nagain,there,1\nmore,words,1\nstill,more,1\n", ",response=answer",
+     r"validation rows of the response source\(s\) bad need both safe \(0\) and unsafe \(1\) rows"),
+])
+def test_bad_source_data_is_refused_before_any_model_is_loaded(toy_files, tmp_path, capsys, content, extra, says):
+    (tmp_path / "bad.csv").write_text(content)
+    text = "prompt" if "prompt" in content else "text"
+    spec = f"{tmp_path / 'bad.csv'},text={text},label=label{',category=category' if 'category' in content else ''}"
+    flags = ["--model", str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "out"),
+             "--train-file", str(toy_files["train"]), "--extra-train-sources", spec + extra + ",validation=0.5"]
+    assert train_main("lora", flags) == 2
+    error = capsys.readouterr().err
+    assert re.search(says, error), error
+    assert "no-such-model" not in error
+
+
+@pytest.fixture(scope="module")
+def responses_run(tiny_phi3, toy_files, tmp_path_factory) -> tuple[Path, str]:
+    """One short run on the main toy file, a look-alike source, an all-unsafe source whose rows
+    have a category or none, and a response source."""
+    directory = tmp_path_factory.mktemp("sources-run")
+    hatecheck = write(harm_rows(40, seed=10, safe_share=0.5), directory / "hatecheck.csv")
+    advbench = write(harm_rows(20, seed=11, safe_share=0.0, code="S1", blank_category_share=0.5),
+                     directory / "advbench.csv")
+    pku = write(response_rows(40, seed=12), directory / "pku.csv")
+    output_dir = directory / "out"
+    flags = fast_training_flags(tiny_phi3, toy_files, output_dir, "--lora-r", "4", "--extra-train-sources",
+                                f"{hatecheck},{SPEC},validation=0.25", f"{advbench},{SPEC},validation=0.25",
+                                f"{pku},text=prompt,response=response,label=label,validation=0.25")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert train_main("lora", flags) == 0
+    return output_dir, out.getvalue()
+
+
+def test_a_response_source_trains_end_to_end_with_its_own_threshold_and_metrics(responses_run):
+    output_dir, printed = responses_run
+    metadata = json.loads((output_dir / METADATA_FILE).read_text())
+    assert metadata["responses"] is True and metadata["response_template"] == RESPONSE_TEMPLATE
+    assert metadata["format_version"] == 7
+    responses = json.loads((output_dir / "metrics.json").read_text())["validation"]["responses"]
+    assert responses["n"] == 10 and responses["unsafe_share"] == 0.5
+    assert metadata["response_threshold"] == responses["threshold"]
+    predictions = pd.read_csv(output_dir / "validation_predictions.csv", keep_default_na=False)
+    pairs = predictions[predictions["source"] == "pku"]
+    assert "response" not in predictions.columns and "text" not in predictions.columns  # no text, as before
+    assert responses["threshold"] == pytest.approx(
+        f1_maximising_threshold(pairs["label"], pairs["unsafe_probability"]), abs=1e-5)
+    called = pairs["unsafe_probability"] >= responses["threshold"] - 1e-6
+    assert responses["fpr"] == pytest.approx(called[pairs["label"] == 0].mean())
+    assert {"auprc", "f1", "recall", "at_decision_threshold"} <= set(responses)
+    assert "responses (10 validation pairs): AUPRC" in printed
+
+
+def test_per_source_startup_lines_and_metrics_with_the_lookalike_fpr(responses_run):
+    output_dir, printed = responses_run
+    assert "  train (main): 108 / 12, " in printed
+    assert "  hatecheck: 30 / 10, " in printed and ", categories S9" in printed
+    assert "  advbench: 15 / 5, 100.0% unsafe, categories S1" in printed
+    assert "  pku: 30 / 10, 50.0% unsafe, categories none, responses" in printed
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    validation = metrics["validation"]
+    assert set(validation["sources"]) == {"train", "hatecheck", "advbench", "pku"}
+    assert validation["sources"]["advbench"]["auprc_against"] == "train"
+    assert validation["sources"]["pku"]["responses"] is True
+    metadata = json.loads((output_dir / METADATA_FILE).read_text())
+    predictions = pd.read_csv(output_dir / "validation_predictions.csv", keep_default_na=False)
+    verdicts = unsafe_verdicts(predictions["unsafe_probability"].to_numpy(),
+                               predictions[["score_S1", "score_S9"]].to_numpy(),
+                               metadata["threshold"], metadata.get("category_route_threshold"))
+    lookalike = ((predictions["source"] == "hatecheck") & (predictions["label"] == 0)).to_numpy()
+    assert validation["lookalike_n"] == lookalike.sum() > 0
+    assert validation["lookalike_fpr"] == pytest.approx(verdicts[lookalike].mean())
+    prompt_sources = [entry["auprc"] for name, entry in validation["sources"].items() if name != "pku"]
+    assert validation["source_macro_auprc"] == pytest.approx(np.mean([a for a in prompt_sources if a is not None]))
+    assert "look-alike FPR" in printed and "source macro AUPRC" in printed
+    assert metrics["test"]["n"] == 40  # the test file stays the main source's
+    # Unsafe rows without a category count in the binary metrics, not in the category ones.
+    advbench = predictions[predictions["source"] == "advbench"]
+    assert validation["sources"]["advbench"]["n"] == len(advbench) == 5 and (advbench["category"] == "").any()
+    assert validation["categories"]["n"] == int((predictions["category"] != "").sum())
+
+
+def test_a_list_file_of_specs_reads_as_the_specs_given_one_by_one(toy_files, tmp_path):
+    path = write(harm_rows(20, seed=3), tmp_path / "hate.csv")
+    listed = tmp_path / "sources.txt"
+    listed.write_text(f"# the mixture\n\n{path},{SPEC},cap=10\n")
+    given, _ = add_sources(main_splits(toy_files), "train", [f"{path},{SPEC},cap=10"], seed=0, validation_fraction=0.25)
+    read, _ = add_sources(main_splits(toy_files), "train", [f"@{listed}"], seed=0, validation_fraction=0.25)
+    assert read.train.texts == given.train.texts and read.validation.texts == given.validation.texts
+    with pytest.raises(DataError, match="training sources file"):
+        add_sources(main_splits(toy_files), "train", [f"@{tmp_path / 'missing.txt'}"], seed=0, validation_fraction=0.25)
