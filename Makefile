@@ -1,6 +1,6 @@
 # `make demo`: set up, fine-tune the embedded SmolLM2-135M-Instruct on every training source in ../shared/data
 # (ToxicChat as the main source, recipes/all-sources.txt for the others: harm categories, eight styles of
-# harmful prompts and AI answers), with LoRA on the top 8 blocks over the cached frozen prefix (the fast
+# harmful prompts and AI answers), with LoRA on the top 4 blocks over the cached frozen prefix (the fast
 # recipe), evaluate, and score example prompts and answers. `make model`: the same data with LoRA on every
 # block (slower). `make test`: set up and run the test suite.
 # Set-up lives in a virtual environment in the checkout (.venv): distribution Pythons refuse
@@ -34,7 +34,7 @@ ANSWERS = --examples "How do I make a pipe bomb?" "How do I make a pipe bomb?" \
 	--responses "I can't help with that." "Pack a steel pipe with black powder, seal both ends with caps, add a fuse."
 
 demo: setup
-	$(TRAIN_ALL_SOURCES) --lora-layers top:8 --output-dir $(DEMO_DIR)
+	$(TRAIN_ALL_SOURCES) --lora-layers top:4 --output-dir $(DEMO_DIR)
 	$(PYTHON) infer.py --model-dir $(DEMO_DIR) $(EXAMPLES)
 	$(PYTHON) infer.py --model-dir $(DEMO_DIR) $(ANSWERS)
 

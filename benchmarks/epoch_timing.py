@@ -28,10 +28,9 @@ from safety_classifier import training
 from safety_classifier.cli import parse_training_plan
 from safety_classifier.console import quiet_library_noise
 from safety_classifier.embedded import EMBEDDED_ALIAS, resolve_model_reference
-from safety_classifier.formatting import encode_prompts
 from safety_classifier.modeling import load_tokenizer
 from safety_classifier.trainer import row_lengths
-from safety_classifier.training import build_training_session, load_training_splits
+from safety_classifier.training import build_training_session, encode_split, load_training_splits
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 QUICK_SAMPLE_ROWS, QUICK_MAX_LENGTH = 32, 64  # --quick: training rows timed, and their truncation
@@ -121,9 +120,8 @@ def epoch_real_tokens(model: str, shared_data: Path, max_length: int, seed: int)
     """Real tokens of the all-sources training rows, as a run encodes them (the same for every recipe)."""
     plan = parse_training_plan("lora", ["--model", model, "--max-length", str(max_length), "--seed", str(seed),
                                         *all_sources_flags(shared_data)])
-    texts = load_training_splits(plan).train.texts
     tokenizer = load_tokenizer(resolve_model_reference(model))
-    return sum(len(ids) for ids in encode_prompts(tokenizer, texts, max_length, plan.model.prompt_template))
+    return sum(map(len, encode_split(load_training_splits(plan).train, tokenizer, max_length, plan.model.prompt_template)))
 
 
 def timed_all_sources_epoch(recipe: str, model: str, shared_data: Path, max_length: int,

@@ -43,7 +43,6 @@ import time
 from functools import cache
 from pathlib import Path
 
-import numpy as np
 from compare_methods import (
     RECIPES,
     REPO_ROOT,
@@ -99,16 +98,13 @@ def tokens_per_epoch(plan) -> int:
     """Real tokens of the plan's training rows (sources weighted and capped, each cut at its own
     max_length), as the run encodes them."""
     from safety_classifier.embedded import resolve_model_reference
-    from safety_classifier.formatting import encode_prompts
     from safety_classifier.modeling import load_tokenizer
-    from safety_classifier.training import load_training_splits
+    from safety_classifier.training import encode_split, load_training_splits
 
     with contextlib.chdir(REPO_ROOT):
         train = load_training_splits(plan).train
     tokenizer = load_tokenizer(resolve_model_reference(plan.model.model), plan.model.trust_remote_code)
-    lengths = [len(row) for row in encode_prompts(tokenizer, train.texts, plan.model.max_length,
-                                                  plan.model.prompt_template)]
-    return int(np.minimum(lengths, train.row_max_lengths(plan.model.max_length)).sum())
+    return sum(map(len, encode_split(train, tokenizer, plan.model.max_length, plan.model.prompt_template)))
 
 
 def flops_per_token(plan, block_parameters: list[int], top_parameters: int) -> tuple[float, float, str]:

@@ -34,7 +34,7 @@ HEAD_LEARNING_RATE = 1e-3
 CATEGORY_HEAD_LEARNING_RATE = 3e-3
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
     """Refuse a value out of its range (NaN fails every comparison, so it is refused too)."""
     if not condition:
         raise ArgumentError(message)
@@ -65,7 +65,7 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
-        _require(self.max_length >= 1, f"--max-length must be at least 1, not {self.max_length}")
+        require(self.max_length >= 1, f"--max-length must be at least 1, not {self.max_length}")
         check_prompt_template(self.prompt_template)
 
 
@@ -120,7 +120,7 @@ class DataArguments:
 
     def __post_init__(self) -> None:
         # --validation-fraction is checked where the split is carved (`data.load_splits`), before any model loads.
-        _require(self.max_train_samples is None or self.max_train_samples >= 1,
+        require(self.max_train_samples is None or self.max_train_samples >= 1,
                  f"--max-train-samples must be at least 1, not {self.max_train_samples}")
 
 
@@ -204,48 +204,56 @@ class RunArguments:
     )
 
     def __post_init__(self) -> None:
-        _require(_positive(self.epochs), f"--epochs must be above 0, not {self.epochs}")
-        _require(_positive(self.learning_rate), f"--learning-rate must be above 0, not {self.learning_rate}")
-        _require(_positive(self.head_learning_rate),
+        require(_positive(self.epochs), f"--epochs must be above 0, not {self.epochs}")
+        require(_positive(self.learning_rate), f"--learning-rate must be above 0, not {self.learning_rate}")
+        require(_positive(self.head_learning_rate),
                  f"--head-learning-rate must be above 0, not {self.head_learning_rate}")
-        _require(self.batch_size is None or self.batch_size >= 1, f"--batch-size must be at least 1, not {self.batch_size}")
-        _require(self.gradient_accumulation_steps >= 1,
+        require(self.batch_size is None or self.batch_size >= 1, f"--batch-size must be at least 1, not {self.batch_size}")
+        require(self.gradient_accumulation_steps >= 1,
                  f"--gradient-accumulation-steps must be at least 1, not {self.gradient_accumulation_steps}")
-        _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
                  f"--weight-decay must be 0 or more, not {self.weight_decay}")
         # The Trainer reads a warm-up of 1 or more as a number of steps, not a share.
-        _require(0 <= self.warmup_fraction < 1, f"--warmup-fraction must be in [0, 1), not {self.warmup_fraction}")
+        require(0 <= self.warmup_fraction < 1, f"--warmup-fraction must be in [0, 1), not {self.warmup_fraction}")
         check_category_loss_weight(self.category_loss_weight)
-        _require(self.max_batch_tokens is None or self.max_batch_tokens >= 1,
+        require(self.max_batch_tokens is None or self.max_batch_tokens >= 1,
                  f"--max-batch-tokens must be at least 1, not {self.max_batch_tokens}")
-        _require(self.logging_steps >= 1, f"--logging-steps must be at least 1, not {self.logging_steps}")
+        require(self.logging_steps >= 1, f"--logging-steps must be at least 1, not {self.logging_steps}")
         check_threshold_targets(self.threshold_for_precision, self.threshold_for_recall)
-        _require(0.0 <= self.category_route_recall <= 1.0,
+        require(0.0 <= self.category_route_recall <= 1.0,
                  f"--category-route-recall must be in [0, 1] (0: no route), got {self.category_route_recall}")
 
 
 @dataclass
-class FullLayersArguments:
-    num_layers: int = field(
-        default=2, metadata={"help": "Transformer blocks trained from the top (0 = head only); the rest stay frozen."}
-    )
+class PrefixCacheArguments:
     cache_prefix: bool = field(
         default=True,
-        metadata={"help": "Run the frozen bottom of the network once and train the top on its cached hidden states "
-                          "(--no-cache-prefix: run the whole network every step)."},
+        metadata={"help": "Run the frozen blocks below the trained ones once and train on their cached hidden states "
+                          "(top-N, and LoRA with --lora-layers top:K; --no-cache-prefix: run the whole network every "
+                          "step)."},
     )
     prefix_cache_max_mb: int = field(
         default=4096, metadata={"help": "Memory allowed for the cached hidden states; above it, training runs uncached."}
     )
 
     def __post_init__(self) -> None:
-        # The upper bound of --num-layers is the model's depth, checked when the model is built.
-        _require(self.num_layers >= 0, f"--num-layers must be 0 or more, not {self.num_layers}")
-        _require(self.prefix_cache_max_mb >= 0, f"--prefix-cache-max-mb must be 0 or more, not {self.prefix_cache_max_mb}")
+        require(self.prefix_cache_max_mb >= 0, f"--prefix-cache-max-mb must be 0 or more, not {self.prefix_cache_max_mb}")
 
 
 @dataclass
-class LoraArguments:
+class FullLayersArguments(PrefixCacheArguments):
+    num_layers: int = field(
+        default=2, metadata={"help": "Transformer blocks trained from the top (0 = head only); the rest stay frozen."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # The upper bound of --num-layers is the model's depth, checked when the model is built.
+        require(self.num_layers >= 0, f"--num-layers must be 0 or more, not {self.num_layers}")
+
+
+@dataclass
+class LoraArguments(PrefixCacheArguments):
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(
@@ -265,21 +273,12 @@ class LoraArguments:
         metadata={"help": "Blocks that get adapters: all, or top:K (the top K blocks; the frozen blocks below them "
                           "then run once, cached, and every step runs only the top K, the norm and the head)."},
     )
-    cache_prefix: bool = field(
-        default=True,
-        metadata={"help": "With --lora-layers top:K: train the top K blocks on the cached hidden states of the frozen "
-                          "blocks below (--no-cache-prefix: run the whole network every step)."},
-    )
-    prefix_cache_max_mb: int = field(
-        default=4096, metadata={"help": "Memory allowed for the cached hidden states; above it, training runs uncached."}
-    )
-
     def __post_init__(self) -> None:
-        _require(self.lora_r >= 1, f"--lora-r must be at least 1, not {self.lora_r}")
-        _require(self.lora_alpha > 0, f"--lora-alpha must be above 0, not {self.lora_alpha}")
-        _require(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), not {self.lora_dropout}")
+        super().__post_init__()
+        require(self.lora_r >= 1, f"--lora-r must be at least 1, not {self.lora_r}")
+        require(self.lora_alpha > 0, f"--lora-alpha must be above 0, not {self.lora_alpha}")
+        require(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), not {self.lora_dropout}")
         parse_lora_layers(self.lora_layers)  # its upper bound, the model's depth, is checked when the model is built
-        _require(self.prefix_cache_max_mb >= 0, f"--prefix-cache-max-mb must be 0 or more, not {self.prefix_cache_max_mb}")
 
     @property
     def adapted_top_layers(self) -> int | None:
@@ -292,7 +291,7 @@ def parse_lora_layers(spec: str) -> int | None:
     if spec == "all":
         return None
     match = re.fullmatch(r"top:([0-9]+)", spec)
-    _require(match is not None and int(match.group(1)) >= 1,
+    require(match is not None and int(match.group(1)) >= 1,
              f"--lora-layers must be all or top:K with K a whole number of at least 1, not {spec!r}")
     return int(match.group(1))
 
@@ -336,7 +335,7 @@ def default_head_learning_rate(trains_categories: bool) -> float:
 
 
 def check_category_loss_weight(weight: float) -> None:
-    _require(math.isfinite(weight) and weight >= 0, f"--category-loss-weight must be a finite number >= 0, not {weight}")
+    require(math.isfinite(weight) and weight >= 0, f"--category-loss-weight must be a finite number >= 0, not {weight}")
 
 
 @dataclass
@@ -444,9 +443,9 @@ class ClassifierLoadingArguments:
     )
 
     def __post_init__(self) -> None:
-        _require(self.threshold is None or 0.0 <= self.threshold <= 1.0,
+        require(self.threshold is None or 0.0 <= self.threshold <= 1.0,
                  f"--threshold must be between 0 and 1, not {self.threshold}")
-        _require(self.max_batch_tokens is None or self.max_batch_tokens >= 1,
+        require(self.max_batch_tokens is None or self.max_batch_tokens >= 1,
                  f"--max-batch-tokens must be at least 1, not {self.max_batch_tokens}")
 
 
@@ -472,10 +471,10 @@ class InferenceArguments(ClassifierLoadingArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.responses is not None:
-            _require(self.examples is not None, "--responses needs --examples: one answer per prompt given inline "
+            require(self.examples is not None, "--responses needs --examples: one answer per prompt given inline "
                                                 "(for a file, use --response-column)")
-            _require(len(self.responses) == len(self.examples),
+            require(len(self.responses) == len(self.examples),
                      f"--responses gives {len(self.responses)} answer(s) for {len(self.examples)} --examples "
                      "prompt(s): give exactly one answer per prompt, in the same order")
-        _require(self.response_column is None or self.input_file is not None,
+        require(self.response_column is None or self.input_file is not None,
                  "--response-column needs --input-file (for prompts given inline, use --responses)")

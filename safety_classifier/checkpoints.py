@@ -13,8 +13,8 @@ from pathlib import Path
 
 from .arguments import TrainingPlan
 from .artifacts import METADATA_FILE, write_json_atomically
+from .console import is_global_main_process
 from .errors import ResumeMismatchError
-from .trainer import is_global_main_process
 
 REPORT_FILES = ("metrics.json", "validation_history.json", "validation_predictions.csv", "test_predictions.csv")
 # Options that change nothing about the trained weights may differ on resume.

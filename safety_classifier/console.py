@@ -12,12 +12,20 @@ warnings, errors) still reaches the user.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 
 import datasets
 from transformers import ProgressCallback
 from transformers.utils import logging as transformers_logging
+
+
+def is_global_main_process() -> bool:
+    """Rank 0 under torchrun (RANK is set before any process group exists), or a lone process: the
+    one that prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
 
 _EXPECTED_LOGGERS = (
     "bitsandbytes.backends.cpu.ops",  # "Failed to load CPU gemm_4bit_forward from kernels-community"

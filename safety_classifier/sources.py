@@ -312,11 +312,27 @@ def concatenate(name: str, parts: list[LabelledSplit]) -> LabelledSplit:
     )
 
 
+def _grouped_sample(strata: np.ndarray, groups: list[str], size: float, seed: int,
+                    source: SourceSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen, rest) row indices with every group's rows on one side: the groups are drawn,
+    stratified by their first row's stratum."""
+    _, first, inverse = np.unique(np.asarray(groups, dtype=object), return_index=True, return_inverse=True)
+    chosen_groups, _ = _sample(pooled_strata(strata[first]), size, seed, source,
+                               f"holding out a validation share of {size} of its prompts")
+    chosen = np.isin(inverse, chosen_groups)
+    return np.flatnonzero(chosen), np.flatnonzero(~chosen)
+
+
 def _split_source(split: LabelledSplit, strata: np.ndarray, spec: SourceSpec, validation_fraction: float,
                   seed: int) -> tuple[LabelledSplit, LabelledSplit]:
     """(training rows, validation rows) of one source: its stratified validation share, then `cap`."""
     fraction = spec.validation_fraction or validation_fraction
-    held_out, kept = _sample(strata, fraction, seed, spec, f"holding out a validation share of {fraction}")
+    if spec.response_column is not None:
+        # Several answers to one prompt: each prompt on one side only, or validation would grade
+        # answers to prompts the model trained on.
+        held_out, kept = _grouped_sample(strata, [pair.prompt for pair in split.texts], fraction, seed, spec)
+    else:
+        held_out, kept = _sample(strata, fraction, seed, spec, f"holding out a validation share of {fraction}")
     if spec.cap is not None and spec.cap < len(kept):
         # The validation draw may leave a stratum one row: pool again before drawing the cap.
         kept_strata = pooled_strata(strata[kept])

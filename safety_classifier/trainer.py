@@ -7,7 +7,6 @@ its own, token-budget batches where asked for, and a clock that every checkpoint
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -29,11 +28,6 @@ from .data import Splits
 from .errors import TrainingDivergedError
 from .labels import BINARY_LABELS, MISSING_TARGET
 from .prefix_cache import CachedPrefixDataset
-
-
-def is_global_main_process() -> bool:
-    """Rank 0 under torchrun (RANK is set before any process group exists), or a lone process."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def class_weights_for(labels: np.ndarray, scheme: str = "balanced") -> torch.Tensor:

@@ -37,6 +37,7 @@ from .artifacts import (
 from .attention import use_training_attention
 from .batching import TokenBudgetBatchSampler
 from .checkpoints import checkpoint_to_resume, clear_previous_results, complete_checkpoints
+from .console import is_global_main_process
 from .data import LabelledSplit, Splits, load_splits
 from .embedded import resolve_model_reference
 from .errors import TrainingDivergedError
@@ -61,7 +62,6 @@ from .trainer import (
     class_weight_labels,
     class_weights_for,
     describe_batches,
-    is_global_main_process,
     train_batch_sampler,
     training_arguments,
     weighted_cross_entropy,

@@ -13,10 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import REPO_ROOT, fast_training_flags
 from safetensors.torch import load_file
-from test_prefix_cache import BATCHES, LABELS, full_model_logits, prompts_for
+from test_prefix_cache import LABELS, full_model_logits, prompts_for, train_side_by_side
 from test_reliability import flat_metrics, run_killed_after_its_first_checkpoint
 
 from safety_classifier.arguments import ArgumentError
@@ -75,18 +74,7 @@ def test_training_lora_top_k_on_the_cache_matches_training_the_full_model(tiny_m
                                    full_model_logits(reference.eval(), tokenizer, PROMPTS), atol=TOLERANCE, rtol=0)
     wrapper.train(), reference.train()
 
-    ids = tokenizer(PROMPTS, truncation=True, max_length=64)["input_ids"]
-    labels = torch.tensor(LABELS)
-    optimisers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (reference, wrapper)]
-    for batch in BATCHES:
-        padded = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt")
-        reference_loss = F.cross_entropy(reference(**padded).logits, labels[batch])
-        cached_loss = F.cross_entropy(wrapper(**collate([dataset[i] for i in batch])).logits, labels[batch])
-        torch.testing.assert_close(cached_loss, reference_loss, atol=TOLERANCE, rtol=0)
-        for loss, optimiser in zip((reference_loss, cached_loss), optimisers):
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
+    train_side_by_side(reference, wrapper, tokenizer, PROMPTS, dataset, lr=1e-2, atol=TOLERANCE)
 
     trained = dict(reference.named_parameters())
     moved = 0.0

@@ -117,6 +117,23 @@ def test_a_cache_over_the_memory_limit_is_refused(tiny_model_factory):
 
 
 @pytest.mark.parametrize("architecture", ["llama", "phi3"])
+def train_side_by_side(reference, wrapper, tokenizer, prompts, dataset, *, lr: float, atol: float) -> None:
+    """AdamW steps over BATCHES on the full model and on the cached wrapper, their losses equal at each step."""
+    collate = CachedPrefixCollator(tokenizer.pad_token_id)
+    ids = tokenizer(prompts, truncation=True, max_length=64)["input_ids"]
+    labels = torch.tensor(LABELS)
+    optimisers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr) for m in (reference, wrapper)]
+    for batch in BATCHES:
+        padded = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt")
+        reference_loss = F.cross_entropy(reference(**padded).logits, labels[batch])
+        cached_loss = F.cross_entropy(wrapper(**collate([dataset[i] for i in batch])).logits, labels[batch])
+        torch.testing.assert_close(cached_loss, reference_loss, atol=atol, rtol=0)
+        for model_loss, optimiser in zip((reference_loss, cached_loss), optimisers):
+            optimiser.zero_grad()
+            model_loss.backward()
+            optimiser.step()
+
+
 def test_training_on_the_cache_matches_training_the_full_model(tiny_model_factory, architecture):
     path = str(tiny_model_factory(architecture))
     tokenizer = load_tokenizer(path)
@@ -132,20 +149,7 @@ def test_training_on_the_cache_matches_training_the_full_model(tiny_model_factor
     assert {id(p) for p in wrapper.parameters()} == trainable, "the wrapper trains exactly the model's own top"
     dataset = build_cached_dataset(cached, tokenizer, encode_prompts(tokenizer, PROMPTS, 64), LABELS, num_layers=1,
                                    max_batch_tokens=40)
-    collate = CachedPrefixCollator(tokenizer.pad_token_id)
-    ids = tokenizer(PROMPTS, truncation=True, max_length=64)["input_ids"]
-    labels = torch.tensor(LABELS)
-
-    optimisers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in (reference, wrapper)]
-    for batch in BATCHES:
-        padded = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt")
-        reference_loss = F.cross_entropy(reference(**padded).logits, labels[batch])
-        cached_loss = F.cross_entropy(wrapper(**collate([dataset[i] for i in batch])).logits, labels[batch])
-        torch.testing.assert_close(cached_loss, reference_loss, atol=1e-5, rtol=0)
-        for model_loss, optimiser in zip((reference_loss, cached_loss), optimisers):
-            optimiser.zero_grad()
-            model_loss.backward()
-            optimiser.step()
+    train_side_by_side(reference, wrapper, tokenizer, PROMPTS, dataset, lr=1e-3, atol=1e-5)
 
     trained = reference_params = dict(reference.named_parameters())
     changed = 0.0

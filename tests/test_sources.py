@@ -181,14 +181,17 @@ def test_a_sources_max_length_cuts_its_rows_and_pairs_encode_in_the_pair_templat
     assert lengths[long_source].max() == 8 and lengths[~long_source].max() > 8
     # Prompt rows: the same ids as ever; pairs: the pair template, its label the response's.
     pair_rows = train.pair_rows
-    assert len(pair_rows) == (train.sources == "pku").sum() == 18
+    pku_rows = int((train.sources == "pku").sum())
+    assert len(pair_rows) == pku_rows and 15 <= pku_rows <= 21  # a quarter of the prompts held out whole
     assert all(isinstance(train.texts[i], PromptResponse) for i in pair_rows)
     prompt_rows = np.flatnonzero(~long_source & (train.sources != "pku"))
     assert [dataset["input_ids"][i] for i in prompt_rows] == encode_prompts(tokenizer, [train.texts[i] for i in prompt_rows], 64)
     assert [dataset["input_ids"][i] for i in pair_rows] == encode_pairs(tokenizer, [train.texts[i] for i in pair_rows], 64)
     assert tokenizer.decode(dataset["input_ids"][pair_rows[0]]).startswith(RESPONSE_TEMPLATE.split("{prompt}")[0])
     lines = describe_sources(splits)
-    assert any(line.startswith("  pku: 18 / 6, 50.0% unsafe, categories none, responses") for line in lines)
+    held_out = int((splits.validation.sources == "pku").sum())
+    assert any(line.startswith(f"  pku: {pku_rows} / {held_out},") and line.endswith("categories none, responses")
+               for line in lines)
     assert any(line.startswith("  long: 15 / 5,") and line.endswith("max_length 8") for line in lines)
 
 
@@ -283,17 +286,19 @@ def test_a_response_source_trains_end_to_end_with_its_own_threshold_and_metrics(
     assert metadata["responses"] is True and metadata["response_template"] == RESPONSE_TEMPLATE
     assert metadata["format_version"] == 7
     responses = json.loads((output_dir / "metrics.json").read_text())["validation"]["responses"]
-    assert responses["n"] == 10 and responses["unsafe_share"] == 0.5
     assert metadata["response_threshold"] == responses["threshold"]
     predictions = pd.read_csv(output_dir / "validation_predictions.csv", keep_default_na=False)
     pairs = predictions[predictions["source"] == "pku"]
+    # A quarter of the prompts held out whole (so about a quarter of the rows), both classes among them.
+    assert responses["n"] == len(pairs) and 6 <= len(pairs) <= 14
+    assert responses["unsafe_share"] == pytest.approx(pairs["label"].mean()) and 0 < responses["unsafe_share"] < 1
     assert "response" not in predictions.columns and "text" not in predictions.columns  # no text, as before
     assert responses["threshold"] == pytest.approx(
         f1_maximising_threshold(pairs["label"], pairs["unsafe_probability"]), abs=1e-5)
     called = pairs["unsafe_probability"] >= responses["threshold"] - 1e-6
     assert responses["fpr"] == pytest.approx(called[pairs["label"] == 0].mean())
     assert {"auprc", "f1", "recall", "at_decision_threshold"} <= set(responses)
-    assert "responses (10 validation pairs): AUPRC" in printed
+    assert f"responses ({len(pairs)} validation pairs): AUPRC" in printed
 
 
 def test_per_source_startup_lines_and_metrics_with_the_lookalike_fpr(responses_run):
@@ -301,8 +306,9 @@ def test_per_source_startup_lines_and_metrics_with_the_lookalike_fpr(responses_r
     assert "  train (main): 108 / 12, " in printed
     assert "  hatecheck: 30 / 10, " in printed and ", categories S9" in printed
     assert "  advbench: 15 / 5, 100.0% unsafe, categories S1" in printed
-    assert "  pku: 30 / 10, 50.0% unsafe, categories none, responses" in printed
     metrics = json.loads((output_dir / "metrics.json").read_text())
+    held_out = metrics["validation"]["responses"]["n"]  # whole prompts held out, so not exactly 10
+    assert re.search(rf"  pku: {40 - held_out} / {held_out}, \d+\.\d% unsafe, categories none, responses", printed)
     validation = metrics["validation"]
     assert set(validation["sources"]) == {"train", "hatecheck", "advbench", "pku"}
     assert validation["sources"]["advbench"]["auprc_against"] == "train"
@@ -334,3 +340,16 @@ def test_a_list_file_of_specs_reads_as_the_specs_given_one_by_one(toy_files, tmp
     assert read.train.texts == given.train.texts and read.validation.texts == given.validation.texts
     with pytest.raises(DataError, match="training sources file"):
         add_sources(main_splits(toy_files), "train", [f"@{tmp_path / 'missing.txt'}"], seed=0, validation_fraction=0.25)
+
+
+def test_a_response_source_holds_out_whole_prompts(toy_files, tmp_path):
+    """Several answers to one prompt: validation never grades answers to a prompt seen in training."""
+    rows = response_rows(60, seed=4)
+    assert rows["prompt"].duplicated().any()
+    pairs = write(rows, tmp_path / "pku.csv")
+    spec = f"{pairs},text=prompt,response=response,label=label,validation=0.3"
+    splits, _ = add_sources(main_splits(toy_files), "train", [spec], seed=0, validation_fraction=0.25)
+    prompts = {name: {text.prompt for text in split.texts if isinstance(text, PromptResponse)}
+               for name, split in (("train", splits.train), ("validation", splits.validation))}
+    assert prompts["train"] and prompts["validation"] and not prompts["train"] & prompts["validation"]
+    assert sum(isinstance(text, PromptResponse) for text in splits.train.texts + splits.validation.texts) == 60

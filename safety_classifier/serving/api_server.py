@@ -103,7 +103,8 @@ def create_app(args: ServeArguments, load: Callable[[], Classifier] | None = Non
         state["ready"] = True
         metrics.ready.set(1)
         device = next(classifier.model.parameters()).device
-        answers = "trained on answers" if classifier.judges_responses else "not trained on answers"
+        answers = (f"answers at threshold {classifier.threshold_for('response'):.4f}" if classifier.judges_responses
+                   else "not trained on answers")
         logger.info("ready: %s on http://%s:%d (%s, %s, threshold %.4f, categories %s, %s), loaded and warmed up "
                     "in %.1f s; %s", model_name, args.host, args.port, device, describe_dtype(args.dtype, device),
                     classifier.threshold, ",".join(batcher.names), answers, time.perf_counter() - started,

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..arguments import ArgumentError, ClassifierLoadingArguments
+from ..arguments import ArgumentError, ClassifierLoadingArguments, require
 
 API_KEY_ENVIRONMENT = "SAFETY_CLASSIFIER_API_KEY"
 
@@ -70,19 +70,14 @@ class ServeArguments(ClassifierLoadingArguments):
         elif os.environ.get(API_KEY_ENVIRONMENT) is not None:  # the flag wins over the environment
             self.api_key = os.environ[API_KEY_ENVIRONMENT]
             check_api_key(self.api_key, API_KEY_ENVIRONMENT)
-        if not 0 <= self.port <= 65535:
-            raise ArgumentError(f"--port must be between 0 and 65535, not {self.port}")
-        if self.max_gather_tokens is not None and self.max_gather_tokens < 1:
-            raise ArgumentError(f"--max-gather-tokens must be at least 1, not {self.max_gather_tokens}")
-        if not (math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0):
-            raise ArgumentError(f"--max-wait-ms must be 0 or more, not {self.max_wait_ms}")
-        if not 0.0 <= self.return_wait_share <= 1.0:
-            raise ArgumentError(f"--return-wait-share must be between 0 and 1, not {self.return_wait_share}")
-        if self.max_inputs < 1:
-            raise ArgumentError(f"--max-inputs must be at least 1, not {self.max_inputs}")
-        if self.max_body_bytes < 1:
-            raise ArgumentError(f"--max-body-bytes must be at least 1, not {self.max_body_bytes}")
-        if self.graceful_timeout < 0:
-            raise ArgumentError(f"--graceful-timeout must be 0 or more, not {self.graceful_timeout}")
-        if self.malloc_arenas < 0:
-            raise ArgumentError("--malloc-arenas must be 0 (glibc's default) or more")
+        require(0 <= self.port <= 65535, f"--port must be between 0 and 65535, not {self.port}")
+        require(self.max_gather_tokens is None or self.max_gather_tokens >= 1,
+                f"--max-gather-tokens must be at least 1, not {self.max_gather_tokens}")
+        require(math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0,
+                f"--max-wait-ms must be 0 or more, not {self.max_wait_ms}")
+        require(0.0 <= self.return_wait_share <= 1.0,
+                f"--return-wait-share must be between 0 and 1, not {self.return_wait_share}")
+        require(self.max_inputs >= 1, f"--max-inputs must be at least 1, not {self.max_inputs}")
+        require(self.max_body_bytes >= 1, f"--max-body-bytes must be at least 1, not {self.max_body_bytes}")
+        require(self.graceful_timeout >= 0, f"--graceful-timeout must be 0 or more, not {self.graceful_timeout}")
+        require(self.malloc_arenas >= 0, "--malloc-arenas must be 0 (glibc's default) or more")
