@@ -14,6 +14,8 @@ DEMO_SOURCES ?= recipes/categories.txt
 DEMO_DIR ?= runs/demo-lora
 ALL_SOURCES_DIR ?= runs/all-sources-lora
 MODEL_DIR ?= runs/model-lora
+# Frozen-prefix states kept between runs of `make all-sources` (safe to delete; docs/training.md).
+PREFIX_CACHE_DIR ?= runs/prefix-cache
 
 .PHONY: setup demo all-sources model test results benchmark lint
 
@@ -40,7 +42,8 @@ demo: setup
 	$(PYTHON) infer.py --model-dir $(DEMO_DIR) $(EXAMPLES)
 
 all-sources: setup
-	$(TRAIN) --extra-train-sources @$(SOURCES) --lora-layers top:4 --output-dir $(ALL_SOURCES_DIR)
+	$(TRAIN) --extra-train-sources @$(SOURCES) --lora-layers top:4 --prefix-cache-dir $(PREFIX_CACHE_DIR) \
+		--output-dir $(ALL_SOURCES_DIR)
 	$(PYTHON) infer.py --model-dir $(ALL_SOURCES_DIR) $(EXAMPLES)
 	$(PYTHON) infer.py --model-dir $(ALL_SOURCES_DIR) $(ANSWERS)
 

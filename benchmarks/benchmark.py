@@ -84,8 +84,8 @@ from safety_classifier.modeling import (  # noqa: E402
 from safety_classifier.prefix_cache import (  # noqa: E402
     CachedPrefixCollator,
     TopLayersOnCachedPrefix,
-    build_cached_dataset,
 )
+from safety_classifier.prefix_store import build_cached_dataset  # noqa: E402
 
 REFERENCE_LENGTH = 1024
 BATCH_SIZE = 8

@@ -2,8 +2,9 @@
 `Trainer`, as the training scripts run them), for `benchmark.py`:
 
 * `timed_lora_epoch`: one LoRA r=16 epoch over ToxicChat's training file;
-* `timed_all_sources_epoch`: one epoch of a named recipe (`RECIPES`) over every prompt source of
-  the shared data, whole, or a sample extrapolated by real tokens.
+* `timed_all_sources_epoch`: one epoch of a named recipe (`experiments/compare_methods.py`'s
+  `RECIPES`, as the experiments train it) over every prompt source of the shared data, whole, or a
+  sample extrapolated by real tokens.
 
     python benchmarks/epoch_timing.py --recipe lora-r16-top4 [--quick]   # one all-sources epoch, as JSON
 """
@@ -33,15 +34,12 @@ from safety_classifier.trainer import row_lengths
 from safety_classifier.training import build_training_session, encode_split, load_training_splits
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-QUICK_SAMPLE_ROWS, QUICK_MAX_LENGTH = 32, 64  # --quick: training rows timed, and their truncation
+if str(REPO_ROOT / "experiments") not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT / "experiments"))
 
-# Recipes the all-sources epoch can time: (strategy, the training script's flags).
-RECIPES = {
-    "lora-r16": ("lora", ("--lora-r", "16")),
-    **{f"lora-r16-top{k}": ("lora", ("--lora-r", "16", "--lora-layers", f"top:{k}")) for k in (2, 4, 8)},
-    "top-3": ("full_layers", ("--num-layers", "3")),
-    "head-only": ("full_layers", ("--num-layers", "0")),
-}
+from compare_methods import RECIPES  # noqa: E402 - the recipes timed are the ones the experiments train
+
+QUICK_SAMPLE_ROWS, QUICK_MAX_LENGTH = 32, 64  # --quick: training rows timed, and their truncation
 # The default recipe until the quality-per-minute experiment chooses the project's; full LoRA is
 # always timed beside it.
 DEFAULT_RECIPE = "lora-r16-top4"
@@ -124,6 +122,13 @@ def epoch_real_tokens(model: str, shared_data: Path, max_length: int, seed: int)
     return sum(map(len, encode_split(load_training_splits(plan).train, tokenizer, max_length, plan.model.prompt_template)))
 
 
+def recipe_flags(recipe: str) -> tuple[str, list[str]]:
+    """(strategy, the training script's flags) of a recipe of `RECIPES`: ("lora", ["--lora-r", "16", ...])."""
+    script, options = RECIPES[recipe]
+    flags = [part for key, value in options.items() for part in (f"--{key.replace('_', '-')}", str(value))]
+    return script.removeprefix("train_").removesuffix(".py"), flags
+
+
 def timed_all_sources_epoch(recipe: str, model: str, shared_data: Path, max_length: int,
                             sample_rows: int | None, seed: int) -> dict:
     """One epoch of `recipe` over every prompt source (`all_sources_flags`), as its script trains
@@ -132,7 +137,7 @@ def timed_all_sources_epoch(recipe: str, model: str, shared_data: Path, max_leng
     With `sample_rows`, a seeded sample of that many training rows (and 4 validation rows) is
     trained instead, and both parts are extrapolated by real tokens to the whole epoch's.
     """
-    strategy, flags = RECIPES[recipe]
+    strategy, flags = recipe_flags(recipe)
     with tempfile.TemporaryDirectory() as scratch:
         argv = ["--model", model, "--epochs", "1", "--output-dir", str(Path(scratch) / "run"),
                 "--logging-steps", "100000", "--max-length", str(max_length), "--seed", str(seed),

@@ -3,6 +3,7 @@
     python experiments/cross_source.py                            # every group not yet in results/cross-source/
     python experiments/cross_source.py --groups toxicchat ailuminate --dry-run
     python experiments/cross_source.py --recipe top-3 --set epochs=1 dtype=fp32
+    python experiments/cross_source.py --set harm_prompts_cap=1000 harm_prompts_max_length=128
     python experiments/cross_source.py --table                    # rewrite docs/results.md's cross-source table
 
 For each group (ToxicChat; AILuminate; the GuardReasoner sample; HateCheck + ToxiGen; CatQA +
@@ -10,7 +11,10 @@ Do-Not-Answer + StrongREJECT + AdvBench; CyberSecEval) one run trains a recipe o
 `compare_methods.RECIPES` (default LoRA r=16 on the top 4 blocks) on every other prompt source of
 the shared data, each with its own validation split (fixed seed), never a test file. The main
 source (`--train-file`, where calibration and the decision threshold are fitted) is ToxicChat, or
-the GuardReasoner sample (binary, both classes) when ToxicChat is the group left out. The saved
+the GuardReasoner sample (binary, both classes) when ToxicChat is the group left out. `--set`
+takes training options and the source keys of `experiments/mixture_search.py`
+(`harm_prompts_cap=1000`: `cap=1000` on each harm_prompts file trained on); the keys of a source
+that a run does not train on (left out, or its main file) apply to nothing in that run. The saved
 classifier (`load_classifier`) then scores every row of the left-out group, and
 `results/cross-source/<group>.json` records:
 
@@ -22,8 +26,8 @@ classifier (`load_classifier`) then scores every row of the left-out group, and
   (None where it has none);
 - `category_top1`: on its rows with a category (unsafe or contextual), the share whose highest
   category score is that category (a category the classifier does not know counts as a miss);
-- the same figures per file of the group (`sources`), the counts, the command, the held-in
-  validation AUPRCs and the training time.
+- the same figures per file of the group (`sources`), the counts, the setting (`--set` as given,
+  source keys included), the command, the held-in validation AUPRCs and the training time.
 
 Rows without a binary label (S5 specialised advice: blank in harm_prompts/, and AILuminate's S5
 prompts, whose other prompts count as unsafe) add to category top-1 only. A group whose record
@@ -53,12 +57,13 @@ from compare_methods import (
     source_macro_auprc,
 )
 from search import (
+    SET_HELP,
     Job,
     add_source_experiment_arguments,
+    recipe_command,
     run_jobs,
     run_training_command,
     single_setting,
-    sources_command,
     table_head,
     table_row,
     write_table_block,
@@ -102,10 +107,13 @@ def split_sources(data_root: Path, group: str) -> tuple[Path, list[Path], list[P
 
 
 def command_for(group: str, data_root: Path, recipe: str, setting: dict[str, str], run_dir: Path,
-                model: str | None) -> list[str]:
+                model: str | None, prefix_cache_dir: Path | None = None) -> list[str]:
+    """The run without `group`; the setting's source keys name any further source of the shared
+    data, those of a source not trained on (left out, or the main file) applying to nothing."""
     main, training, _ = split_sources(data_root, group)
-    script, options = RECIPES[recipe]
-    return sources_command(script, main, training, {**options, **setting}, run_dir, model)
+    _, *every_source = prompt_source_files(data_root)
+    return recipe_command(recipe, main, training, setting, run_dir, model, every_source=every_source,
+                          prefix_cache_dir=prefix_cache_dir)
 
 
 def read_rows(path: Path) -> pd.DataFrame:
@@ -157,11 +165,11 @@ def main_safe_validation_scores(run_dir: Path, main_source: str) -> np.ndarray:
 
 
 def run_group(group: str, data_root: Path, recipe: str, setting: dict[str, str], run_dir: Path,
-              model: str | None) -> dict:
+              model: str | None, prefix_cache_dir: Path | None = None) -> dict:
     from safety_classifier.inference import load_classifier
 
     main, training, held_out = split_sources(data_root, group)
-    command = command_for(group, data_root, recipe, setting, run_dir, model)
+    command = command_for(group, data_root, recipe, setting, run_dir, model, prefix_cache_dir)
     started = time.time()
     metadata, metrics, _ = run_training_command(command, run_dir, f"without {group}")
     classifier = load_classifier(run_dir, dtype=metadata["training_arguments"]["dtype"])
@@ -228,17 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS), help="groups to leave out")
     parser.add_argument("--recipe", choices=RECIPES, default=DEFAULT_RECIPE, help="what each run trains")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="training options on top of the recipe's (`--option-name` with `_` for `-`)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=SET_HELP)
     add_source_experiment_arguments(parser, results_dir=CROSS_SOURCE_DIR, runs_dir=RUNS_DIR, page=PAGE)
     args = parser.parse_args(argv)
     if args.table:
         return write_table_block(args, cross_source_table, TABLE_BEGIN, TABLE_END)
     setting = single_setting(args.set)
     jobs = [Job(group, args.results_dir / f"{group}.json",
-                command_for(group, args.data_root, args.recipe, setting, args.runs_dir / group, args.model),
+                command_for(group, args.data_root, args.recipe, setting, args.runs_dir / group, args.model,
+                            args.prefix_cache_dir),
                 lambda group=group: run_group(group, args.data_root, args.recipe, setting, args.runs_dir / group,
-                                              args.model))
+                                              args.model, args.prefix_cache_dir))
             for group in args.groups]
     return run_jobs(jobs, dry_run=args.dry_run, summary=lambda record: (
         f"AUPRC {figure_label(record['auprc'])}, recall {figure_label(record['recall'])}, "

@@ -3,6 +3,7 @@
     python experiments/quality_per_minute.py                      # every recipe not yet in results/quality-per-minute/
     python experiments/quality_per_minute.py --recipes lora-r16-top4 head-only --epochs 1 --dry-run
     python experiments/quality_per_minute.py --cap 1000           # at most 1,000 training rows per further source
+    python experiments/quality_per_minute.py --set harm_prompts_cap=1000 harm_prompts_max_length=128
     python experiments/quality_per_minute.py --table              # rewrite docs/performance.md's table
 
 Recipes (`compare_methods.RECIPES`): LoRA r=16 on every block, LoRA r=16 on the top 2, 4 and 8
@@ -10,12 +11,16 @@ blocks over a cached frozen prefix (`--lora-layers top:K`), the top 3 blocks ful
 (`train_full_layers.py --num-layers 3`) and the head alone (`--num-layers 0`). Each trains on
 ToxicChat (main source) and every other prompt source of the shared data (AILuminate, each
 harm_prompts file; not the responses), with the same seed and so the same validation split per
-source; no test file. `results/quality-per-minute/<recipe>.json` records the command, the CPU
-(`cpu_model()`), the dtype, the training minutes (the run's own clock: data, prefix cache and
-training steps), the real (unpadded) tokens trained per second, the share of the measured matmul
-peak (`benchmarks/benchmark.py`'s `matmul_tflops`, in the run's dtype) that the recipe's FLOPs
-make, and the validation AUPRC of the ToxicChat rows and its mean over sources. A recipe whose
-record exists is skipped.
+source; no test file. `--set` takes training options and the source keys of
+`experiments/mixture_search.py` (`harm_prompts_cap=1000`: `cap=1000` on each harm_prompts file);
+`--cap N` is the key `SOURCE_cap=N` for every further source, and a `--set` key that sets a
+source's cap (its own, or its folder's; `none`: no cap) wins over it for that source.
+`results/quality-per-minute/<recipe>.json` records the command, the CPU (`cpu_model()`), the
+dtype, the training minutes (the run's own clock: data, prefix cache and training steps), the real
+(unpadded) tokens trained per second, the share of the measured matmul peak
+(`benchmarks/benchmark.py`'s `matmul_tflops`, in the run's dtype) that the recipe's FLOPs make,
+and the validation AUPRC of the ToxicChat rows and its mean over sources. A recipe whose record
+exists is skipped.
 
 Real tokens: every training row (after the sources' weights and caps) encoded as the run encodes
 it, counted once an epoch. FLOPs, per real training token (non-embedding parameters; P_top: the
@@ -55,12 +60,13 @@ from compare_methods import (
 )
 from search import (
     SCRIPTS,
+    SET_HELP,
     Job,
     add_source_experiment_arguments,
+    recipe_command,
     run_jobs,
     run_training_command,
     single_setting,
-    sources_command,
     table_head,
     table_row,
     write_table_block,
@@ -77,12 +83,13 @@ PEAK_MATRIX, PEAK_SECONDS = 2048, 2.0  # benchmarks/benchmark.py's default peak 
 
 
 def command_for(recipe: str, data_root: Path, epochs: float, cap: int | None, setting: dict[str, str],
-                run_dir: Path, model: str | None) -> list[str]:
+                run_dir: Path, model: str | None, prefix_cache_dir: Path | None = None) -> list[str]:
+    """A recipe's run on every source: `cap` on each further source unless the setting's source keys
+    say otherwise, the setting's training options over `epochs` and the recipe's."""
     main, *training = prompt_source_files(data_root)
-    script, options = RECIPES[recipe]
     caps = {path.stem: {"cap": str(cap)} for path in training} if cap is not None else None
-    return sources_command(script, main, training, {**options, "epochs": f"{epochs:g}", **setting}, run_dir, model,
-                           caps)
+    return recipe_command(recipe, main, training, setting, run_dir, model, options={"epochs": f"{epochs:g}"},
+                          source_defaults=caps, prefix_cache_dir=prefix_cache_dir)
 
 
 def parsed_plan(command: list[str]):
@@ -205,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES), help="recipes to run")
     parser.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS)
     parser.add_argument("--cap", type=int, default=None,
-                        help="at most this many training rows of each further source (its cap=; default: all)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="training options on top of the recipe's (`--option-name` with `_` for `-`)")
+                        help="at most this many training rows of each further source (its cap=; default: all); "
+                             "a --set source key SOURCE_cap wins over it")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=SET_HELP)
     add_source_experiment_arguments(parser, results_dir=QUALITY_DIR, runs_dir=RUNS_DIR, page=PAGE)
     args = parser.parse_args(argv)
     if args.table:
@@ -215,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     setting = single_setting(args.set)
     jobs = []
     for recipe in args.recipes:
-        command = command_for(recipe, args.data_root, args.epochs, args.cap, setting, args.runs_dir / recipe, args.model)
+        command = command_for(recipe, args.data_root, args.epochs, args.cap, setting, args.runs_dir / recipe, args.model,
+                              args.prefix_cache_dir)
         jobs.append(Job(recipe, args.results_dir / f"{recipe}.json", command,
                         lambda recipe=recipe, command=command: run_recipe(recipe, command, args.runs_dir / recipe)))
     return run_jobs(jobs, dry_run=args.dry_run, summary=lambda record: (

@@ -235,9 +235,19 @@ class PrefixCacheArguments:
     prefix_cache_max_mb: int = field(
         default=4096, metadata={"help": "Memory allowed for the cached hidden states; above it, training runs uncached."}
     )
+    prefix_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Keep the cached hidden states in this directory, keyed by the frozen weights and each row's "
+                          "tokens, so that later runs over the same rows (another recipe, mixture or seed; a resumed "
+                          "run) read them instead of running the frozen blocks again."},
+    )
 
     def __post_init__(self) -> None:
         require(self.prefix_cache_max_mb >= 0, f"--prefix-cache-max-mb must be 0 or more, not {self.prefix_cache_max_mb}")
+        require(self.prefix_cache_dir is None or self.cache_prefix,
+                "--prefix-cache-dir keeps the prefix cache: it cannot go with --no-cache-prefix")
+        require(self.prefix_cache_dir is None or not Path(self.prefix_cache_dir).is_file(),
+                f"--prefix-cache-dir {self.prefix_cache_dir} is a file, not a directory")
 
 
 @dataclass
@@ -398,6 +408,11 @@ class TrainingPlan:
     def prefix_cache_max_bytes(self) -> int:
         options = self.full_layers if self.full_layers is not None else self.lora
         return (options.prefix_cache_max_mb if options is not None else 0) * 2**20
+
+    @property
+    def prefix_cache_dir(self) -> str | None:
+        options = self.full_layers if self.full_layers is not None else self.lora
+        return options.prefix_cache_dir if options is not None else None
 
     @property
     def category_score_rule(self) -> str:

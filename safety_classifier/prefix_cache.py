@@ -375,35 +375,12 @@ class CachedPrefixCollator:
         return batch
 
 
-def build_cached_dataset(
-    model: nn.Module,
-    tokenizer,
-    input_ids: Sequence[Sequence[int]],
-    labels: Sequence[int] | Sequence[Sequence[float]],
-    num_layers: int,
-    max_batch_tokens: int | None = None,
-    *,
-    max_cache_bytes: int | None = DEFAULT_MAX_CACHE_BYTES,
-    show_progress: bool = False,
-    description: str = "caching frozen prefix",
-) -> CachedPrefixDataset:
-    """Cache the prefix states of rows already encoded as the recipe encodes them, and keep the ids
-    for pooling and length grouping."""
-    states = prefix_hidden_states_from_ids(
-        model, input_ids, num_layers, pad_token_id=tokenizer.pad_token_id,
-        max_batch_tokens=max_batch_tokens, max_cache_bytes=max_cache_bytes,
-        show_progress=show_progress, description=description,
-    )
-    return CachedPrefixDataset(states, labels, input_ids)
-
-
 __all__ = [
     "DEFAULT_MAX_CACHE_BYTES",
     "CachedPrefixCollator",
     "CachedPrefixDataset",
     "PrefixCacheTooLarge",
     "TopLayersOnCachedPrefix",
-    "build_cached_dataset",
     "estimate_cache_bytes",
     "last_non_pad_index",
     "prefix_hidden_states_from_ids",

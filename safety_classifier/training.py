@@ -54,7 +54,8 @@ from .modeling import (
     resolve_dtype,
     trainable_head_parameters,
 )
-from .prefix_cache import CachedPrefixCollator, PrefixCacheTooLarge, TopLayersOnCachedPrefix, build_cached_dataset
+from .prefix_cache import CachedPrefixCollator, PrefixCacheTooLarge, TopLayersOnCachedPrefix
+from .prefix_store import build_cached_dataset
 from .sources import add_sources, describe_sources
 from .trainer import (
     ClassifierTrainer,
@@ -259,6 +260,7 @@ def training_inputs(plan: TrainingPlan, model: torch.nn.Module, tokenizer, split
                     model, tokenizer, encode_split(split, tokenizer, max_length, plan.model.prompt_template),
                     split_labels, top_layers,
                     max_cache_bytes=budget - sum(dataset.nbytes for dataset in cached.values()),
+                    directory=plan.prefix_cache_dir,
                     show_progress=is_global_main_process(), description=f"caching frozen prefix ({split.name})",
                 )
         except PrefixCacheTooLarge as error:

@@ -62,6 +62,18 @@ def option(command: list[str], name: str) -> str:
     return command[command.index(name) + 1]
 
 
+def specs_of(command: list[str]) -> dict[str, str]:
+    """{file stem: its --extra-train-sources spec} of a command."""
+    start = command.index("--extra-train-sources") + 1
+    return {stem: command[start + index] for index, stem in enumerate(spec_files(command))}
+
+
+def spec_options(spec: str) -> dict[str, str]:
+    """A spec's weight=, cap= and max_length= (the options the source keys set)."""
+    pairs = dict(part.split("=", 1) for part in spec.split(",")[1:])
+    return {key: value for key, value in pairs.items() if key in search.SOURCE_OPTIONS}
+
+
 # ---- quality per minute -------------------------------------------------------------------------------
 
 
@@ -86,6 +98,29 @@ def test_quality_per_minute_trains_every_recipe_on_every_prompt_source(data_root
     (tmp_path / "records" / "head-only.json").write_text("{}")
     assert quality_per_minute.main([*flags, "--recipes", "head-only", "top-3"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "[1/2] head-only: done, skipped"
+
+
+def test_quality_per_minute_takes_the_mixture_searchs_source_keys_in_set(data_root, tmp_path, capsys):
+    flags = ["--data-root", str(data_root), "--results-dir", str(tmp_path), "--recipes", "lora-r16-top4", "--dry-run"]
+    assert quality_per_minute.main([*flags, "--set", "harm_prompts_cap=7", "harm_prompts_max_length=128",
+                                    "epochs=1"]) == 0
+    command = capsys.readouterr().out.split(": ", 1)[1].split()
+    specs = specs_of(command)
+    assert all(spec_options(specs[stem]) == {"cap": "7", "max_length": "128"} for stem in HARM_FILES)
+    assert spec_options(specs["ailuminate_en_dev"]) == {"weight": "1.2"}, "AILuminate is no harm_prompts file"
+    assert option(command, "--epochs") == "1" and "--harm-prompts-cap" not in command
+    mixture = mixture_search.command_for("lora-r16-top4", {"harm_prompts_cap": "7", "harm_prompts_max_length": "128"},
+                                         data_root, tmp_path, None)
+    assert specs_of(mixture) == specs, "the same specs as the mixture search's for the same keys"
+    # --cap is every further source's cap; a source key's cap (its own or its folder's, none too) wins.
+    setting = {"harm_prompts_cap": "9", "hatecheck_cap": "none", "guardreasoner_cap": "3", "catqa_weight": "2"}
+    command = quality_per_minute.command_for("lora-r16-top4", data_root, 1.0, 50, setting, tmp_path, None)
+    options = {stem: spec_options(spec) for stem, spec in specs_of(command).items()}
+    assert options["ailuminate_en_dev"] == {"weight": "1.2", "cap": "50"}
+    assert options["hatecheck"] == {} and options["guardreasoner_train_sample"] == {"cap": "3"}
+    assert options["catqa"] == {"cap": "9", "weight": "2"} and options["advbench"] == {"cap": "9"}
+    plain = quality_per_minute.command_for("lora-r16-top4", data_root, 1.0, 50, {}, tmp_path, None)
+    assert all(spec_options(spec)["cap"] == "50" for spec in specs_of(plain).values())
 
 
 def test_quality_per_minute_counts_the_runs_tokens_and_flops(data_root, tiny_phi3, tmp_path, monkeypatch):
@@ -187,6 +222,37 @@ def test_cross_source_dry_run_prints_each_groups_command_and_skips_recorded_ones
     assert "train_full_layers.py" in lines[0] and "--num-layers 3" in lines[0] and "--epochs 1" in lines[0]
 
 
+def test_cross_source_takes_the_mixture_searchs_source_keys_in_set(data_root, tmp_path, capsys):
+    """Each run gets the specs the mixture search gives for the same keys, on the files it trains on;
+    the keys of a left-out file (or of the main file) apply to nothing, never become training options."""
+    setting = {"harm_prompts_cap": "1000", "harm_prompts_max_length": "128", "hatecheck_weight": "2",
+               "guardreasoner_cap": "5", "epochs": "1"}
+    mixture = specs_of(mixture_search.command_for("lora-r16-top4", setting, data_root, tmp_path, None))
+    assert spec_options(mixture["hatecheck"]) == {"cap": "1000", "max_length": "128", "weight": "2"}
+    for group in cross_source.GROUPS:
+        command = cross_source.command_for(group, data_root, "lora-r16-top4", setting, tmp_path, None)
+        specs = specs_of(command)
+        assert specs == {stem: mixture[stem] for stem in specs}, group
+        assert option(command, "--epochs") == "1" and not {"--hatecheck-weight", "--guardreasoner-cap"} & set(command)
+    # As in the mixture search: a key of no source is a training option (which the script refuses) ...
+    unknown = {"nosuch_cap": "5"}
+    assert option(cross_source.command_for("toxicchat", data_root, "top-3", unknown, tmp_path, None), "--nosuch-cap") == \
+        option(mixture_search.command_for("top-3", unknown, data_root, tmp_path, None), "--nosuch-cap") == "5"
+    # ... ToxicChat takes none, and a start of several sources is refused, even where they are left out.
+    with pytest.raises(SystemExit, match="ToxicChat is the main source"):
+        cross_source.command_for("toxicchat", data_root, "lora-r16-top4", {"toxicchat_cap": "2"}, tmp_path, None)
+    with pytest.raises(SystemExit, match="starts several sources"):
+        cross_source.command_for("harmful-requests", data_root, "lora-r16-top4", {"c_cap": "2"}, tmp_path, None)
+    flags = ["--data-root", str(data_root), "--results-dir", str(tmp_path / "records"), "--dry-run",
+             "--groups", "hatecheck-toxigen", "--set", "harm_prompts_cap=1000", "harm_prompts_max_length=128"]
+    assert cross_source.main(flags) == 0
+    printed = specs_of(capsys.readouterr().out.split(": ", 1)[1].split())
+    keys = {"harm_prompts_cap": "1000", "harm_prompts_max_length": "128"}
+    mixture = specs_of(mixture_search.command_for("lora-r16-top4", keys, data_root, tmp_path, None))
+    assert printed == {stem: mixture[stem] for stem in printed} and "hatecheck" not in printed
+    assert spec_options(printed["catqa"]) == {"cap": "1000", "max_length": "128"}
+
+
 def cross_record(group: str, auprc: float, recall: float, fpr: float | None, against: str | None = None) -> dict:
     return {"group": group, "name": cross_source.GROUPS[group][0], "main_source": "toxicchat0124_train",
             "recipe": "lora-r16-top4", "unsafe_rows": 1200, "safe_rows": 0 if fpr is None else 300, "auprc": auprc,
@@ -227,7 +293,8 @@ def test_left_out_figures_follow_the_runs_own_per_source_rule():
 def test_leaving_groups_out_trains_on_the_others_and_scores_the_group(data_root, tiny_phi3, tmp_path, capsys):
     flags = ["--data-root", str(data_root), "--results-dir", str(tmp_path / "records"), "--runs-dir",
              str(tmp_path / "runs"), "--model", str(tiny_phi3), "--groups", "toxicchat", "ailuminate",
-             "--set", "epochs=1", "dtype=fp32", "lora_r=4", "lora_layers=top:1", "logging_steps=50"]
+             "--set", "epochs=1", "dtype=fp32", "lora_r=4", "lora_layers=top:1", "logging_steps=50",
+             "harm_prompts_max_length=64"]
     assert cross_source.main(flags) == 0
     toxicchat, ailuminate = (json.loads((tmp_path / "records" / f"{group}.json").read_text())
                              for group in ("toxicchat", "ailuminate"))
@@ -240,6 +307,8 @@ def test_leaving_groups_out_trains_on_the_others_and_scores_the_group(data_root,
     for record in (toxicchat, ailuminate):
         assert "--test-file" not in record["command"] and 0.0 <= record["recall"] <= 1.0
         assert record["training_arguments"]["lora_layers"] == "top:1"
+        assert record["setting"]["harm_prompts_max_length"] == "64", "the setting as given, source keys included"
+        assert "catqa.csv,text=text,label=label,category=category,max_length=64" in record["command"]
     assert not list((tmp_path / "runs").iterdir()), "records are kept, classifiers are not"
     capsys.readouterr()
     assert cross_source.main(flags) == 0

@@ -24,7 +24,8 @@ from safety_classifier.cli import infer_main, parse_training_plan, train_main
 from safety_classifier.formatting import encode_prompts
 from safety_classifier.inference import load_classifier
 from safety_classifier.modeling import LoraSettings, build_model, cpu_model, load_tokenizer
-from safety_classifier.prefix_cache import CachedPrefixCollator, TopLayersOnCachedPrefix, build_cached_dataset
+from safety_classifier.prefix_cache import CachedPrefixCollator, TopLayersOnCachedPrefix
+from safety_classifier.prefix_store import build_cached_dataset
 
 TOP_1 = ("--lora-r", "4", "--lora-layers", "top:1")
 # Two epochs at a learning rate that moves the weights, so that a difference between the paths would show.

@@ -16,10 +16,10 @@ from safety_classifier.prefix_cache import (
     CachedPrefixCollator,
     PrefixCacheTooLarge,
     TopLayersOnCachedPrefix,
-    build_cached_dataset,
     estimate_cache_bytes,
     prefix_hidden_states_from_ids,
 )
+from safety_classifier.prefix_store import build_cached_dataset
 
 # Lengths differ a lot on purpose; the last prompt ends with the pad token itself, which the
 # model's own pooling skips (it reads the rightmost token that is not the pad id).

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
 import pytest
+from fastapi.testclient import TestClient
 
 from safety_classifier.cli import infer_main
-from safety_classifier.formatting import PromptResponse, encode_prompts
+from safety_classifier.formatting import PromptResponse, encode_pairs, encode_prompts
 from safety_classifier.inference import Classifier, load_classifier
+from safety_classifier.serving.api_server import create_app
+from safety_classifier.serving.cli_args import ServeArguments
 from safety_classifier.serving.conversation import Conversation, Message, fits, fitted_input
 
 PROMPTS = ["How do I poison my neighbour's dog?", "What is the capital of France?"]
@@ -176,3 +184,117 @@ def test_a_classifier_whose_answers_were_read_in_another_template_is_refused(tin
     with pytest.raises(ModelLoadError, match="response template"):
         Classifier(classifier.model, classifier.tokenizer, 0.5, 64,
                    {**classifier.metadata, "response_template": "Q: {prompt} A: {response}"})
+
+
+@contextmanager
+def serving(classifier: Classifier, model_dir) -> Iterator[TestClient]:
+    """The service over `classifier`, in process, once it is ready."""
+    app = create_app(ServeArguments(model_dir=str(model_dir)), load=lambda: classifier)
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the service did not become ready"
+            time.sleep(0.05)
+        yield client
+
+
+def metric(client: TestClient, sample: str) -> float:
+    line = next((line for line in client.get("/metrics").text.splitlines() if line.startswith(sample + " ")), None)
+    return 0.0 if line is None else float(line.split()[-1])
+
+
+# A chat template for prompts only: it refuses an assistant's turn, as some models' templates refuse a role.
+USER_ONLY_CHAT = ("{% for message in messages %}{% if message['role'] != 'user' %}"
+                  "{{ raise_exception('this template reads user messages only') }}{% endif %}"
+                  "<|user|>{{ message['content'] }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def without_answers(classifier: Classifier, how: str) -> Classifier:
+    """The classifier, unable to encode an answer with its prompt, though it reads prompts."""
+    metadata = {key: value for key, value in classifier.metadata.items() if key != "response_template"}
+    tokenizer, max_length = classifier.tokenizer, classifier.max_length
+    if how == "no-room":  # a max length the response template alone fills
+        max_length = len(encode_pairs(tokenizer, [PromptResponse("", "")], 10_000)[0])
+    else:  # a chat template with no assistant's turn
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.chat_template = USER_ONLY_CHAT
+        metadata["prompt_template"] = "chat"
+    return Classifier(classifier.model, tokenizer, classifier.threshold, max_length, metadata, classifier.calibration)
+
+
+@pytest.mark.parametrize("how", ["no-room", "user-only-chat-template"])
+def test_an_answer_a_classifier_cannot_encode_gets_422_and_prompts_are_still_served(classifier, tiny_lora_classifier,
+                                                                                   how):
+    """Refused before it reaches the model: the client's 422, not the model's 500, and no batch fails."""
+    with serving(without_answers(classifier, how), tiny_lora_classifier) as client:
+        for body in ({"input": [{"role": "user", "content": PROMPTS[0]}, {"role": "assistant", "content": ANSWERS[0]}]},
+                     {"input": [{"role": "assistant", "content": ANSWERS[0]}]}):
+            response = client.post("/v1/moderations", json=body)
+            assert response.status_code == 422, response.text
+            error = response.json()["error"]
+            assert (error["code"], error["param"], error["type"]) == ("unsupported_input", "input", "invalid_request_error")
+            assert error["message"].startswith("this classifier cannot read 'input': ")
+        expected = "leaves no room for a prompt and its response" if how == "no-room" else \
+            "TemplateError: this template reads user messages only"
+        assert expected in error["message"]
+        # A conversation whose last message is the user's, and texts, are prompts: served as usual.
+        prompt = client.post("/v1/moderations", json={"input": [{"role": "assistant", "content": ANSWERS[0]},
+                                                                {"role": "user", "content": PROMPTS[1]}]})
+        texts = client.post("/v1/moderations", json={"input": PROMPTS})
+        assert prompt.status_code == texts.status_code == 200
+        assert prompt.json()["results"][0]["judged"] == "prompt"
+        assert metric(client, "moderation_batch_failures_total") == 0
+        assert metric(client, 'moderation_requests_total{code="422"}') == 2
+
+
+def test_a_text_that_cannot_be_encoded_is_named_with_422_and_odd_texts_are_read(classifier, tiny_lora_classifier,
+                                                                                monkeypatch):
+    from safety_classifier.serving import batcher as batcher_module
+
+    encode = batcher_module.encode_prompts
+    failures = []  # set: fail once on any texts, as a failure no one input explains
+
+    def refusing(tokenizer, texts, *args):
+        if failures or any("\a" in str(text) for text in texts):
+            raise failures.pop() if failures else ValueError("no encoding for a bell")
+        return encode(tokenizer, texts, *args)
+
+    monkeypatch.setattr(batcher_module, "encode_prompts", refusing)
+    with serving(classifier, tiny_lora_classifier) as client:
+        for body, param in (({"input": [PROMPTS[1], "ring \a", "\a"]}, "input[1]"), ({"input": "ring \a"}, "input")):
+            response = client.post("/v1/moderations", json=body)
+            assert response.status_code == 422
+            error = response.json()["error"]
+            assert (error["code"], error["param"]) == ("unsupported_input", param)
+            assert error["message"] == f"this classifier cannot read '{param}': ValueError: no encoding for a bell"
+        # Texts no tokenizer refuses: a lone surrogate (U+FFFD, as offline), NUL, placeholders, special tokens.
+        odd = ["\ud800 unpaired", "nul \x00 byte", "{text} {prompt} {response}", "</s><unk>", "<|user|>hi"]
+        response = client.post("/v1/moderations", content=json.dumps({"input": odd}).encode(),
+                               headers={"content-type": "application/json"})
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose([result["category_scores"]["unsafe"] for result in response.json()["results"]],
+                                   classifier.unsafe_probabilities(odd, show_progress=False), rtol=0, atol=ATOL)
+        # A failure that no input causes alone is the service's: 500, as a model failure is.
+        failures.append(RuntimeError("the tokenizer is broken"))
+        assert client.post("/v1/moderations", json={"input": PROMPTS}).status_code == 500
+        assert client.post("/v1/moderations", json={"input": PROMPTS}).status_code == 200
+        assert metric(client, "moderation_batch_failures_total") == 0
+
+
+def test_the_batcher_refuses_an_unreadable_input_before_it_joins_a_batch(classifier):
+    from safety_classifier.serving.batcher import Batcher, UnreadableInput
+
+    unreadable = without_answers(classifier, "no-room")
+
+    async def submit() -> tuple[int, list]:
+        batcher = Batcher(unreadable, max_batch_tokens=4096, max_wait_ms=0)
+        await batcher.start()
+        try:
+            with pytest.raises(UnreadableInput, match="no room for a prompt and its response") as raised:
+                await batcher.submit([PROMPTS[0], PAIRS[1]])
+            return raised.value.index, await batcher.submit(PROMPTS)
+        finally:
+            await batcher.close()
+
+    index, results = asyncio.run(submit())
+    assert index == 1 and len(results) == 2

@@ -20,11 +20,11 @@ from transformers.utils import logging as transformers_logging
 
 from ..arguments import ArgumentError
 from ..console import quiet_library_noise
-from ..errors import PromptTemplateError, SafetyClassifierError
+from ..errors import SafetyClassifierError
 from ..inference import Classifier
 from ..modeling import describe_dtype
 from .auth import BearerAuth
-from .batcher import Batcher, ServiceUnavailable, new_model_thread
+from .batcher import Batcher, ServiceUnavailable, UnreadableInput, new_model_thread
 from .cli_args import ServeArguments
 from .memory import limit_malloc_arenas
 from .metrics import ServiceMetrics
@@ -170,8 +170,9 @@ def create_app(args: ServeArguments, load: Callable[[], Classifier] | None = Non
                                code="model_not_ready", error_type="service_unavailable")
             try:
                 results = await batcher.submit(moderation.input)
-            except PromptTemplateError as error:  # e.g. a conversation's answer, where no pair template fits
-                raise ApiError(422, f"this classifier cannot read this input: {error}", param="input",
+            except UnreadableInput as error:  # e.g. a conversation's answer, where no pair template fits
+                param = "input" if len(moderation.input) == 1 else f"input[{error.index}]"
+                raise ApiError(422, f"this classifier cannot read '{param}': {error}", param=param,
                                code="unsupported_input") from None
             except ServiceUnavailable as error:
                 raise ApiError(503, str(error), code="shutting_down", error_type="service_unavailable") from None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..batching import MAX_BATCH_ROWS, MAX_PACK_TOKENS, default_batch_tokens
+from ..errors import SafetyClassifierError
 from ..formatting import ModerationInput, encode_prompts, is_blank, judged_part, normalise_input
 from ..inference import Classifier
 from ..packing import scores_in_stepped_packs, warm_up_shapes
@@ -48,8 +49,24 @@ def score_texts(classifier: Classifier, texts: Sequence[ModerationInput], max_ba
     return np.asarray(scores, dtype=np.float64)
 
 
+def describe(error: BaseException) -> str:
+    """An error as a client reads it: the toolkit's own messages as they are, others with their type."""
+    return str(error) if isinstance(error, SafetyClassifierError) else f"{type(error).__name__}: {error}"
+
+
 class ServiceUnavailable(Exception):
     """The batcher is not running (not started yet, or draining for shutdown)."""
+
+
+class UnreadableInput(SafetyClassifierError, ValueError):
+    """An input this classifier cannot read: preparing it (a conversation fitted to the max length,
+    encoding in the classifier's templates, tokenization) failed, as it does alone: an answer where
+    no response template fits, a text the tokenizer refuses. The client's to fix, not the model's;
+    `index` is its place in the submitted inputs."""
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
 
 
 @dataclass
@@ -160,10 +177,31 @@ class Batcher:
 
     def _prepare(self, values: Sequence[object]) -> tuple[list[ModerationInput], list[int]]:
         """On the tokenizer thread: each input normalised (a conversation first resolved to the input
-        it is judged as), and its length in tokens."""
+        it is judged as), and its length in tokens. A failure is the first input that fails alone,
+        as `UnreadableInput`, before anything reaches the model; one no input explains is re-raised."""
+        try:
+            return self._prepared(values)
+        except Exception as error:
+            unreadable = self._unreadable(values)
+            if unreadable is None:
+                logger.exception("preparing a request of %d input(s) failed, though each alone is read",
+                                 len(values))
+                raise
+            raise unreadable from error
+
+    def _prepared(self, values: Sequence[object]) -> tuple[list[ModerationInput], list[int]]:
         texts = [normalise_input(value) for value in resolve_inputs(
             values, self._counting_tokenizer, self.classifier.max_length, self.classifier.prompt_template)]
         return texts, self._token_lengths(texts)
+
+    def _unreadable(self, values: Sequence[object]) -> UnreadableInput | None:
+        """The first of `values` whose preparation fails alone, with its error (None: none does)."""
+        for index, value in enumerate(values):
+            try:
+                self._prepared([value])
+            except Exception as error:  # noqa: BLE001 - whatever it is, this input causes it
+                return UnreadableInput(describe(error), index)
+        return None
 
     def _token_lengths(self, texts: list[ModerationInput]) -> list[int]:
         scored = [text for text in texts if not is_blank(text)]

@@ -117,7 +117,7 @@ class ModerationRequest(BaseModel):
             if isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str):
                 item = item["text"]  # the multi-modal form's text part
             if not isinstance(item, str):
-                kind = f"an {item.get('type')!r} part" if isinstance(item, dict) and "type" in item else json_type(item)
+                kind = f"an {item.get('type')!r:.60} part" if isinstance(item, dict) and "type" in item else json_type(item)
                 raise _refusal("invalid_type", "'input[{index}]' must be a string (text only), not {kind}",
                                f"input[{index}]", index=index, kind=kind)
             texts.append(item)

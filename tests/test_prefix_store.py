@@ -1,0 +1,117 @@
+"""Frozen-prefix states kept on disk between runs (--prefix-cache-dir), on tiny random backbones (fp32, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import fast_training_flags
+from test_lora_prefix import RECIPE, TOLERANCE
+from test_prefix_cache import fresh_model, prompts_for
+from test_reliability import flat_metrics
+
+from safety_classifier import prefix_store
+from safety_classifier.cli import parse_training_plan, train_main
+from safety_classifier.formatting import encode_prompts
+from safety_classifier.modeling import find_transformer_blocks, load_tokenizer
+from safety_classifier.prefix_cache import PrefixCacheTooLarge, prefix_hidden_states_from_ids
+from safety_classifier.prefix_store import prefix_fingerprint, stored_prefix_states
+
+
+def test_stored_states_equal_computed_ones_and_only_new_rows_are_computed(tiny_phi3, tmp_path, monkeypatch):
+    path = str(tiny_phi3)
+    tokenizer = load_tokenizer(path)
+    model = fresh_model(path, tokenizer).eval()
+    ids = encode_prompts(tokenizer, prompts_for(tokenizer), 64)
+    pad = tokenizer.pad_token_id
+    expected = prefix_hidden_states_from_ids(model, ids, 1, pad_token_id=pad)
+
+    first, read = stored_prefix_states(model, ids[:4], 1, tmp_path, pad_token_id=pad)
+    assert read == 0 and len(list(tmp_path.glob("*/*.safetensors"))) == 1
+    computed_rows = []
+    original = prefix_store.prefix_hidden_states_from_ids
+
+    def counting(model, input_ids, *args, **kwargs):
+        computed_rows.extend(map(tuple, input_ids))
+        return original(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(prefix_store, "prefix_hidden_states_from_ids", counting)
+    # Every row, one of them twice: the first four are read, the other three computed once and added.
+    rows = ids + [ids[5]]
+    states, read = stored_prefix_states(model, rows, 1, tmp_path, pad_token_id=pad)
+    assert read == 4 and sorted(computed_rows) == sorted(map(tuple, ids[4:]))
+    assert len(list(tmp_path.glob("*/*.safetensors"))) == 2 and not list(tmp_path.glob("*/.*"))
+    # Within float noise of one run over every row: the rows were batched with others of other lengths.
+    for got, want in zip(states, expected + [expected[5]]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # Rows read back are the very tensors stored.
+    assert all(torch.equal(got, want) for got, want in zip(states[:4], first))
+
+    computed_rows.clear()
+    again, read = stored_prefix_states(model, list(reversed(ids)), 1, tmp_path, pad_token_id=pad)
+    assert read == len(ids) and computed_rows == []
+    assert all(torch.equal(got, want) for got, want in zip(again, reversed(states[:-1])))
+
+
+def test_the_memory_limit_counts_rows_read_from_the_directory_too(tiny_phi3, tmp_path):
+    path = str(tiny_phi3)
+    tokenizer = load_tokenizer(path)
+    model = fresh_model(path, tokenizer).eval()
+    ids = encode_prompts(tokenizer, prompts_for(tokenizer), 64)
+    stored_prefix_states(model, ids, 1, tmp_path, pad_token_id=tokenizer.pad_token_id)
+    with pytest.raises(PrefixCacheTooLarge, match="over the limit"):
+        stored_prefix_states(model, ids, 1, tmp_path, pad_token_id=tokenizer.pad_token_id, max_cache_bytes=1000)
+
+
+def test_the_fingerprint_follows_the_frozen_prefix_and_nothing_else(tiny_phi3):
+    path = str(tiny_phi3)
+    tokenizer = load_tokenizer(path)
+    model = fresh_model(path, tokenizer, seed=0)
+    fingerprint = prefix_fingerprint(model, 1)
+    assert len(fingerprint) == 64
+    # Another head (seed), and the top block changed: the prefix is the same.
+    other = fresh_model(path, tokenizer, seed=1)
+    assert not torch.equal(other.score.weight, model.score.weight)
+    with torch.no_grad():
+        find_transformer_blocks(other)[-1].mlp.down_proj.weight.add_(1.0)
+    assert prefix_fingerprint(other, 1) == fingerprint
+    # The top block is in the prefix of a run that trains none of the blocks.
+    assert prefix_fingerprint(other, 0) != prefix_fingerprint(model, 0)
+    # Another number of cached blocks, or a changed weight below them: another fingerprint.
+    assert prefix_fingerprint(model, 2) != fingerprint
+    with torch.no_grad():
+        find_transformer_blocks(other)[0].self_attn.o_proj.weight.mul_(1.001)
+    assert prefix_fingerprint(other, 1) != fingerprint
+
+
+def test_a_second_run_reads_every_row_and_gets_the_same_result(tiny_phi3, toy_files, tmp_path, capsys):
+    store = tmp_path / "prefix-cache"
+    metrics = []
+    for run in ("first", "second"):
+        flags = fast_training_flags(tiny_phi3, toy_files, tmp_path / run, *RECIPE, "--prefix-cache-dir", str(store))
+        assert train_main("lora", flags) == 0
+        metrics.append(json.loads((tmp_path / run / "metrics.json").read_text()))
+        output = capsys.readouterr().out
+        if run == "first":
+            assert "caching frozen prefix (train): 0 of" in output
+        else:
+            lines = [line for line in output.splitlines() if "rows read from" in line]
+            assert len(lines) == 2 and all(line.split(": ")[1].split(" of ")[0] ==
+                                           line.split(" of ")[1].split(" rows")[0] for line in lines), lines
+    for split in ("validation", "test"):
+        assert flat_metrics(metrics[1][split]) == pytest.approx(flat_metrics(metrics[0][split]), abs=TOLERANCE)
+
+
+def test_a_prefix_cache_dir_without_the_cache_is_refused_as_it_is_parsed(tmp_path, capsys):
+    flags = ["--model", str(tmp_path / "no-such-model"), "--train-file", str(tmp_path / "no-such.csv"),
+             "--output-dir", str(tmp_path / "out"), "--lora-layers", "top:1", "--no-cache-prefix",
+             "--prefix-cache-dir", str(tmp_path / "cache")]
+    assert train_main("lora", flags) == 2
+    assert "error: --prefix-cache-dir keeps the prefix cache" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    flags = flags[:-3] + ["--prefix-cache-dir", str(tmp_path / "a-file")]
+    assert train_main("full_layers", [f for f in flags if f not in ("--lora-layers", "top:1")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert parse_training_plan("lora", flags[:-2] + ["--prefix-cache-dir", "x"]).prefix_cache_dir == "x"
+    assert not (tmp_path / "out").exists()
