@@ -42,7 +42,8 @@ demo: setup
 	$(PYTHON) infer.py --model-dir $(DEMO_DIR) $(EXAMPLES)
 
 all-sources: setup
-	$(TRAIN) --extra-train-sources @$(SOURCES) --lora-layers top:4 --prefix-cache-dir $(PREFIX_CACHE_DIR) \
+	$(TRAIN) --extra-train-sources @$(SOURCES) --lora-layers top:4 --learning-rate 1.6e-3 \
+		--prefix-cache-dir $(PREFIX_CACHE_DIR) \
 		--output-dir $(ALL_SOURCES_DIR)
 	$(PYTHON) infer.py --model-dir $(ALL_SOURCES_DIR) $(EXAMPLES)
 	$(PYTHON) infer.py --model-dir $(ALL_SOURCES_DIR) $(ANSWERS)

@@ -92,8 +92,38 @@ def results_table(rows: list[dict]) -> str:
     lines += ["", *validation_table(rows)]
     lines += calibration_table(rows)
     lines += ["", *guard_model_table(rows)]
+    lines += source_tables(rows)
     lines += category_tables(rows)
     return "\n".join(lines)
+
+
+def source_tables(rows: list[dict]) -> list[str]:
+    """For each row trained on several sources: its validation rows source by source, the false
+    alarms on the safe look-alikes and the answers' metrics (issues 39 and 40), at the stored threshold."""
+    lines = []
+    cell = lambda value, spec=".3f": "—" if value is None else format(value, spec)  # noqa: E731
+    for row in rows:
+        validation = row["validation"]
+        if len(validation.get("sources", {})) <= 2:
+            continue
+        lines += ["", f"Sources of **{row['method']}**, each on its own validation split (recall and false-positive "
+                      f"rate at the stored threshold; *: no safe rows of its own, AUPRC against ToxicChat's safe rows):",
+                  "", "| Source | Rows | Unsafe | AUPRC | Recall | FPR |", "|---|---:|---:|---:|---:|---:|"]
+        for name, entry in validation["sources"].items():
+            recall = entry["recall"] if entry["unsafe_share"] > 0 else None
+            lines.append(f"| {name}{' *' if entry.get('auprc_against') else ''} | {entry['n']} | "
+                         f"{entry['unsafe_share']:.1%} | {cell(entry['auprc'])} | {cell(recall)} | {cell(entry['fpr'])} |")
+        notes = [f"mean AUPRC over the prompt sources {cell(validation.get('source_macro_auprc'))}"]
+        if validation.get("lookalike_n"):
+            notes.append(f"false-positive rate on the {validation['lookalike_n']} safe look-alikes "
+                         f"({', '.join(validation['lookalike_sources'])}) {cell(validation['lookalike_fpr'])} (goal <= 0.05)")
+        responses = validation.get("responses")
+        if responses:
+            notes.append(f"answers ({responses['n']} validation pairs, split by prompt): AUPRC {cell(responses['auprc'])} "
+                         f"(goal >= 0.85), F1 {cell(responses['f1'])} (goal >= 0.75), recall {cell(responses['recall'])} "
+                         f"and FPR {cell(responses['fpr'])} at the answers' threshold {responses['threshold']:.3f}")
+        lines += ["", "; ".join(notes) + "."]
+    return lines
 
 
 STRATEGY_FAMILIES = {"train_full_layers.py": "top-N", "train_lora.py": "LoRA", "train_qlora.py": "QLoRA"}
@@ -166,8 +196,10 @@ def category_tables(rows: list[dict], baseline_row: str = "lora-r16") -> list[st
         categories = row["validation"].get("categories")
         if not categories:
             continue
+        held_out = ("AILuminate prompts held out, stratified by category" if len(row["validation"].get("sources", {})) <= 2
+                    else "categorised prompts held out from every source, each on its own split")
         lines += ["", f"Categories of **{row['method']}** on the category validation split ({categories['n']} "
-                      f"AILuminate prompts held out, stratified by category; thresholds chosen on the same rows): "
+                      f"{held_out}; thresholds chosen on the same rows): "
                       f"precision, recall and F1 at each category's threshold, AUPRC, and the safe/unsafe decision's "
                       f"recall on the category's rows at the stored thresholds{route_note(categories)}.", "",
                   "| Category | Precision | Recall | F1 | AUPRC | Threshold | Rows | Unsafe recall |",
