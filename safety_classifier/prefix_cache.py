@@ -44,6 +44,8 @@ call it with a larger budget or train uncached.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -155,6 +157,51 @@ def _storage_dtype(model: nn.Module) -> torch.dtype:
     return model.get_input_embeddings().weight.dtype
 
 
+def check_cache_size(model: nn.Module, lengths: Sequence[int], max_cache_bytes: int | None) -> None:
+    """Raise `PrefixCacheTooLarge` when states of rows this long would take more than `max_cache_bytes`
+    (None: no limit)."""
+    model = unwrap_adapters(model)
+    dtype, hidden = _storage_dtype(model), _hidden_size(model)
+    estimate = estimate_cache_bytes(lengths, hidden, dtype)
+    if max_cache_bytes is not None and estimate > max_cache_bytes:
+        raise PrefixCacheTooLarge(
+            f"the prefix cache would take {estimate / 2**20:,.0f} MiB ({int(sum(int(n) for n in lengths)):,} tokens x "
+            f"{hidden} x {str(dtype).replace('torch.', '')}), over the limit of "
+            f"{max_cache_bytes / 2**20:,.0f} MiB; raise max_cache_bytes, shorten max_length or train uncached"
+        )
+
+
+# Configuration keys that name or label a model without changing what its prefix computes.
+_CONFIG_KEYS_IGNORED = {
+    "_name_or_path", "architectures", "id2label", "label2id", "num_labels", "problem_type",
+    "transformers_version", "torch_dtype", "dtype", "safety_classifier", "auto_map", "_attn_implementation",
+    "_attn_implementation_autoset",
+}
+
+
+def prefix_fingerprint(model: nn.Module, num_layers: int) -> str:
+    """SHA-256 (hex) of everything the states entering the top `num_layers` blocks depend on."""
+    model = unwrap_adapters(model)
+    parts = _backbone_parts(model)
+    stop = _prefix_stop(parts, num_layers)
+    above = {id(tensor) for block in list(parts.blocks)[stop:] for tensor in (*block.parameters(), *block.buffers())}
+    if parts.norm is not None:
+        above |= {id(tensor) for tensor in (*parts.norm.parameters(), *parts.norm.buffers())}
+    config = {key: value for key, value in model.config.to_dict().items() if key not in _CONFIG_KEYS_IGNORED}
+    digest = hashlib.sha256()
+    digest.update(json.dumps([type(parts.backbone).__name__, stop, str(_storage_dtype(model)), config],
+                             sort_keys=True, default=str).encode())
+    named = [*parts.backbone.named_parameters(), *parts.backbone.named_buffers()]
+    for name, tensor in sorted(named, key=lambda item: item[0]):
+        if id(tensor) in above:
+            continue
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(data.shape)).encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
 def prefix_hidden_states_from_ids(
     model: nn.Module,
     input_ids: Sequence[Sequence[int]],
@@ -181,13 +228,7 @@ def prefix_hidden_states_from_ids(
     if len(lengths) and lengths.min() == 0:
         raise ValueError("rows without tokens cannot be cached")
     dtype = _storage_dtype(model)
-    estimate = estimate_cache_bytes(lengths, _hidden_size(model), dtype)
-    if max_cache_bytes is not None and estimate > max_cache_bytes:
-        raise PrefixCacheTooLarge(
-            f"the prefix cache would take {estimate / 2**20:,.0f} MiB ({int(lengths.sum()):,} tokens x "
-            f"{_hidden_size(model)} x {str(dtype).replace('torch.', '')}), over the limit of "
-            f"{max_cache_bytes / 2**20:,.0f} MiB; raise max_cache_bytes, shorten max_length or train uncached"
-        )
+    check_cache_size(model, lengths, max_cache_bytes)
     device = next(model.parameters()).device
     max_batch_tokens = max_batch_tokens or default_batch_tokens(device)
     states: list[torch.Tensor | None] = [None] * len(lengths)
@@ -381,7 +422,9 @@ __all__ = [
     "CachedPrefixDataset",
     "PrefixCacheTooLarge",
     "TopLayersOnCachedPrefix",
+    "check_cache_size",
     "estimate_cache_bytes",
     "last_non_pad_index",
+    "prefix_fingerprint",
     "prefix_hidden_states_from_ids",
 ]

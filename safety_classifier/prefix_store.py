@@ -17,7 +17,6 @@ same new rows at once only store them twice.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import uuid
 from collections.abc import Sequence
@@ -29,48 +28,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .modeling import unwrap_adapters
 from .prefix_cache import (
     DEFAULT_MAX_CACHE_BYTES,
     CachedPrefixDataset,
-    PrefixCacheTooLarge,
-    _backbone_parts,
-    _hidden_size,
-    _prefix_stop,
-    _storage_dtype,
-    estimate_cache_bytes,
+    check_cache_size,
+    prefix_fingerprint,
     prefix_hidden_states_from_ids,
 )
-
-# Configuration keys that name or label a model without changing what its prefix computes.
-_CONFIG_KEYS_IGNORED = {
-    "_name_or_path", "architectures", "id2label", "label2id", "num_labels", "problem_type",
-    "transformers_version", "torch_dtype", "dtype", "safety_classifier", "auto_map", "_attn_implementation",
-    "_attn_implementation_autoset",
-}
-
-
-def prefix_fingerprint(model: nn.Module, num_layers: int) -> str:
-    """SHA-256 (hex) of everything the states entering the top `num_layers` blocks depend on."""
-    model = unwrap_adapters(model)
-    parts = _backbone_parts(model)
-    stop = _prefix_stop(parts, num_layers)
-    above = {id(tensor) for block in list(parts.blocks)[stop:] for tensor in (*block.parameters(), *block.buffers())}
-    if parts.norm is not None:
-        above |= {id(tensor) for tensor in (*parts.norm.parameters(), *parts.norm.buffers())}
-    config = {key: value for key, value in model.config.to_dict().items() if key not in _CONFIG_KEYS_IGNORED}
-    digest = hashlib.sha256()
-    digest.update(json.dumps([type(parts.backbone).__name__, stop, str(_storage_dtype(model)), config],
-                             sort_keys=True, default=str).encode())
-    named = [*parts.backbone.named_parameters(), *parts.backbone.named_buffers()]
-    for name, tensor in sorted(named, key=lambda item: item[0]):
-        if id(tensor) in above:
-            continue
-        data = tensor.detach().to("cpu").contiguous()
-        digest.update(name.encode())
-        digest.update(str(tuple(data.shape)).encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
 
 
 def row_key(ids: Sequence[int]) -> str:
@@ -120,14 +84,7 @@ def stored_prefix_states(
     Returns (states in the order of `input_ids`, number of rows read from the directory). The
     memory check counts every row, read or computed, before anything is read or run.
     """
-    lengths = [len(ids) for ids in input_ids]
-    dtype = _storage_dtype(unwrap_adapters(model))
-    estimate = estimate_cache_bytes(lengths, _hidden_size(unwrap_adapters(model)), dtype)
-    if max_cache_bytes is not None and estimate > max_cache_bytes:
-        raise PrefixCacheTooLarge(
-            f"the prefix cache would take {estimate / 2**20:,.0f} MiB ({sum(lengths):,} tokens), over the limit of "
-            f"{max_cache_bytes / 2**20:,.0f} MiB; raise max_cache_bytes, shorten max_length or train uncached"
-        )
+    check_cache_size(model, [len(ids) for ids in input_ids], max_cache_bytes)
     store = PrefixStateStore(directory, prefix_fingerprint(model, num_layers))
     keys = [row_key(ids) for ids in input_ids]
     found = store.load(set(keys))
@@ -171,4 +128,4 @@ def build_cached_dataset(
     return CachedPrefixDataset(states, labels, input_ids)
 
 
-__all__ = ["PrefixStateStore", "build_cached_dataset", "prefix_fingerprint", "row_key", "stored_prefix_states"]
+__all__ = ["PrefixStateStore", "build_cached_dataset", "row_key", "stored_prefix_states"]

@@ -15,8 +15,8 @@ from safety_classifier import prefix_store
 from safety_classifier.cli import parse_training_plan, train_main
 from safety_classifier.formatting import encode_prompts
 from safety_classifier.modeling import find_transformer_blocks, load_tokenizer
-from safety_classifier.prefix_cache import PrefixCacheTooLarge, prefix_hidden_states_from_ids
-from safety_classifier.prefix_store import prefix_fingerprint, stored_prefix_states
+from safety_classifier.prefix_cache import PrefixCacheTooLarge, prefix_fingerprint, prefix_hidden_states_from_ids
+from safety_classifier.prefix_store import stored_prefix_states
 
 
 def test_stored_states_equal_computed_ones_and_only_new_rows_are_computed(tiny_phi3, tmp_path, monkeypatch):
