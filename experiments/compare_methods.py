@@ -162,7 +162,8 @@ def row_recipe(row: str, **options: str) -> tuple[str, dict[str, str]]:
 # The recipes trained on every source (quality_per_minute.py); cross_source.py and mixture_search.py train one.
 RECIPES = {
     "lora-r16": row_recipe("lora-r16"),
-    **{f"lora-r16-top{k}": row_recipe("lora-r16", lora_layers=f"top:{k}") for k in (2, 4, 8)},
+    # 4x the LoRA default: chosen on validation for the top 4 blocks (docs/experiments-log.md, 2026-12-02).
+    **{f"lora-r16-top{k}": row_recipe("lora-r16", lora_layers=f"top:{k}", learning_rate="1.6e-3") for k in (2, 4, 8)},
     "top-3": row_recipe("top-3"),
     "head-only": row_recipe("head-only"),
 }

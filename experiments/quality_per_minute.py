@@ -173,6 +173,7 @@ def run_recipe(recipe: str, command: list[str], run_dir: Path) -> dict:
     return {
         "recipe": recipe, "command": shlex.join(command), "cpu": cpu_model(), "cores": os.cpu_count(), "dtype": dtype,
         "epochs": epochs, "training_seconds": seconds, "training_minutes": round(seconds / 60, 2),
+        "prefix_minutes": round(metadata.get("prefix_cache_seconds", 0.0) / 60, 2),
         "run_seconds": round(time.time() - started, 1),
         "tokens_per_epoch": epoch_tokens, "tokens_per_second": epoch_tokens * epochs / seconds,
         "flops_per_token": {"each_epoch": each_epoch, "once": once, "formula": formula}, "flops": flops,
@@ -190,11 +191,13 @@ def quality_table(records: list[dict]) -> str:
         return heading + "No quality-per-minute run yet: `python experiments/quality_per_minute.py`."
     order = list(RECIPES)
     records = sorted(records, key=lambda record: order.index(record["recipe"]) if record["recipe"] in order else len(order))
-    lines = table_head(["Recipe", "Trainable params", "Training time", "Real tokens/s", "Share of matmul peak",
-                        "ToxicChat rows: AUPRC", "Mean AUPRC over sources", "FLOPs per token"], text_columns=1)
+    lines = table_head(["Recipe", "Trainable params", "Training time", "of which prefix states", "Real tokens/s",
+                        "Share of matmul peak", "ToxicChat rows: AUPRC", "Mean AUPRC over sources", "FLOPs per token"],
+                       text_columns=1)
     for record in records:
         lines.append(table_row([
             record["recipe"], f"{record['trainable_parameters']:,}", f"{record['training_minutes']:.1f} min",
+            f"{record['prefix_minutes']:.1f} min" if record.get("prefix_minutes") else "—",
             f"{record['tokens_per_second']:,.0f}", f"{100 * record['peak_fraction']:.1f} %",
             f"{record['toxicchat_auprc']:.3f}", f"{record['source_macro_auprc']:.3f}",
             record["flops_per_token"]["formula"]]))

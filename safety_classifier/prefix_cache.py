@@ -221,14 +221,56 @@ def prefix_hidden_states_from_ids(
     `input_ids`. Raises `PrefixCacheTooLarge` when they would take more than `max_cache_bytes`
     (None: no limit).
     """
-    model = unwrap_adapters(model)
-    parts = _backbone_parts(model)
-    stop = _prefix_stop(parts, num_layers)
     lengths = np.asarray([len(ids) for ids in input_ids], dtype=np.int64)
     if len(lengths) and lengths.min() == 0:
         raise ValueError("rows without tokens cannot be cached")
-    dtype = _storage_dtype(model)
     check_cache_size(model, lengths, max_cache_bytes)
+
+    def batch_inputs(batch: np.ndarray, longest: int) -> dict[str, torch.Tensor]:
+        ids = torch.full((len(batch), longest), pad_token_id, dtype=torch.long)
+        for row, index in enumerate(batch):
+            ids[row, : lengths[index]] = torch.as_tensor(input_ids[index], dtype=torch.long)
+        return {"input_ids": ids}
+
+    parts = _backbone_parts(model)
+    return _run_blocks(model, parts, lengths, batch_inputs, 0, _prefix_stop(parts, num_layers),
+                       max_batch_tokens=max_batch_tokens, show_progress=show_progress, description=description)
+
+
+def continue_prefix_states(
+    model: nn.Module,
+    states: Sequence[torch.Tensor],
+    from_num_layers: int,
+    num_layers: int,
+    *,
+    max_batch_tokens: int | None = None,
+    show_progress: bool = False,
+    description: str = "continuing frozen prefix",
+) -> list[torch.Tensor]:
+    """States entering the top `num_layers` blocks from those entering the top `from_num_layers`
+    (a shallower prefix of the same frozen weights): only the blocks in between are run, fed the
+    states as `inputs_embeds` as `TopLayersOnCachedPrefix` feeds its blocks."""
+    if not num_layers < from_num_layers:
+        raise ValueError(f"a prefix continues upwards: num_layers ({num_layers}) must be below {from_num_layers}")
+    lengths = np.asarray([len(state) for state in states], dtype=np.int64)
+
+    def batch_inputs(batch: np.ndarray, longest: int) -> dict[str, torch.Tensor]:
+        embeds = torch.zeros((len(batch), longest, states[batch[0]].shape[-1]), dtype=states[batch[0]].dtype)
+        for row, index in enumerate(batch):
+            embeds[row, : lengths[index]] = states[index]
+        return {"inputs_embeds": embeds}
+
+    parts = _backbone_parts(model)
+    return _run_blocks(model, parts, lengths, batch_inputs, _prefix_stop(parts, from_num_layers),
+                       _prefix_stop(parts, num_layers), max_batch_tokens=max_batch_tokens,
+                       show_progress=show_progress, description=description)
+
+
+def _run_blocks(model: nn.Module, parts: _BackboneParts, lengths: np.ndarray, batch_inputs, start: int, stop: int, *,
+                max_batch_tokens: int | None, show_progress: bool, description: str) -> list[torch.Tensor]:
+    """Blocks [start, stop) over length-sorted right-padded batches (`batch_inputs(batch, longest)`
+    gives the padded ids or states), in inference mode; unpadded CPU tensors in the storage dtype."""
+    dtype = _storage_dtype(unwrap_adapters(model))
     device = next(model.parameters()).device
     max_batch_tokens = max_batch_tokens or default_batch_tokens(device)
     states: list[torch.Tensor | None] = [None] * len(lengths)
@@ -238,15 +280,12 @@ def prefix_hidden_states_from_ids(
     try:
         for batch in device_scoring_batches(lengths, max_batch_tokens, device):
             longest = int(lengths[batch].max())
-            ids = torch.full((len(batch), longest), pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(batch), longest), dtype=torch.long)
             for row, index in enumerate(batch):
-                ids[row, : lengths[index]] = torch.as_tensor(input_ids[index], dtype=torch.long)
                 mask[row, : lengths[index]] = 1
-            with torch.inference_mode(), _sliced_backbone(parts, 0, stop, keep_norm=False) as backbone:
-                hidden = backbone(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
-                ).last_hidden_state
+            inputs = {name: tensor.to(device) for name, tensor in batch_inputs(batch, longest).items()}
+            with torch.inference_mode(), _sliced_backbone(parts, start, stop, keep_norm=False) as backbone:
+                hidden = backbone(**inputs, attention_mask=mask.to(device), use_cache=False).last_hidden_state
             # Cloned outside inference mode: ordinary tensors that autograd may save later.
             for row, index in enumerate(batch):
                 states[index] = hidden[row, : lengths[index]].to(device="cpu", dtype=dtype).clone()
@@ -423,6 +462,7 @@ __all__ = [
     "PrefixCacheTooLarge",
     "TopLayersOnCachedPrefix",
     "check_cache_size",
+    "continue_prefix_states",
     "estimate_cache_bytes",
     "last_non_pad_index",
     "prefix_fingerprint",

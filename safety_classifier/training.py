@@ -94,7 +94,7 @@ def train_classifier(plan: TrainingPlan) -> dict | None:
     history = validation_history(session.trainer)
     staging = output_dir / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
-    metadata = classifier_metadata(plan, splits, session.model, train_seconds)
+    metadata = classifier_metadata(plan, splits, session.model, train_seconds, session.prefix_seconds)
     # The cached path's Trainer holds a wrapper around the model's own top: save the whole model.
     save_classifier_files(session.model if session.cached_prefix else session.trainer.model, session.tokenizer,
                           staging, metadata)
@@ -164,6 +164,7 @@ class TrainingSession:
     sampler: TokenBudgetBatchSampler | None
     class_weights: torch.Tensor
     cached_prefix: bool
+    prefix_seconds: float = 0.0  # spent this run obtaining the cached prefix's states (computed or read)
 
     def describe(self, plan: TrainingPlan, splits: Splits) -> list[str]:
         trainable, total = count_parameters(self.model)
@@ -206,8 +207,10 @@ def build_training_session(plan: TrainingPlan, splits: Splits, *, clock: Trainin
         schema=splits.schema,
     )
     class_weights = class_weights_for(class_weight_labels(splits, plan.run.class_weights_rows), plan.run.class_weights)
+    inputs_started = time.time()
     trained_module, train_dataset, validation_dataset, collator = training_inputs(plan, model, tokenizer, splits)
     cached_prefix = trained_module is not model
+    prefix_seconds = time.time() - inputs_started if cached_prefix else 0.0
     arguments = training_arguments(plan, dtype, cached_prefix, evaluate=evaluate)
     # The model is still on the CPU here, also where the Trainer will move it to a GPU; switched after
     # the prefix cache, which only scores.
@@ -231,7 +234,7 @@ def build_training_session(plan: TrainingPlan, splits: Splits, *, clock: Trainin
         compute_metrics=trainer_metrics,
         compute_loss_func=weighted_cross_entropy(class_weights, rows_per_step, plan.run.category_loss_weight),
     )
-    return TrainingSession(model, tokenizer, trainer, sampler, class_weights, cached_prefix)
+    return TrainingSession(model, tokenizer, trainer, sampler, class_weights, cached_prefix, prefix_seconds)
 
 
 def training_inputs(plan: TrainingPlan, model: torch.nn.Module, tokenizer, splits: Splits) -> tuple:
@@ -324,7 +327,8 @@ def run_training(session: TrainingSession, resume_from: Path | None, checkpoints
         ) from None
 
 
-def classifier_metadata(plan: TrainingPlan, splits: Splits, model: torch.nn.Module, train_seconds: float) -> dict:
+def classifier_metadata(plan: TrainingPlan, splits: Splits, model: torch.nn.Module, train_seconds: float,
+                        prefix_seconds: float = 0.0) -> dict:
     """`safety_classifier.json` as far as training knows it; evaluation adds calibration and thresholds."""
     trainable, total = count_parameters(model)
     return {
@@ -344,6 +348,7 @@ def classifier_metadata(plan: TrainingPlan, splits: Splits, model: torch.nn.Modu
         "trainable_parameters": trainable,
         "total_parameters": total,
         "training_seconds": round(train_seconds, 1),
+        **({"prefix_cache_seconds": round(prefix_seconds, 2)} if prefix_seconds else {}),
         "training_arguments": plan.arguments_record(),
     }
 

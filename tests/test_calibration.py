@@ -330,7 +330,7 @@ def test_an_unreached_target_keeps_the_checkpoints_and_a_rerun_resumes(tiny_phi3
 
 
 def test_the_reliability_diagram_draws_calibrated_and_uncalibrated_curves(tmp_path):
-    import report
+    import report_figures
 
     _, margins, labels = miscalibrated(2000)
     calibration = fit_calibration(margins, labels)
@@ -342,5 +342,5 @@ def test_the_reliability_diagram_draws_calibrated_and_uncalibrated_curves(tmp_pa
     }
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        path = report.draw_reliability_diagram(rows, scores, tmp_path)
+        path = report_figures.draw_reliability_diagram(rows, scores, tmp_path)
     assert path == tmp_path / "reliability.png" and path.stat().st_size > 10_000

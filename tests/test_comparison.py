@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import report
+import report_figures
 import torch
 from conftest import REPO_ROOT, category_rows, synthetic_rows
 
@@ -209,7 +210,7 @@ def test_a_category_row_gets_its_table_goals_and_figure(tmp_path):
     alone["training_arguments"], both["training_arguments"] = {"batch_size": 8}, {"batch_size": None}
     summary = report.category_tables([alone, both])[-1]
     assert "not compared with" in summary and "batch_size None vs 8" in summary and "against 0.800" not in summary
-    path = report.draw_category_figure(both, tmp_path)
+    path = report_figures.draw_category_figure(both, tmp_path)
     assert path.name == "categories.png" and path.stat().st_size > 10_000
 
 

@@ -148,12 +148,13 @@ def test_quality_per_minute_counts_the_runs_tokens_and_flops(data_root, tiny_phi
 
     metrics = {"validation": {"auprc": 0.8, "source_macro_auprc": 0.7, "sources": {
         "toxicchat0124_train": {"auprc": 0.8, "recall": 0.75, "fpr": 0.1}, "hatecheck": {"auprc": 0.6}}}}
-    metadata = {"training_seconds": 30.0, "trainable_parameters": 1234, "labels": {"0": "safe", "1": "unsafe"},
+    metadata = {"training_seconds": 30.0, "prefix_cache_seconds": 12.0, "trainable_parameters": 1234,
+                "labels": {"0": "safe", "1": "unsafe"},
                 "training_arguments": {"dtype": "fp32", "epochs": 2.0}}
     monkeypatch.setattr(quality_per_minute, "run_training_command", lambda *_: (metadata, metrics, []))
     monkeypatch.setattr(quality_per_minute, "matmul_peak_tflops", lambda dtype: 0.5)
     record = quality_per_minute.run_recipe("lora-r16-top4", command, tmp_path / "run")
-    assert record["dtype"] == "float32" and record["cpu"] and record["training_minutes"] == 0.5
+    assert record["dtype"] == "float32" and record["cpu"] and (record["training_minutes"], record["prefix_minutes"]) == (0.5, 0.2)
     assert record["tokens_per_second"] == pytest.approx(2 * tokens / 30.0)
     assert record["flops"] == pytest.approx(tokens * (2 * each_epoch + once))
     assert record["peak_fraction"] == pytest.approx(record["flops"] / 30.0 / 0.5e12)
@@ -180,15 +181,17 @@ def test_quality_per_minute_table_goes_into_its_own_block_of_the_page(tmp_path):
     text = page.read_text()
     assert text.startswith("# Performance\n\nProse another engineer owns.\n\n" + quality_per_minute.TABLE_BEGIN)
     assert "No quality-per-minute run yet" in text and text.endswith(quality_per_minute.TABLE_END + "\n")
-    write_records(tmp_path / "records", {"head-only": quality_record("head-only", 3.0, 0.6),
+    write_records(tmp_path / "records", {"head-only": {**quality_record("head-only", 3.0, 0.6), "prefix_minutes": 2.5},
                                          "lora-r16": quality_record("lora-r16", 40.0, 0.85)})
     assert quality_per_minute.main(flags) == 0
     lines = page.read_text().split(quality_per_minute.TABLE_BEGIN)[1].splitlines()
     assert lines[1].startswith("## Quality per minute") and lines[2] == ""
-    assert lines[3].startswith("| Recipe | Trainable params | Training time | Real tokens/s | Share of matmul peak |")
-    assert lines[5] == ("| lora-r16 | 460,000 | 40.0 min | 1,234 | 12.3 % | 0.850 | 0.750 | "
+    assert lines[3].startswith("| Recipe | Trainable params | Training time | of which prefix states | Real tokens/s | "
+                               "Share of matmul peak |")
+    assert lines[5] == ("| lora-r16 | 460,000 | 40.0 min | — | 1,234 | 12.3 % | 0.850 | 0.750 | "
                         "4 x 1,000 each epoch + 2 x 9,000 once |"), "the recipes in their own order"
-    assert lines[6].startswith("| head-only | ") and "2 cores, Some CPU, bfloat16; 2 epoch(s)" in lines[8]
+    assert lines[6].startswith("| head-only | 460,000 | 3.0 min | 2.5 min | ")
+    assert "2 cores, Some CPU, bfloat16; 2 epoch(s)" in lines[8]
     assert page.read_text().count(quality_per_minute.TABLE_BEGIN) == 1
 
 

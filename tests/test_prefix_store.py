@@ -27,7 +27,7 @@ def test_stored_states_equal_computed_ones_and_only_new_rows_are_computed(tiny_p
     pad = tokenizer.pad_token_id
     expected = prefix_hidden_states_from_ids(model, ids, 1, pad_token_id=pad)
 
-    first, read = stored_prefix_states(model, ids[:4], 1, tmp_path, pad_token_id=pad)
+    first, read, _ = stored_prefix_states(model, ids[:4], 1, tmp_path, pad_token_id=pad)
     assert read == 0 and len(list(tmp_path.glob("*/*.safetensors"))) == 1
     computed_rows = []
     original = prefix_store.prefix_hidden_states_from_ids
@@ -39,7 +39,7 @@ def test_stored_states_equal_computed_ones_and_only_new_rows_are_computed(tiny_p
     monkeypatch.setattr(prefix_store, "prefix_hidden_states_from_ids", counting)
     # Every row, one of them twice: the first four are read, the other three computed once and added.
     rows = ids + [ids[5]]
-    states, read = stored_prefix_states(model, rows, 1, tmp_path, pad_token_id=pad)
+    states, read, _ = stored_prefix_states(model, rows, 1, tmp_path, pad_token_id=pad)
     assert read == 4 and sorted(computed_rows) == sorted(map(tuple, ids[4:]))
     assert len(list(tmp_path.glob("*/*.safetensors"))) == 2 and not list(tmp_path.glob("*/.*"))
     # Within float noise of one run over every row: the rows were batched with others of other lengths.
@@ -49,9 +49,41 @@ def test_stored_states_equal_computed_ones_and_only_new_rows_are_computed(tiny_p
     assert all(torch.equal(got, want) for got, want in zip(states[:4], first))
 
     computed_rows.clear()
-    again, read = stored_prefix_states(model, list(reversed(ids)), 1, tmp_path, pad_token_id=pad)
+    again, read, _ = stored_prefix_states(model, list(reversed(ids)), 1, tmp_path, pad_token_id=pad)
     assert read == len(ids) and computed_rows == []
     assert all(torch.equal(got, want) for got, want in zip(again, reversed(states[:-1])))
+
+
+def test_a_deeper_prefix_continues_from_a_shallower_one_of_the_same_weights(tiny_phi3, tmp_path, monkeypatch):
+    path = str(tiny_phi3)
+    tokenizer = load_tokenizer(path)
+    model = fresh_model(path, tokenizer).eval()
+    ids = encode_prompts(tokenizer, prompts_for(tokenizer), 64)
+    pad = tokenizer.pad_token_id
+    expected = prefix_hidden_states_from_ids(model, ids, 0, pad_token_id=pad)
+    # Another backbone's shallower prefix is on disk too: its fingerprint does not match, so it is never read.
+    stranger = fresh_model(path, tokenizer, seed=1)
+    with torch.no_grad():
+        find_transformer_blocks(stranger)[0].self_attn.o_proj.weight.mul_(2.0)
+    stored_prefix_states(stranger, ids, 1, tmp_path, pad_token_id=pad)
+    stored_prefix_states(model, ids[:5], 1, tmp_path, pad_token_id=pad)  # one block, 5 of the rows
+    computed_rows = []
+    original = prefix_store.prefix_hidden_states_from_ids
+
+    def counting(model, input_ids, *args, **kwargs):
+        computed_rows.extend(map(tuple, input_ids))
+        return original(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(prefix_store, "prefix_hidden_states_from_ids", counting)
+    # Two blocks (the head alone trained): the 5 rows go on from block 1, the others from the embeddings.
+    states, read, continued = stored_prefix_states(model, ids, 0, tmp_path, pad_token_id=pad)
+    assert (read, continued) == (0, 5) and sorted(computed_rows) == sorted(map(tuple, ids[5:]))
+    for got, want in zip(states, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert len(list(tmp_path.glob(f"*/{prefix_store.DESCRIPTION_FILE}"))) == 3
+    computed_rows.clear()
+    _, read, continued = stored_prefix_states(model, ids, 0, tmp_path, pad_token_id=pad)
+    assert (read, continued, computed_rows) == (len(ids), 0, [])
 
 
 def test_the_memory_limit_counts_rows_read_from_the_directory_too(tiny_phi3, tmp_path):
@@ -92,6 +124,8 @@ def test_a_second_run_reads_every_row_and_gets_the_same_result(tiny_phi3, toy_fi
         flags = fast_training_flags(tiny_phi3, toy_files, tmp_path / run, *RECIPE, "--prefix-cache-dir", str(store))
         assert train_main("lora", flags) == 0
         metrics.append(json.loads((tmp_path / run / "metrics.json").read_text()))
+        metadata = json.loads((tmp_path / run / "safety_classifier.json").read_text())
+        assert 0 <= metadata["prefix_cache_seconds"] <= metadata["training_seconds"]
         output = capsys.readouterr().out
         if run == "first":
             assert "caching frozen prefix (train): 0 of" in output
