@@ -1,7 +1,8 @@
 # `make demo`: set up, fine-tune the embedded SmolLM2-135M-Instruct with LoRA on ToxicChat and the AILuminate
 # category file (recipes/categories.txt), evaluate, and score example prompts.
-# `make all-sources`: every training source in ../shared/data (recipes/all-sources.txt) with LoRA on the top 4
-# blocks over the cached frozen prefix (fast; its quality is not yet at the demo's: docs/experiments-log.md).
+# `make all-sources`: every training source in ../shared/data (recipes/all-sources.txt) with LoRA on the top 8
+# blocks over the cached frozen prefix (the quality-per-minute table's choice, docs/performance.md; its quality on
+# ToxicChat is not yet at the demo's).
 # `make model`: every source with LoRA on every block (slow on a CPU). `make test`: set up and run the tests.
 # Set-up lives in a virtual environment in the checkout (.venv): distribution Pythons refuse
 # system-wide `pip install`. BOOTSTRAP_PYTHON is the interpreter that creates it.
@@ -42,7 +43,7 @@ demo: setup
 	$(PYTHON) infer.py --model-dir $(DEMO_DIR) $(EXAMPLES)
 
 all-sources: setup
-	$(TRAIN) --extra-train-sources @$(SOURCES) --lora-layers top:4 --learning-rate 1.6e-3 \
+	$(TRAIN) --extra-train-sources @$(SOURCES) --lora-layers top:8 --learning-rate 1.6e-3 \
 		--prefix-cache-dir $(PREFIX_CACHE_DIR) \
 		--output-dir $(ALL_SOURCES_DIR)
 	$(PYTHON) infer.py --model-dir $(ALL_SOURCES_DIR) $(EXAMPLES)

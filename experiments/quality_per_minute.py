@@ -16,10 +16,12 @@ source; no test file. `--set` takes training options and the source keys of
 `--cap N` is the key `SOURCE_cap=N` for every further source, and a `--set` key that sets a
 source's cap (its own, or its folder's; `none`: no cap) wins over it for that source.
 `results/quality-per-minute/<recipe>.json` records the command, the CPU (`cpu_model()`), the
-dtype, the training minutes (the run's own clock: data, prefix cache and training steps), the real
-(unpadded) tokens trained per second, the share of the measured matmul peak
-(`benchmarks/benchmark.py`'s `matmul_tflops`, in the run's dtype) that the recipe's FLOPs make,
-and the validation AUPRC of the ToxicChat rows and its mean over sources. A recipe whose record
+dtype, the training minutes (the run's own clock: data, prefix cache and training steps), the
+minutes of those spent getting the prefix's states (`prefix_cache_seconds`: computed, continued from
+a shallower prefix kept in `--prefix-cache-dir`, or read), and over the rest (the training steps
+and their validation) the real (unpadded) tokens trained per second and the share of the measured
+matmul peak (`benchmarks/benchmark.py`'s `matmul_tflops`, in the run's dtype) that the recipe's
+per-epoch FLOPs make, and the validation AUPRC of the ToxicChat rows and its mean over sources. A recipe whose record
 exists is skipped.
 
 Real tokens: every training row (after the sources' weights and caps) encoded as the run encodes
@@ -169,15 +171,18 @@ def run_recipe(recipe: str, command: list[str], run_dir: Path) -> dict:
     each_epoch, once, formula = flops_per_token(plan, *backbone_shape(plan.model.model, outputs))
     epochs = float(arguments["epochs"])
     flops = epoch_tokens * (epochs * each_epoch + once)
+    # Rates over the training steps: a run's prefix time depends on what the store already held.
+    prefix_seconds = metadata.get("prefix_cache_seconds", 0.0)
+    step_seconds = seconds - prefix_seconds
     peak = matmul_peak_tflops(dtype)
     return {
         "recipe": recipe, "command": shlex.join(command), "cpu": cpu_model(), "cores": os.cpu_count(), "dtype": dtype,
         "epochs": epochs, "training_seconds": seconds, "training_minutes": round(seconds / 60, 2),
-        "prefix_minutes": round(metadata.get("prefix_cache_seconds", 0.0) / 60, 2),
+        "prefix_seconds": prefix_seconds, "prefix_minutes": round(prefix_seconds / 60, 2),
         "run_seconds": round(time.time() - started, 1),
-        "tokens_per_epoch": epoch_tokens, "tokens_per_second": epoch_tokens * epochs / seconds,
+        "tokens_per_epoch": epoch_tokens, "tokens_per_second": epoch_tokens * epochs / step_seconds,
         "flops_per_token": {"each_epoch": each_epoch, "once": once, "formula": formula}, "flops": flops,
-        "matmul_peak_tflops": peak, "peak_fraction": flops / seconds / (peak * 1e12),
+        "matmul_peak_tflops": peak, "peak_fraction": epoch_tokens * epochs * each_epoch / step_seconds / (peak * 1e12),
         "toxicchat_auprc": source_auprc(metrics), "source_macro_auprc": source_macro_auprc(metrics),
         "validation_sources": validation_sources(metrics), "validation_history": history,
         "trainable_parameters": metadata["trainable_parameters"], "training_arguments": arguments,
@@ -205,8 +210,9 @@ def quality_table(records: list[dict]) -> str:
     epochs = sorted({f"{record['epochs']:g}" for record in records})
     lines += ["", f"{' / '.join(machines)}; {' / '.join(epochs)} epoch(s); validation rows only. FLOPs per real "
               "training token: 4 x the trained path (LoRA) or 6 x (blocks trained whole, the head) each epoch, "
-              "plus 2 x the cached frozen prefix once (`experiments/quality_per_minute.py`); the share is of "
-              "the matmul peak measured in the run's dtype."]
+              "plus 2 x the cached frozen prefix once (`experiments/quality_per_minute.py`); tokens/s and the "
+              "share of the matmul peak (measured in the run's dtype) are of the training time less the prefix "
+              "states' and count the per-epoch FLOPs."]
     return heading + "\n".join(lines)
 
 
