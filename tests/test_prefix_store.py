@@ -19,6 +19,19 @@ from safety_classifier.prefix_cache import PrefixCacheTooLarge, prefix_fingerpri
 from safety_classifier.prefix_store import stored_prefix_states
 
 
+def count_computed_rows(monkeypatch) -> list[tuple[int, ...]]:
+    """The rows whose prefix states `prefix_store` computes from their token ids from now on."""
+    computed_rows = []
+    original = prefix_store.prefix_hidden_states_from_ids
+
+    def counting(model, input_ids, *args, **kwargs):
+        computed_rows.extend(map(tuple, input_ids))
+        return original(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(prefix_store, "prefix_hidden_states_from_ids", counting)
+    return computed_rows
+
+
 def test_stored_states_equal_computed_ones_and_only_new_rows_are_computed(tiny_phi3, tmp_path, monkeypatch):
     path = str(tiny_phi3)
     tokenizer = load_tokenizer(path)
@@ -29,14 +42,7 @@ def test_stored_states_equal_computed_ones_and_only_new_rows_are_computed(tiny_p
 
     first, read, _ = stored_prefix_states(model, ids[:4], 1, tmp_path, pad_token_id=pad)
     assert read == 0 and len(list(tmp_path.glob("*/*.safetensors"))) == 1
-    computed_rows = []
-    original = prefix_store.prefix_hidden_states_from_ids
-
-    def counting(model, input_ids, *args, **kwargs):
-        computed_rows.extend(map(tuple, input_ids))
-        return original(model, input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(prefix_store, "prefix_hidden_states_from_ids", counting)
+    computed_rows = count_computed_rows(monkeypatch)
     # Every row, one of them twice: the first four are read, the other three computed once and added.
     rows = ids + [ids[5]]
     states, read, _ = stored_prefix_states(model, rows, 1, tmp_path, pad_token_id=pad)
@@ -67,14 +73,7 @@ def test_a_deeper_prefix_continues_from_a_shallower_one_of_the_same_weights(tiny
         find_transformer_blocks(stranger)[0].self_attn.o_proj.weight.mul_(2.0)
     stored_prefix_states(stranger, ids, 1, tmp_path, pad_token_id=pad)
     stored_prefix_states(model, ids[:5], 1, tmp_path, pad_token_id=pad)  # one block, 5 of the rows
-    computed_rows = []
-    original = prefix_store.prefix_hidden_states_from_ids
-
-    def counting(model, input_ids, *args, **kwargs):
-        computed_rows.extend(map(tuple, input_ids))
-        return original(model, input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(prefix_store, "prefix_hidden_states_from_ids", counting)
+    computed_rows = count_computed_rows(monkeypatch)
     # Two blocks (the head alone trained): the 5 rows go on from block 1, the others from the embeddings.
     states, read, continued = stored_prefix_states(model, ids, 0, tmp_path, pad_token_id=pad)
     assert (read, continued) == (0, 5) and sorted(computed_rows) == sorted(map(tuple, ids[5:]))
