@@ -32,12 +32,15 @@ def count_computed_rows(monkeypatch) -> list[tuple[int, ...]]:
     return computed_rows
 
 
+def model_and_rows(tiny_phi3):
+    """(tokenizer, a fresh tiny model in eval mode, the test prompts' token ids, the pad id)."""
+    tokenizer = load_tokenizer(str(tiny_phi3))
+    return (tokenizer, fresh_model(str(tiny_phi3), tokenizer).eval(),
+            encode_prompts(tokenizer, prompts_for(tokenizer), 64), tokenizer.pad_token_id)
+
+
 def test_stored_states_equal_computed_ones_and_only_new_rows_are_computed(tiny_phi3, tmp_path, monkeypatch):
-    path = str(tiny_phi3)
-    tokenizer = load_tokenizer(path)
-    model = fresh_model(path, tokenizer).eval()
-    ids = encode_prompts(tokenizer, prompts_for(tokenizer), 64)
-    pad = tokenizer.pad_token_id
+    _, model, ids, pad = model_and_rows(tiny_phi3)
     expected = prefix_hidden_states_from_ids(model, ids, 1, pad_token_id=pad)
 
     first, read, _ = stored_prefix_states(model, ids[:4], 1, tmp_path, pad_token_id=pad)
@@ -61,14 +64,10 @@ def test_stored_states_equal_computed_ones_and_only_new_rows_are_computed(tiny_p
 
 
 def test_a_deeper_prefix_continues_from_a_shallower_one_of_the_same_weights(tiny_phi3, tmp_path, monkeypatch):
-    path = str(tiny_phi3)
-    tokenizer = load_tokenizer(path)
-    model = fresh_model(path, tokenizer).eval()
-    ids = encode_prompts(tokenizer, prompts_for(tokenizer), 64)
-    pad = tokenizer.pad_token_id
+    tokenizer, model, ids, pad = model_and_rows(tiny_phi3)
     expected = prefix_hidden_states_from_ids(model, ids, 0, pad_token_id=pad)
     # Another backbone's shallower prefix is on disk too: its fingerprint does not match, so it is never read.
-    stranger = fresh_model(path, tokenizer, seed=1)
+    stranger = fresh_model(str(tiny_phi3), tokenizer, seed=1)
     with torch.no_grad():
         find_transformer_blocks(stranger)[0].self_attn.o_proj.weight.mul_(2.0)
     stored_prefix_states(stranger, ids, 1, tmp_path, pad_token_id=pad)
