@@ -127,7 +127,7 @@ def stored_prefix_states(
     keys = [row_key(ids) for ids in input_ids]
     found = store.load(set(keys))
     missing = {key: index for index, key in enumerate(keys) if key not in found}
-    computed: set[str] = set()
+    continued: set[str] = set()
     options = dict(max_batch_tokens=max_batch_tokens, show_progress=show_progress)
     for from_num_layers, shallower in shallower_stores(model, directory, num_layers) if missing else ():
         below = shallower.load(set(missing))
@@ -139,7 +139,7 @@ def stored_prefix_states(
             new = dict(zip(names, states))
             store.add(new)
             found.update(new)
-            computed.update(names)
+            continued.update(names)
             for name in names:
                 del missing[name]
         if not missing:
@@ -152,8 +152,8 @@ def stored_prefix_states(
         new = {keys[index]: state for index, state in zip(indices, states)}
         store.add(new)
         found.update(new)
-    read = sum(key not in missing and key not in computed for key in keys)
-    return [found[key] for key in keys], read, sum(key in computed for key in keys)
+    read = sum(key not in missing and key not in continued for key in keys)
+    return [found[key] for key in keys], read, sum(key in continued for key in keys)
 
 
 def build_cached_dataset(
