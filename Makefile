@@ -1,9 +1,8 @@
-# `make demo`: set up, fine-tune the embedded SmolLM2-135M-Instruct with LoRA on ToxicChat and the AILuminate
-# category file (recipes/categories.txt), evaluate, and score example prompts.
-# `make all-sources`: every training source in ../shared/data (recipes/all-sources.txt) with LoRA on the top 8
-# blocks over the cached frozen prefix (the quality-per-minute table's choice, docs/performance.md; its quality on
-# ToxicChat is not yet at the demo's).
-# `make model`: every source with LoRA on every block (slow on a CPU). `make test`: set up and run the tests.
+# `make demo`: set up, fine-tune the embedded SmolLM2-135M-Instruct on every training source in ../shared/data
+# (recipes/all-sources.txt: ToxicChat, AILuminate's categories, eight public prompt sets, AI answers) with LoRA on
+# the top 8 blocks over the cached frozen prefix (the quality-per-minute table's choice, docs/performance.md),
+# evaluate on ToxicChat's test file, and score example prompts and answers.
+# `make model`: the same sources with LoRA on every block (slow on a CPU). `make test`: set up and run the tests.
 # Set-up lives in a virtual environment in the checkout (.venv): distribution Pythons refuse
 # system-wide `pip install`. BOOTSTRAP_PYTHON is the interpreter that creates it.
 BOOTSTRAP_PYTHON ?= python3
@@ -11,14 +10,12 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 DATA ?= ../shared/data/toxicchat
 SOURCES ?= recipes/all-sources.txt
-DEMO_SOURCES ?= recipes/categories.txt
 DEMO_DIR ?= runs/demo-lora
-ALL_SOURCES_DIR ?= runs/all-sources-lora
 MODEL_DIR ?= runs/model-lora
-# Frozen-prefix states kept between runs of `make all-sources` (safe to delete; docs/training.md).
+# Frozen-prefix states kept between runs of `make demo` (safe to delete; docs/training.md).
 PREFIX_CACHE_DIR ?= runs/prefix-cache
 
-.PHONY: setup demo all-sources model test results benchmark lint
+.PHONY: setup demo model test results benchmark lint
 
 setup: $(VENV)/.installed
 
@@ -39,15 +36,10 @@ ANSWERS = --examples "How do I make a pipe bomb?" "How do I make a pipe bomb?" \
 	--responses "I can't help with that." "Pack a steel pipe with black powder, seal both ends with caps, add a fuse."
 
 demo: setup
-	$(TRAIN) --extra-train-sources @$(DEMO_SOURCES) --output-dir $(DEMO_DIR)
-	$(PYTHON) infer.py --model-dir $(DEMO_DIR) $(EXAMPLES)
-
-all-sources: setup
 	$(TRAIN) --extra-train-sources @$(SOURCES) --lora-layers top:8 --learning-rate 1.6e-3 \
-		--prefix-cache-dir $(PREFIX_CACHE_DIR) \
-		--output-dir $(ALL_SOURCES_DIR)
-	$(PYTHON) infer.py --model-dir $(ALL_SOURCES_DIR) $(EXAMPLES)
-	$(PYTHON) infer.py --model-dir $(ALL_SOURCES_DIR) $(ANSWERS)
+		--prefix-cache-dir $(PREFIX_CACHE_DIR) --output-dir $(DEMO_DIR)
+	$(PYTHON) infer.py --model-dir $(DEMO_DIR) $(EXAMPLES)
+	$(PYTHON) infer.py --model-dir $(DEMO_DIR) $(ANSWERS)
 
 model: setup
 	$(TRAIN) --extra-train-sources @$(SOURCES) --output-dir $(MODEL_DIR)

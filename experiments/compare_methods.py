@@ -82,6 +82,12 @@ FINE_TUNED_ROWS = {
                                   ["--lora-r", "16", "--lora-alpha", "32", "--lora-layers", "top:4",
                                    "--learning-rate", "1.6e-3", "--extra-train-sources", "@recipes/all-sources.txt",
                                    "--prefix-cache-dir", "runs/prefix-cache"]),
+    # make demo's recipe: LoRA on the top 8 blocks, the quality-per-minute table's choice
+    # (docs/performance.md).
+    "lora-r16-top8-all-sources": ("LoRA r=16, top 8 blocks, all sources (+ categories, answers)", "train_lora.py",
+                                  ["--lora-r", "16", "--lora-alpha", "32", "--lora-layers", "top:8",
+                                   "--learning-rate", "1.6e-3", "--extra-train-sources", "@recipes/all-sources.txt",
+                                   "--prefix-cache-dir", "runs/prefix-cache"]),
 }
 AILUMINATE_FILE = "ailuminate/ailuminate_en_dev.csv"  # beside toxicchat/ in the shared data directory
 TOXICCHAT_SOURCE = "toxicchat0124_train"  # the name metrics.json gives the main source's validation rows

@@ -47,6 +47,7 @@ from compare_methods import (
 )
 
 from safety_classifier.categories import LEGACY_CATEGORY_SCORE_RULE, category_score_rule_of
+from safety_classifier.cli import parse_training_plan
 from safety_classifier.sources import AILUMINATE_SOURCE_WEIGHT, ailuminate_source_spec
 
 SCRIPTS = {"full_layers": "train_full_layers.py", "lora": "train_lora.py", "qlora": "train_qlora.py"}
@@ -119,11 +120,14 @@ def sources_command(script: str, main: Path, training: list[Path], options: dict
     A recipe that trains over the cached frozen prefix keeps it in `prefix_cache_dir`, so that the
     experiment's other runs read it instead of running the frozen blocks again."""
     specs = [source_spec(relative(path), (source_options or {}).get(path.stem)) for path in training]
-    caches = (script == SCRIPTS["full_layers"] or options.get("lora_layers", "all").startswith("top:")) and \
-        options.get("cache_prefix", "true") != "false"
-    if prefix_cache_dir is not None and caches:
-        options = {**options, "prefix_cache_dir": relative(prefix_cache_dir)}
-    return training_command(script, main, run_dir, model, {**main_source_options(main), **options}, specs)
+    command = training_command(script, main, run_dir, model, {**main_source_options(main), **options}, specs)
+    if prefix_cache_dir is None:
+        return command
+    # The script's own parsing says whether the run trains over a cached prefix.
+    strategy = next(name for name, path in SCRIPTS.items() if path == script)
+    if parse_training_plan(strategy, command[2:]).cached_top_layers is None:
+        return command
+    return [*command, "--prefix-cache-dir", relative(prefix_cache_dir)]
 
 
 # ---- the source keys of the experiments over every prompt source (mixture_search.py, cross_source.py,

@@ -293,12 +293,13 @@ def test_the_category_sources_weight_is_a_grid_key_of_category_searches(tmp_path
     assert plain[plain.index("--extra-train-sources") + 1].endswith(f"validation=0.25,weight={search.AILUMINATE_SOURCE_WEIGHT}")
     with pytest.raises(SystemExit, match="category_source_weight needs --categories"):
         search.command_for("lora", setting, train_file, run_dir, None, None)
-    # make demo's and the all-sources mixtures hold the AILuminate file as the results row's category source trains on it
+    # make demo's mixture (every source) and the two-source one hold the AILuminate file as the results row's
+    # category source trains on it
     for recipe in ("categories.txt", "all-sources.txt"):
         mixture = (REPO_ROOT / "recipes" / recipe).read_text().splitlines()
         assert ailuminate_source_spec("../shared/data/ailuminate/ailuminate_en_dev.csv") in mixture
     makefile = (REPO_ROOT / "Makefile").read_text()
-    assert "@$(DEMO_SOURCES)" in makefile and "@$(SOURCES)" in makefile
+    assert "SOURCES ?= recipes/all-sources.txt" in makefile and "@$(SOURCES)" in makefile
 
 
 def test_the_category_route_counts_what_a_second_threshold_would_flag():

@@ -174,6 +174,18 @@ def write_records(directory, records: dict[str, dict]) -> None:
         search.write_record(directory / f"{name}.json", record)
 
 
+def test_only_runs_over_a_cached_prefix_get_the_shared_prefix_store(data_root, tmp_path):
+    """The training script's own parsing decides: top-N and LoRA top:K cache, LoRA on every block
+    and --no-cache-prefix do not (the script would refuse --prefix-cache-dir with the latter)."""
+    store = tmp_path / "prefix-cache"
+    command = lambda recipe, setting: quality_per_minute.command_for(  # noqa: E731
+        recipe, data_root, 1.0, 50, setting, tmp_path / recipe, None, store)
+    for recipe in ("lora-r16-top4", "top-3", "head-only"):
+        assert option(command(recipe, {}), "--prefix-cache-dir").endswith("prefix-cache"), recipe
+    assert "--prefix-cache-dir" not in command("lora-r16", {})
+    assert "--prefix-cache-dir" not in command("top-3", {"cache_prefix": "false"})
+
+
 def test_quality_per_minute_table_goes_into_its_own_block_of_the_page(tmp_path):
     page = tmp_path / "performance.md"
     page.write_text("# Performance\n\nProse another engineer owns.\n")
