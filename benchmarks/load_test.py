@@ -337,18 +337,20 @@ def refused_without_the_key(url: str, api_key: str) -> bool:
     return refused and refusals() - before == len(answers)
 
 
-def check_answer(classifier, answer: dict, offline_row: np.ndarray, tolerance: float) -> tuple[float, bool]:
+def check_answer(classifier, answer: dict, offline_row: np.ndarray, tolerance: float,
+                 judged: str = "prompt") -> tuple[float, bool]:
     """A served moderation result against the offline `Classifier.scores` row of the same text: the
-    largest score difference, and whether `flagged` differs from the offline verdict where no score
-    is within `tolerance` of a threshold it is compared with."""
+    largest score difference, and whether `flagged` differs from the offline verdict of its task
+    (`judged`: an answer has a threshold of its own) where no score is within `tolerance` of a
+    threshold it is compared with."""
     codes = classifier.category_codes
     served = np.array([answer["category_scores"][code] for code in codes] if codes
                       else [answer["category_scores"]["unsafe"]])
     difference = float(np.max(np.abs(served - (offline_row[1:] if codes else offline_row[:1]))))
-    near_threshold = abs(offline_row[0] - classifier.threshold) <= tolerance
+    near_threshold = abs(offline_row[0] - classifier.threshold_for(judged)) <= tolerance
     if classifier.category_route_threshold is not None:
         near_threshold |= abs(offline_row[1:].max() - classifier.category_route_threshold) <= tolerance
-    expected = classifier.verdict(offline_row)["label"] == "unsafe"
+    expected = classifier.verdict(offline_row, judged)["label"] == "unsafe"
     return difference, answer["flagged"] != expected and not near_threshold
 
 
@@ -448,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     for result, offline_row, value in zip(good, offline, prompts):
         if result["status"] != 200:
             continue
-        difference, flag_mismatch = check_answer(classifier, result["body"]["results"][0], offline_row, tolerance)
+        difference, flag_mismatch = check_answer(classifier, result["body"]["results"][0], offline_row, tolerance,
+                                                 judged_part(value))
         differences.append(difference)
         flag_mismatches += int(flag_mismatch)
         judged_mismatches += int(result["body"]["results"][0].get("judged") != judged_part(value))

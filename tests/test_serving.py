@@ -630,6 +630,12 @@ def test_the_load_test_checks_served_scores_and_flags_against_the_offline_verdic
     assert load_test.check_answer(binary, answer, np.array([0.6]), 1e-3) == (pytest.approx(0.02), False)
     assert load_test.check_answer(binary, {**answer, "flagged": False}, np.array([0.6]), 1e-3)[1]
     assert not load_test.check_answer(binary, {**answer, "flagged": False}, np.array([0.5005]), 1e-3)[1]  # at the threshold
+    # An answer is held to the answers' own threshold, where the classifier has one.
+    answers = Classifier(model=None, tokenizer=None, threshold=0.5, max_length=16, metadata={"response_threshold": 0.3})
+    assert not load_test.check_answer(answers, {"flagged": True, "category_scores": {"unsafe": 0.4}}, np.array([0.4]),
+                                      1e-3, "response")[1]
+    assert load_test.check_answer(answers, {"flagged": True, "category_scores": {"unsafe": 0.4}}, np.array([0.4]),
+                                  1e-3, "prompt")[1]
     # A category classifier answers with its categories' scores, and its route can flag a low P(unsafe).
     metadata = {"categories": [{"code": "S1", "name": "Violent Crimes", "threshold": 0.6},
                                {"code": "S6", "name": "Privacy", "threshold": 0.6}],
