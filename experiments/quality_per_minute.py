@@ -61,10 +61,10 @@ from compare_methods import (
     validation_sources,
 )
 from search import (
-    SCRIPTS,
     SET_HELP,
     Job,
     add_source_experiment_arguments,
+    parsed_plan,
     recipe_command,
     run_jobs,
     run_training_command,
@@ -92,15 +92,6 @@ def command_for(recipe: str, data_root: Path, epochs: float, cap: int | None, se
     caps = {path.stem: {"cap": str(cap)} for path in training} if cap is not None else None
     return recipe_command(recipe, main, training, setting, run_dir, model, options={"epochs": f"{epochs:g}"},
                           source_defaults=caps, prefix_cache_dir=prefix_cache_dir)
-
-
-def parsed_plan(command: list[str]):
-    """The `TrainingPlan` a training command runs (its paths are relative to the repository root)."""
-    from safety_classifier.cli import parse_training_plan
-
-    strategy = {script: strategy for strategy, script in SCRIPTS.items()}[command[1]]
-    with contextlib.chdir(REPO_ROOT):
-        return parse_training_plan(strategy, command[2:])
 
 
 def tokens_per_epoch(plan) -> int:

@@ -20,6 +20,7 @@ AUPRC, category macro F1, the decision's recall on category rows).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -47,7 +48,6 @@ from compare_methods import (
 )
 
 from safety_classifier.categories import LEGACY_CATEGORY_SCORE_RULE, category_score_rule_of
-from safety_classifier.cli import parse_training_plan
 from safety_classifier.sources import AILUMINATE_SOURCE_WEIGHT, ailuminate_source_spec
 
 SCRIPTS = {"full_layers": "train_full_layers.py", "lora": "train_lora.py", "qlora": "train_qlora.py"}
@@ -121,13 +121,19 @@ def sources_command(script: str, main: Path, training: list[Path], options: dict
     experiment's other runs read it instead of running the frozen blocks again."""
     specs = [source_spec(relative(path), (source_options or {}).get(path.stem)) for path in training]
     command = training_command(script, main, run_dir, model, {**main_source_options(main), **options}, specs)
-    if prefix_cache_dir is None:
-        return command
     # The script's own parsing says whether the run trains over a cached prefix.
-    strategy = next(name for name, path in SCRIPTS.items() if path == script)
-    if parse_training_plan(strategy, command[2:]).cached_top_layers is None:
+    if prefix_cache_dir is None or parsed_plan(command).cached_top_layers is None:
         return command
     return [*command, "--prefix-cache-dir", relative(prefix_cache_dir)]
+
+
+def parsed_plan(command: list[str]):
+    """The `TrainingPlan` a training command runs (its paths are relative to the repository root)."""
+    from safety_classifier.cli import parse_training_plan  # transformers' parser: only where a plan is needed
+
+    strategy = {script: strategy for strategy, script in SCRIPTS.items()}[command[1]]
+    with contextlib.chdir(REPO_ROOT):
+        return parse_training_plan(strategy, command[2:])
 
 
 # ---- the source keys of the experiments over every prompt source (mixture_search.py, cross_source.py,
