@@ -119,6 +119,9 @@ def source_tables(rows: list[dict]) -> list[str]:
             notes.append(f"answers ({responses['n']} validation pairs, split by prompt): AUPRC {cell(responses['auprc'])} "
                          f"(goal >= 0.85), F1 {cell(responses['f1'])} (goal >= 0.75), recall {cell(responses['recall'])} "
                          f"and FPR {cell(responses['fpr'])} at the answers' threshold {responses['threshold']:.3f}")
+            if responses.get("refusal_n"):
+                notes.append(f"refusals judged unsafe at that threshold {cell(responses['refusal_fpr'])} "
+                             f"({responses['refusal_n']} validation pairs, wordings not trained on)")
         lines += ["", "; ".join(notes) + "."]
     return lines
 

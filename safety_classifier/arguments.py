@@ -85,10 +85,11 @@ class DataArguments:
     extra_train_sources: list[str] | None = field(
         default=None,
         metadata={"help": "Further training sources, each 'FILE,text=COLUMN[,response=COLUMN][,label=COLUMN]"
-                          "[,category=COLUMN][,weight=W][,validation=F][,cap=N][,max_length=N]'; FILE may be a glob "
-                          "(one source per file). Blank labels and categories are allowed where a row has the "
-                          "other; a category column adds a category head, a response column trains on "
-                          "(prompt, response) pairs whose label judges the response."},
+                          "[,category=COLUMN][,weight=W][,validation=F][,cap=N][,max_length=N][,refusals=N]'; FILE "
+                          "may be a glob (one source per file). Blank labels and categories are allowed where a row "
+                          "has the other; a category column adds a category head, a response column trains on "
+                          "(prompt, response) pairs whose label judges the response, refusals=N pairs N unsafe "
+                          "prompts with a refusal as a safe answer."},
     )
     taxonomy: str | None = field(
         default=None,

@@ -46,7 +46,8 @@ from .errors import DataError, ThresholdTargetError
 from .inference import category_scores_of, margins_of, predict_logits
 from .labels import LabelSchema, split_logits
 from .metrics import classification_metrics, format_metrics_table
-from .sources import LOOKALIKE_SOURCES
+from .refusals import REFUSALS_SOURCE
+from .sources import LOOKALIKE_SOURCES, judged_response_rows
 
 
 def trainer_metrics(eval_prediction: EvalPrediction) -> dict:
@@ -275,16 +276,20 @@ def response_metrics(validation: LabelledSplit, scores: np.ndarray, verdicts: np
     calibrated scores on the response validation rows (the label judges the answer, a task whose
     base rate is not the main source's); the metrics are at it, and `at_decision_threshold` what the
     stored decision threshold (and any category route) answers, for the scoring paths that do not
-    apply a response threshold."""
-    rows = validation.pair_rows
+    apply a response threshold. Generated refusals (`refusals.py`) are measured apart:
+    `refusal_fpr`, the share of them judged unsafe at the response threshold."""
+    rows = judged_response_rows(validation)
     labels, pair_scores = validation.labels[rows], scores[rows]
     threshold = f1_maximising_threshold(labels, pair_scores)
     metrics = classification_metrics(labels, pair_scores, threshold)
     alarms = lambda called: float(called[labels == 0].mean()) if (labels == 0).any() else None  # noqa: E731
     at_stored = classification_metrics(labels, pair_scores, threshold, verdicts[rows])
+    refusals = np.flatnonzero(validation.sources == REFUSALS_SOURCE) if validation.sources is not None else []
     metrics.update(unsafe_share=float(labels.mean()), fpr=alarms(pair_scores >= threshold),
                    at_decision_threshold={key: at_stored[key] for key in ("precision", "recall", "f1")}
-                   | {"fpr": alarms(np.asarray(verdicts[rows], dtype=bool))})
+                   | {"fpr": alarms(np.asarray(verdicts[rows], dtype=bool))},
+                   refusal_fpr=float((scores[refusals] >= threshold).mean()) if len(refusals) else None,
+                   refusal_n=int(len(refusals)))
     return threshold, metrics
 
 
@@ -315,6 +320,9 @@ def describe_sources_and_tasks(validation: dict) -> list[str]:
                      f"response threshold {responses['threshold']:.4f} F1 {responses['f1']:.4f}, recall "
                      f"{responses['recall']:.4f}, FPR {cell(responses['fpr'])} (at the decision threshold: F1 "
                      f"{at_decision['f1']:.4f}, FPR {cell(at_decision['fpr'])})")
+        if responses.get("refusal_n"):
+            lines.append(f"refusals ({responses['refusal_n']} validation pairs, wordings not trained on): judged "
+                         f"unsafe at the response threshold {cell(responses['refusal_fpr'], '.1%')}")
     return lines
 
 

@@ -3,7 +3,7 @@
 The main source is `--train-file` with `--text-column` / `--label-column` (binary, as always).
 Each further source is one `--extra-train-sources` spec:
 
-    FILE,text=COLUMN[,response=COLUMN][,label=COLUMN][,category=COLUMN][,weight=W][,validation=F][,cap=N][,max_length=N]
+    FILE,text=COLUMN[,response=COLUMN][,label=COLUMN][,category=COLUMN][,weight=W][,validation=F][,cap=N][,max_length=N][,refusals=N]
 
 - FILE may be a glob (`harm_prompts/*.csv`): one source per file, in sorted order, each named by
   its file's stem and split on its own. `@LIST` reads specs from a file, one a line (`#` comments):
@@ -35,6 +35,11 @@ Each further source is one `--extra-train-sources` spec:
   the validation split and before `weight`.
 - `max_length`: the source's rows are cut to N tokens in training (never more than `--max-length`),
   so that long role-play prompts cost less; validation is scored as the classifier will score.
+- `refusals`: N of the source's unsafe training prompts also enter the response task, each with a
+  refusal as its answer, labelled safe (`refusals.py`); up to N/2 of its unsafe validation prompts
+  likewise, with wordings no training pair has. Every source's pairs form one source, `refusals`.
+  Refusals take the source's own `max_length`. It needs a response source beside it, whose rows
+  choose the response threshold.
 
 Every row is checked before a model is loaded; an error names the file, the column and the row.
 """
@@ -42,6 +47,7 @@ Every row is checked before a model is loaded; an error names the file, the colu
 from __future__ import annotations
 
 import glob
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -60,9 +66,10 @@ from .data import (
 from .errors import DataError
 from .formatting import PromptResponse
 from .labels import MISSING_TARGET, LabelSchema, category_targets, natural_key, read_taxonomy
+from .refusals import REFUSALS_SOURCE, refusal_pairs
 
 CATEGORY_ROWS_BINARY = ("unsafe", "unsafe_except_contextual", "unlabelled")
-_SPEC_KEYS = ("text", "response", "label", "category", "weight", "validation", "cap", "max_length")
+_SPEC_KEYS = ("text", "response", "label", "category", "weight", "validation", "cap", "max_length", "refusals")
 AILUMINATE_SOURCE_WEIGHT = 1.2
 """How often the AILuminate file's training rows are seen an epoch (chosen on validation)."""
 LOOKALIKE_SOURCES = ("hatecheck", "toxigen_statements", "cyberseceval", "do_not_answer")
@@ -89,6 +96,7 @@ class SourceSpec:
     response_column: str | None = None
     cap: int | None = None
     max_length: int | None = None
+    refusals: int | None = None
 
     @property
     def name(self) -> str:
@@ -131,9 +139,13 @@ def parse_source_spec(spec: str) -> SourceSpec:
         raise DataError(f"training source {spec!r}: weight must be positive, not {weight}")
     if fraction is not None and not 0.0 < fraction < 1.0:
         raise DataError(f"training source {spec!r}: validation must be between 0 and 1, not {fraction}")
+    if "refusals" in options and "response" in options:
+        raise DataError(f"training source {spec!r}: refusals= pairs a prompt source's prompts with refusals; "
+                        f"a source with response= has answers of its own")
     return SourceSpec(path, options["text"], options.get("label"), options.get("category"), weight, fraction,
                       options.get("response"), _positive_int(spec, "cap", options.get("cap")),
-                      _positive_int(spec, "max_length", options.get("max_length")))
+                      _positive_int(spec, "max_length", options.get("max_length")),
+                      _positive_int(spec, "refusals", options.get("refusals")))
 
 
 def expand_source_spec(spec: SourceSpec) -> list[SourceSpec]:
@@ -344,10 +356,31 @@ def _split_source(split: LabelledSplit, strata: np.ndarray, spec: SourceSpec, va
     return split.subset(kept), split.subset(held_out)
 
 
+def _refusal_split(split: LabelledSplit, spec: SourceSpec, count: int, seed: int, held_out: bool,
+                   schema: LabelSchema, safe_rows_category_negatives: bool) -> LabelledSplit:
+    """`count` of the split's unsafe prompts, each with a refusal (`refusals.refusal_pairs`), safe."""
+    import pandas as pd
+
+    prompts = [text for text, label in zip(split.texts, split.labels) if label == 1 and isinstance(text, str)]
+    pairs = refusal_pairs(prompts, count, seed, held_out=held_out)
+    categories = np.full((len(pairs), len(schema.categories)), 0.0 if safe_rows_category_negatives else MISSING_TARGET,
+                         dtype=np.float32)
+    return LabelledSplit(split.name, pairs, np.zeros(len(pairs), dtype=np.int64), pd.DataFrame(index=range(len(pairs))),
+                         categories, np.full(len(pairs), REFUSALS_SOURCE, dtype=object),
+                         np.full(len(pairs), spec.max_length or 0, dtype=np.int64))
+
+
+def judged_response_rows(split: LabelledSplit) -> np.ndarray:
+    """The pair rows of the response sources, without the generated refusals: the rows the response
+    threshold is chosen on and the response metrics measure."""
+    pairs = split.pair_rows
+    return pairs if split.sources is None else pairs[split.sources[pairs] != REFUSALS_SOURCE]
+
+
 def _require_response_validation(validation: LabelledSplit) -> None:
     """The response threshold is chosen on the response sources' validation rows: refuse, before
     any model loads, a run whose response rows leave it nothing to choose by."""
-    pairs = validation.pair_rows
+    pairs = judged_response_rows(validation)
     if not len(pairs):
         return
     labels = validation.labels[pairs]
@@ -382,6 +415,12 @@ def add_sources(
     if len(set(names)) < len(names):
         raise DataError(f"two training sources share a file name ({', '.join(names)}); per-source metrics need "
                         f"distinct names")
+    if REFUSALS_SOURCE in names:
+        raise DataError(f"a training source is named {REFUSALS_SOURCE!r}, the name of the refusals that refusals= "
+                        f"generates; rename its file")
+    if any(source.spec.refusals for source in loaded) and not any(source.spec.response_column for source in loaded):
+        raise DataError("refusals= teaches the response task: it needs a response source (response=) beside it, "
+                        "whose validation rows choose the response threshold")
     codes = {code for source in loaded for code in source.codes if code is not None}
     schema = LabelSchema.from_codes(codes, taxonomy)
 
@@ -393,11 +432,23 @@ def add_sources(
                              np.full(len(split), main_name, dtype=object))
 
     train_parts, validation_parts = [main_part(main.train)], [main_part(main.validation)]
+    refusal_parts: tuple[list, list] = ([], [])
     for index, source in enumerate(loaded):
         train, validation = _split_source(_as_split(source, schema, safe_rows_category_negatives),
                                           source_strata(source), source.spec, validation_fraction, seed)
         train_parts.append(repeat_rows(train, source.spec.weight, seed + index))
         validation_parts.append(validation)
+        if source.spec.refusals:
+            for parts, split, count, held_out in ((refusal_parts[0], train, source.spec.refusals, False),
+                                                  (refusal_parts[1], validation, source.spec.refusals // 2, True)):
+                parts.append(_refusal_split(split, source.spec, count, seed + index, held_out, schema,
+                                            safe_rows_category_negatives))
+            if len(refusal_parts[0][-1]) < source.spec.refusals:
+                warnings.warn(f"{source.spec.path}: refusals={source.spec.refusals}, but its training rows hold "
+                              f"only {len(refusal_parts[0][-1])} unsafe prompts with a label", stacklevel=2)
+    if refusal_parts[0]:
+        train_parts.append(concatenate("train", refusal_parts[0]))
+        validation_parts.append(concatenate("validation", refusal_parts[1]))
     splits = Splits(concatenate("train", train_parts), concatenate("validation", validation_parts), main.test,
                     main_source=main_name)
     _require_response_validation(splits.validation)

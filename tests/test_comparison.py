@@ -357,3 +357,19 @@ def test_heads_at_their_own_default_learning_rates_are_the_same_recipe():
     assert report.recipe_differences(chosen, categories) == ["head_learning_rate 0.001 vs 0.003"]
     longer = {"training_arguments": {**categories["training_arguments"], "epochs": 3}}
     assert report.recipe_differences(longer, binary) == ["epochs 3 vs 2"]
+
+
+def test_a_rows_source_table_notes_its_answers_and_the_refusals_apart():
+    entry = lambda n, share, auprc, fpr: {"n": n, "unsafe_share": share, "auprc": auprc, "recall": 0.5, "fpr": fpr}  # noqa: E731
+    responses = {"n": 140, "auprc": 0.7, "f1": 0.68, "recall": 0.9, "fpr": 0.6, "threshold": 0.3,
+                 "refusal_n": 160, "refusal_fpr": 0.25}
+    row = {"method": "M", "validation": {"sources": {"main": entry(280, 0.1, 0.8, 0.05), "pku": entry(140, 0.5, 0.7, 0.6),
+                                                     "refusals": entry(160, 0.0, None, 0.3)},
+                                         "source_macro_auprc": 0.8, "lookalike_n": 0, "responses": responses}}
+    lines = report.source_tables([row])
+    assert "| refusals | 160 | 0.0% | — | — | 0.300 |" in lines
+    assert ("answers (140 validation pairs, split by prompt): AUPRC 0.700 (goal >= 0.85), F1 0.680 (goal >= 0.75), "
+            "recall 0.900 and FPR 0.600 at the answers' threshold 0.300; refusals judged unsafe at that threshold "
+            "0.250 (160 validation pairs, wordings not trained on).") in lines[-1]
+    del responses["refusal_n"]
+    assert "refusals judged" not in report.source_tables([row])[-1]

@@ -264,7 +264,7 @@ def test_bad_source_data_is_refused_before_any_model_is_loaded(toy_files, tmp_pa
 @pytest.fixture(scope="module")
 def responses_run(tiny_phi3, toy_files, tmp_path_factory) -> tuple[Path, str]:
     """One short run on the main toy file, a look-alike source, an all-unsafe source whose rows
-    have a category or none, and a response source."""
+    have a category or none (and refusals to some of them), and a response source."""
     directory = tmp_path_factory.mktemp("sources-run")
     hatecheck = write(harm_rows(40, seed=10, safe_share=0.5), directory / "hatecheck.csv")
     advbench = write(harm_rows(20, seed=11, safe_share=0.0, code="S1", blank_category_share=0.5),
@@ -272,7 +272,7 @@ def responses_run(tiny_phi3, toy_files, tmp_path_factory) -> tuple[Path, str]:
     pku = write(response_rows(40, seed=12), directory / "pku.csv")
     output_dir = directory / "out"
     flags = fast_training_flags(tiny_phi3, toy_files, output_dir, "--lora-r", "4", "--extra-train-sources",
-                                f"{hatecheck},{SPEC},validation=0.25", f"{advbench},{SPEC},validation=0.25",
+                                f"{hatecheck},{SPEC},validation=0.25", f"{advbench},{SPEC},validation=0.25,refusals=6",
                                 f"{pku},text=prompt,response=response,label=label,validation=0.25")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -297,6 +297,11 @@ def test_a_response_source_trains_end_to_end_with_its_own_threshold_and_metrics(
         f1_maximising_threshold(pairs["label"], pairs["unsafe_probability"]), abs=1e-5)
     called = pairs["unsafe_probability"] >= responses["threshold"] - 1e-6
     assert responses["fpr"] == pytest.approx(called[pairs["label"] == 0].mean())
+    # The refusals to advbench's validation prompts are measured apart, at the same threshold.
+    refusals = predictions[predictions["source"] == "refusals"]
+    assert responses["refusal_n"] == len(refusals) == 3 and (refusals["label"] == 0).all()
+    assert responses["refusal_fpr"] == pytest.approx((refusals["unsafe_probability"] >= responses["threshold"]).mean())
+    assert "refusals (3 validation pairs, wordings not trained on): judged unsafe" in printed
     assert {"auprc", "f1", "recall", "at_decision_threshold"} <= set(responses)
     assert f"responses ({len(pairs)} validation pairs): AUPRC" in printed
 
@@ -310,7 +315,8 @@ def test_per_source_startup_lines_and_metrics_with_the_lookalike_fpr(responses_r
     held_out = metrics["validation"]["responses"]["n"]  # whole prompts held out, so not exactly 10
     assert re.search(rf"  pku: {40 - held_out} / {held_out}, \d+\.\d% unsafe, categories none, responses", printed)
     validation = metrics["validation"]
-    assert set(validation["sources"]) == {"train", "hatecheck", "advbench", "pku"}
+    assert set(validation["sources"]) == {"train", "hatecheck", "advbench", "pku", "refusals"}
+    assert "  refusals: 6 / 3, 0.0% unsafe, categories none, responses" in printed
     assert validation["sources"]["advbench"]["auprc_against"] == "train"
     assert validation["sources"]["pku"]["responses"] is True
     metadata = json.loads((output_dir / METADATA_FILE).read_text())
@@ -321,7 +327,8 @@ def test_per_source_startup_lines_and_metrics_with_the_lookalike_fpr(responses_r
     lookalike = ((predictions["source"] == "hatecheck") & (predictions["label"] == 0)).to_numpy()
     assert validation["lookalike_n"] == lookalike.sum() > 0
     assert validation["lookalike_fpr"] == pytest.approx(verdicts[lookalike].mean())
-    prompt_sources = [entry["auprc"] for name, entry in validation["sources"].items() if name != "pku"]
+    prompt_sources = [entry["auprc"] for name, entry in validation["sources"].items()
+                      if name not in ("pku", "refusals")]
     assert validation["source_macro_auprc"] == pytest.approx(np.mean([a for a in prompt_sources if a is not None]))
     assert "look-alike FPR" in printed and "source macro AUPRC" in printed
     assert metrics["test"]["n"] == 40  # the test file stays the main source's
