@@ -1,7 +1,7 @@
 # `make demo`: set up, fine-tune the embedded SmolLM2-135M-Instruct on every training source in ../shared/data
-# (recipes/all-sources.txt: ToxicChat, AILuminate's categories, eight public prompt sets, AI answers) with LoRA on
-# the top 8 blocks over the cached frozen prefix (the quality-per-minute table's choice, docs/performance.md),
-# evaluate on ToxicChat's test file, and score example prompts and answers.
+# (recipes/all-sources.txt: ToxicChat, AILuminate's categories, eight public prompt sets, AI answers, refusals)
+# with LoRA on the top 8 blocks over the cached frozen prefix (the quality-per-minute table's choice,
+# docs/performance.md), evaluate on ToxicChat's test file, and score example prompts and answers.
 # `make model`: the same sources with LoRA on every block (slow on a CPU). `make test`: set up and run the tests.
 # Set-up lives in a virtual environment in the checkout (.venv): distribution Pythons refuse
 # system-wide `pip install`. BOOTSTRAP_PYTHON is the interpreter that creates it.

@@ -75,9 +75,10 @@ FINE_TUNED_ROWS = {
     "lora-r16-categories": ("LoRA r=16 + AILuminate categories", "train_lora.py",
                             ["--lora-r", "16", "--lora-alpha", "32",
                              "--extra-train-sources", ailuminate_source_spec("{ailuminate}")]),
-    # Every source of ../shared/data (recipes/all-sources.txt: categories, harm_prompts, answers), LoRA on
-    # the top 4 blocks over the frozen prefix kept in runs/prefix-cache, at the rate top 4 trained best
-    # at on make demo's data (docs/experiments-log.md). The recipe file's paths start at ../shared/data.
+    # Every source of ../shared/data (recipes/all-sources.txt: categories, harm_prompts, answers; the refusals
+    # were added after this row ran), LoRA on the top 4 blocks over the frozen prefix kept in runs/prefix-cache,
+    # at the rate top 4 trained best at on make demo's data (docs/experiments-log.md). The recipe file's paths
+    # start at ../shared/data.
     "lora-r16-top4-all-sources": ("LoRA r=16, top 4 blocks, all sources (+ categories, answers)", "train_lora.py",
                                   ["--lora-r", "16", "--lora-alpha", "32", "--lora-layers", "top:4",
                                    "--learning-rate", "1.6e-3", "--extra-train-sources", "@recipes/all-sources.txt",

@@ -5,8 +5,9 @@ so a classifier trained on it has hardly seen the answer a guarded assistant giv
 may judge "I can't help with that." by the question it answers. `refusals=N` on a prompt source
 pairs N of its unsafe training prompts with a refusal each, labelled safe: the answer, not the
 question, decides the response verdict. Its unsafe validation prompts (up to N/2) are paired the
-same way with wordings no training pair uses, so the `refusals` source's validation rows measure
-refusals the classifier has not read (their false-positive rate, `evaluation.response_metrics`).
+same way with wordings no training pair uses (close variants of some are among the training
+ones), so the `refusals` source's validation rows measure refusals in wordings the classifier has
+not read (their false-positive rate, `evaluation.response_metrics`).
 """
 
 from __future__ import annotations
