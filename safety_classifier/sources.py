@@ -432,23 +432,24 @@ def add_sources(
                              np.full(len(split), main_name, dtype=object))
 
     train_parts, validation_parts = [main_part(main.train)], [main_part(main.validation)]
-    refusal_parts: tuple[list, list] = ([], [])
+    refused_train, refused_validation = [], []
     for index, source in enumerate(loaded):
+        spec = source.spec
         train, validation = _split_source(_as_split(source, schema, safe_rows_category_negatives),
-                                          source_strata(source), source.spec, validation_fraction, seed)
-        train_parts.append(repeat_rows(train, source.spec.weight, seed + index))
+                                          source_strata(source), spec, validation_fraction, seed)
+        train_parts.append(repeat_rows(train, spec.weight, seed + index))
         validation_parts.append(validation)
-        if source.spec.refusals:
-            for parts, split, count, held_out in ((refusal_parts[0], train, source.spec.refusals, False),
-                                                  (refusal_parts[1], validation, source.spec.refusals // 2, True)):
-                parts.append(_refusal_split(split, source.spec, count, seed + index, held_out, schema,
-                                            safe_rows_category_negatives))
-            if len(refusal_parts[0][-1]) < source.spec.refusals:
-                warnings.warn(f"{source.spec.path}: refusals={source.spec.refusals}, but its training rows hold "
-                              f"only {len(refusal_parts[0][-1])} unsafe prompts with a label", stacklevel=2)
-    if refusal_parts[0]:
-        train_parts.append(concatenate("train", refusal_parts[0]))
-        validation_parts.append(concatenate("validation", refusal_parts[1]))
+        if spec.refusals:
+            refused = _refusal_split(train, spec, spec.refusals, seed + index, False, schema, safe_rows_category_negatives)
+            if len(refused) < spec.refusals:
+                warnings.warn(f"{spec.path}: refusals={spec.refusals}, but its training rows hold only {len(refused)} "
+                              f"unsafe prompts with a label", stacklevel=2)
+            refused_train.append(refused)
+            refused_validation.append(_refusal_split(validation, spec, spec.refusals // 2, seed + index, True, schema,
+                                                     safe_rows_category_negatives))
+    if refused_train:
+        train_parts.append(concatenate("train", refused_train))
+        validation_parts.append(concatenate("validation", refused_validation))
     splits = Splits(concatenate("train", train_parts), concatenate("validation", validation_parts), main.test,
                     main_source=main_name)
     _require_response_validation(splits.validation)
