@@ -166,8 +166,10 @@ def main_safe_validation_scores(run_dir: Path, main_source: str) -> np.ndarray:
 
 def run_group(group: str, data_root: Path, recipe: str, setting: dict[str, str], run_dir: Path,
               model: str | None, prefix_cache_dir: Path | None = None) -> dict:
+    from safety_classifier.console import quiet_library_noise
     from safety_classifier.inference import load_classifier
 
+    quiet_library_noise()  # as infer.py: no load report of the saved head, no deprecation notes
     main, training, held_out = split_sources(data_root, group)
     command = command_for(group, data_root, recipe, setting, run_dir, model, prefix_cache_dir)
     started = time.time()

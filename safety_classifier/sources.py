@@ -266,6 +266,15 @@ def _category_targets(source: _LoadedSource, schema: LabelSchema, safe_rows_cate
     return targets
 
 
+def _uncategorised_targets(labels: np.ndarray, schema: LabelSchema, safe_rows_category_negatives: bool) -> np.ndarray:
+    """Category targets of rows from a source without categories (the main file, the refusals): none
+    (MISSING_TARGET), or every category 0 on a safe row where `safe_rows_category_negatives`."""
+    targets = np.full((len(labels), len(schema.categories)), MISSING_TARGET, dtype=np.float32)
+    if safe_rows_category_negatives:
+        targets[labels == 0] = 0.0
+    return targets
+
+
 def _as_split(source: _LoadedSource, schema: LabelSchema, safe_rows_category_negatives: bool) -> LabelledSplit:
     import pandas as pd
 
@@ -363,10 +372,10 @@ def _refusal_split(split: LabelledSplit, spec: SourceSpec, count: int, seed: int
 
     prompts = [text for text, label in zip(split.texts, split.labels) if label == 1 and isinstance(text, str)]
     pairs = refusal_pairs(prompts, count, seed, held_out=held_out)
-    categories = np.full((len(pairs), len(schema.categories)), 0.0 if safe_rows_category_negatives else MISSING_TARGET,
-                         dtype=np.float32)
-    return LabelledSplit(split.name, pairs, np.zeros(len(pairs), dtype=np.int64), pd.DataFrame(index=range(len(pairs))),
-                         categories, np.full(len(pairs), REFUSALS_SOURCE, dtype=object),
+    labels = np.zeros(len(pairs), dtype=np.int64)
+    return LabelledSplit(split.name, pairs, labels, pd.DataFrame(index=range(len(pairs))),
+                         _uncategorised_targets(labels, schema, safe_rows_category_negatives),
+                         np.full(len(pairs), REFUSALS_SOURCE, dtype=object),
                          np.full(len(pairs), spec.max_length or 0, dtype=np.int64))
 
 
@@ -425,10 +434,8 @@ def add_sources(
     schema = LabelSchema.from_codes(codes, taxonomy)
 
     def main_part(split: LabelledSplit) -> LabelledSplit:
-        categories = np.full((len(split), len(schema.categories)), MISSING_TARGET, dtype=np.float32)
-        if safe_rows_category_negatives:
-            categories[split.labels == 0] = 0.0
-        return LabelledSplit(split.name, split.texts, split.labels, split.extra, categories,
+        return LabelledSplit(split.name, split.texts, split.labels, split.extra,
+                             _uncategorised_targets(split.labels, schema, safe_rows_category_negatives),
                              np.full(len(split), main_name, dtype=object))
 
     train_parts, validation_parts = [main_part(main.train)], [main_part(main.validation)]
