@@ -241,19 +241,38 @@ def source_metrics(validation: LabelledSplit, scores: np.ndarray, threshold: flo
     labels, sources = validation.labels, validation.sources
     pairs = np.zeros(len(validation), dtype=bool)
     pairs[validation.pair_rows] = True
-    main_safe = np.flatnonzero((sources == main_source) & (labels == 0) & ~pairs)
     metrics = {}
-    for name in dict.fromkeys(sources):
+    for name, (ranked, against) in auprc_rows(labels, sources, pairs, main_source).items():
         rows = np.flatnonzero(sources == name)
         entry = classification_metrics(labels[rows], scores[rows], threshold, verdicts[rows])
         safe = rows[labels[rows] == 0]
         entry.update(unsafe_share=float(labels[rows].mean()), responses=bool(pairs[rows].any()),
                      fpr=float(verdicts[safe].mean()) if len(safe) else None)
-        if not len(safe) and len(main_safe) and not pairs[rows].any():
-            ranked = np.concatenate([rows, main_safe])
-            entry.update(auprc=float(average_precision_score(labels[ranked], scores[ranked])), auprc_against=main_source)
+        if against is not None:
+            entry.update(auprc=float(average_precision_score(labels[ranked], scores[ranked])), auprc_against=against)
         metrics[str(name)] = entry
     return metrics
+
+
+def auprc_rows(labels: np.ndarray, sources: np.ndarray, pairs: np.ndarray,
+               main_source: str | None) -> dict[str, tuple[np.ndarray, str | None]]:
+    """{source: (the rows its AUPRC ranks, the source it is ranked against or None)}: its own rows,
+    or for a prompt source without safe rows, its rows beside the main source's safe prompt rows
+    (`source_metrics`). `pairs`: a bool per row, True on (prompt, response) rows."""
+    main_safe = np.flatnonzero((sources == main_source) & (labels == 0) & ~pairs)
+    ranked = {}
+    for name in dict.fromkeys(sources):
+        rows = np.flatnonzero(sources == name)
+        if not (labels[rows] == 0).any() and len(main_safe) and not pairs[rows].any():
+            ranked[str(name)] = (np.concatenate([rows, main_safe]), main_source)
+        else:
+            ranked[str(name)] = (rows, None)
+    return ranked
+
+
+def lookalike_safe_rows(labels: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """The safe rows of the LOOKALIKE_SOURCES: their share called unsafe is the look-alike FPR."""
+    return np.flatnonzero(np.isin(sources, LOOKALIKE_SOURCES) & (labels == 0))
 
 
 def source_and_task_metrics(validation: LabelledSplit, scores: np.ndarray, threshold: float, verdicts: np.ndarray,
@@ -264,7 +283,7 @@ def source_and_task_metrics(validation: LabelledSplit, scores: np.ndarray, thres
     on prompts that only look harmful (None where none of them is a source)."""
     sources = source_metrics(validation, scores, threshold, verdicts, main_source)
     auprcs = [entry["auprc"] for entry in sources.values() if entry["auprc"] is not None and not entry["responses"]]
-    lookalike = np.flatnonzero(np.isin(validation.sources, LOOKALIKE_SOURCES) & (validation.labels == 0))
+    lookalike = lookalike_safe_rows(validation.labels, validation.sources)
     return {"sources": sources, "source_macro_auprc": float(np.mean(auprcs)) if auprcs else None,
             "lookalike_fpr": float(verdicts[lookalike].mean()) if len(lookalike) else None,
             "lookalike_n": int(len(lookalike)),

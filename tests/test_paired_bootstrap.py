@@ -1,0 +1,118 @@
+"""experiments/paired_bootstrap.py: two runs' validation figures compared on the same resampled rows."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import paired_bootstrap
+import pandas as pd
+import pytest
+
+from safety_classifier.data import LabelledSplit
+from safety_classifier.evaluation import source_and_task_metrics
+from safety_classifier.formatting import PromptResponse
+
+MAIN = "chat_train"
+
+
+def validation_rows(seed: int = 0) -> pd.DataFrame:
+    """The labelled validation rows of a run over several sources: the main source (both classes), a
+    look-alike source (both), a source of unsafe prompts only, an answers source, and category rows
+    without a binary label (which the comparison leaves out, as evaluation.py does)."""
+    rng = np.random.default_rng(seed)
+    labels = {MAIN: [0] * 60 + [1] * 20, "hatecheck": [0] * 30 + [1] * 30, "advbench": [1] * 25,
+              "pku_saferlhf": [0] * 30 + [1] * 30, "ailuminate": [-1] * 10}
+    frame = pd.DataFrame([(source, label) for source, values in labels.items() for label in values],
+                         columns=["source", "label"])
+    frame.insert(0, "row", np.arange(len(frame)))
+    frame["category"] = ""
+    frame["noise"] = rng.random(len(frame))
+    return frame
+
+
+def write_run(run_dir, frame: pd.DataFrame, scores: np.ndarray, threshold: float = 0.5) -> None:
+    run_dir.mkdir(parents=True)
+    frame.drop(columns="noise").assign(unsafe_probability=scores, score_S1=scores / 2).to_csv(
+        run_dir / "validation_predictions.csv", index=False)
+    (run_dir / "safety_classifier.json").write_text(json.dumps({
+        "threshold": threshold, "category_route_threshold": None, "categories": [{"code": "S1", "threshold": 0.3}],
+        "training_arguments": {"train_file": f"data/{MAIN}.csv"}}))
+    sources = {name: {"responses": name == "pku_saferlhf"} for name in dict.fromkeys(frame["source"])}
+    (run_dir / "metrics.json").write_text(json.dumps({"validation": {"sources": sources}}))
+
+
+def scores_of(frame: pd.DataFrame, separation: float) -> np.ndarray:
+    """Scores that rank unsafe rows above safe ones by `separation` on top of shared noise."""
+    return np.clip(0.5 * frame["noise"].to_numpy() + separation * (frame["label"].to_numpy() == 1), 0, 1)
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    frame = validation_rows()
+    write_run(tmp_path / "a", frame, scores_of(frame, 0.1))
+    write_run(tmp_path / "b", frame, scores_of(frame, 0.5))
+    return tmp_path / "a", tmp_path / "b", frame
+
+
+def test_the_figures_on_all_rows_are_those_evaluation_reports(two_runs):
+    run_a, _, frame = two_runs
+    run = paired_bootstrap.ScoredRun.read(run_a)
+    figures = run.figures(np.arange(len(run.rows)))
+    labelled = frame[frame["label"] >= 0].reset_index(drop=True)
+    scores = scores_of(labelled, 0.1)
+    texts = [PromptResponse("q", "a") if source == "pku_saferlhf" else "q" for source in labelled["source"]]
+    split = LabelledSplit("validation", texts, labelled["label"].to_numpy(), pd.DataFrame(index=labelled.index),
+                          sources=labelled["source"].to_numpy())
+    reported = source_and_task_metrics(split, scores, 0.5, scores >= 0.5, MAIN)
+    for name, entry in reported["sources"].items():
+        assert figures[f"{name} AUPRC"] == pytest.approx(entry["auprc"])
+    assert reported["sources"]["advbench"]["auprc_against"] == MAIN  # unsafe only: ranked against the main safe rows
+    assert figures[paired_bootstrap.MACRO] == pytest.approx(reported["source_macro_auprc"])
+    assert figures[paired_bootstrap.LOOKALIKE] == pytest.approx(reported["lookalike_fpr"])
+    assert "ailuminate AUPRC" not in figures  # no binary label: not compared
+
+
+def test_a_run_against_itself_differs_by_nothing(two_runs):
+    run_a, _, _ = two_runs
+    run = paired_bootstrap.ScoredRun.read(run_a)
+    table = paired_bootstrap.paired_bootstrap(run, run, resamples=50)
+    assert table and all(entry["difference"] == 0 and entry["low"] == entry["high"] == 0 and not entry["clear"]
+                         for entry in table)
+
+
+def test_a_clearly_better_ranking_is_told_from_noise_and_a_small_one_is_not(two_runs, tmp_path):
+    run_a, run_b, frame = two_runs
+    a, b = paired_bootstrap.ScoredRun.read(run_a), paired_bootstrap.ScoredRun.read(run_b)
+    table = {entry["figure"]: entry for entry in paired_bootstrap.paired_bootstrap(a, b, resamples=200, seed=3)}
+    main = table[f"{MAIN} AUPRC"]
+    assert main["difference"] > 0 and main["low"] > 0 and main["clear"] and main["low"] <= main["difference"] <= main["high"]
+    assert table[paired_bootstrap.MACRO]["clear"]
+    # the same draws give the same table
+    assert paired_bootstrap.paired_bootstrap(a, b, resamples=200, seed=3) == list(table.values())
+    write_run(tmp_path / "c", frame, scores_of(frame, 0.1) + 1e-3 * (frame["row"].to_numpy() % 3))
+    slightly = paired_bootstrap.ScoredRun.read(tmp_path / "c")
+    nudged = {entry["figure"]: entry for entry in paired_bootstrap.paired_bootstrap(a, slightly, resamples=200)}
+    assert not nudged[f"{MAIN} AUPRC"]["clear"] and nudged[f"{MAIN} AUPRC"]["low"] < 0 < nudged[f"{MAIN} AUPRC"]["high"]
+
+
+def test_runs_over_other_rows_are_refused(two_runs, tmp_path):
+    run_a, _, frame = two_runs
+    other = frame.sample(frac=1.0, random_state=1).reset_index(drop=True)
+    write_run(tmp_path / "other", other, scores_of(other, 0.3))
+    with pytest.raises(SystemExit, match="scored different validation rows"):
+        paired_bootstrap.paired_bootstrap(paired_bootstrap.ScoredRun.read(run_a),
+                                          paired_bootstrap.ScoredRun.read(tmp_path / "other"), resamples=5)
+    with pytest.raises(SystemExit, match="not a finished training run"):
+        paired_bootstrap.ScoredRun.read(tmp_path / "missing")
+
+
+def test_the_command_prints_the_table_and_writes_it(two_runs, tmp_path, capsys):
+    run_a, run_b, _ = two_runs
+    paired_bootstrap.main([str(run_a), str(run_b), "--resamples", "30", "--json", str(tmp_path / "out" / "ab.json")])
+    printed = capsys.readouterr().out
+    assert f"{MAIN} AUPRC" in printed and "look-alike FPR" in printed and "paired-bootstrap interval" in printed
+    written = json.loads((tmp_path / "out" / "ab.json").read_text())
+    assert written["resamples"] == 30 and {entry["figure"] for entry in written["figures"]} >= {paired_bootstrap.MACRO}
+    with pytest.raises(SystemExit):
+        paired_bootstrap.main([str(run_a), str(run_b), "--resamples", "0"])
