@@ -53,6 +53,9 @@ class ScoredRun:
         if "source" not in predictions:
             raise SystemExit(f"{run_dir}: its validation rows come from one source; this compares runs over several")
         metadata = json.loads(files["safety_classifier.json"].read_text())
+        train_file = metadata.get("training_arguments", {}).get("train_file")
+        if not train_file:
+            raise SystemExit(f"{run_dir}: trained without a --train-file, so its main source is not known")
         sources = json.loads(files["metrics.json"].read_text())["validation"].get("sources", {})
         predictions = predictions[predictions["label"] >= 0].reset_index(drop=True)
         codes = [category["code"] for category in metadata.get("categories") or []]
@@ -62,7 +65,7 @@ class ScoredRun:
         answers = [name for name, entry in sources.items() if entry.get("responses")]
         return cls(run_dir.name, predictions[["row", "label", "source"]],
                    predictions["source"].isin(answers).to_numpy(), predictions["unsafe_probability"].to_numpy(),
-                   verdicts, Path(metadata["training_arguments"]["train_file"]).stem)
+                   verdicts, Path(train_file).stem)
 
     def figures(self, draw: np.ndarray) -> dict[str, float | None]:
         """Every figure on the rows `draw` picks (indices, repeats allowed)."""

@@ -105,6 +105,10 @@ def test_runs_over_other_rows_are_refused(two_runs, tmp_path):
                                           paired_bootstrap.ScoredRun.read(tmp_path / "other"), resamples=5)
     with pytest.raises(SystemExit, match="not a finished training run"):
         paired_bootstrap.ScoredRun.read(tmp_path / "missing")
+    write_run(tmp_path / "hub", frame, scores_of(frame, 0.3))  # trained on a hub dataset: no main source's file
+    (tmp_path / "hub" / "safety_classifier.json").write_text(json.dumps({"threshold": 0.5, "training_arguments": {}}))
+    with pytest.raises(SystemExit, match="main source is not known"):
+        paired_bootstrap.ScoredRun.read(tmp_path / "hub")
 
 
 def test_the_command_prints_the_table_and_writes_it(two_runs, tmp_path, capsys):
