@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score
 
+from safety_classifier.calibration import BOOTSTRAP_RESAMPLES, percentile_interval
 from safety_classifier.categories import unsafe_verdicts
 from safety_classifier.evaluation import auprc_rows, lookalike_safe_rows
 from safety_classifier.metrics import ranking_metric
@@ -89,7 +90,7 @@ def check_same_rows(a: ScoredRun, b: ScoredRun) -> None:
                          "same seed and sources")
 
 
-def paired_bootstrap(a: ScoredRun, b: ScoredRun, resamples: int = 1000, seed: int = 0,
+def paired_bootstrap(a: ScoredRun, b: ScoredRun, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
                      confidence: float = 0.95) -> list[dict]:
     """One entry a figure: A's and B's values on the rows themselves, B - A, and its percentile interval
     over `resamples` draws that resample each source's rows with replacement (the same draw for both)."""
@@ -97,7 +98,8 @@ def paired_bootstrap(a: ScoredRun, b: ScoredRun, resamples: int = 1000, seed: in
     everything = np.arange(len(a.rows))
     point_a, point_b = a.figures(everything), b.figures(everything)
     rng = np.random.default_rng(seed)
-    by_source = [np.flatnonzero(a.rows["source"].to_numpy() == name) for name in dict.fromkeys(a.rows["source"])]
+    sources = a.rows["source"].to_numpy()
+    by_source = [np.flatnonzero(sources == name) for name in dict.fromkeys(sources)]
     differences: dict[str, list[float]] = {name: [] for name in point_a}
     for _ in range(resamples):
         draw = np.concatenate([rng.choice(rows, size=len(rows)) for rows in by_source])
@@ -105,14 +107,13 @@ def paired_bootstrap(a: ScoredRun, b: ScoredRun, resamples: int = 1000, seed: in
         for name in differences:
             if drawn_a.get(name) is not None and drawn_b.get(name) is not None:
                 differences[name].append(drawn_b[name] - drawn_a[name])
-    tail = 100 * (1 - confidence) / 2
     table = []
     for name, values in differences.items():
         if point_a[name] is None or point_b[name] is None or not values:
             continue
-        low, high = np.percentile(values, [tail, 100 - tail])
+        low, high = percentile_interval(values, confidence)
         table.append({"figure": name, "a": point_a[name], "b": point_b[name], "difference": point_b[name] - point_a[name],
-                      "low": float(low), "high": float(high), "clear": bool(low > 0 or high < 0),
+                      "low": low, "high": high, "clear": bool(low > 0 or high < 0),
                       "draws": len(values)})
     return table
 
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_a", type=Path, help="a saved classifier's directory (the reference)")
     parser.add_argument("run_b", type=Path, help="another one, trained with the same seed and sources")
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap draws (default 1000)")
+    parser.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES,
+                        help=f"bootstrap draws (default {BOOTSTRAP_RESAMPLES})")
     parser.add_argument("--confidence", type=float, default=0.95, help="the interval's coverage (default 0.95)")
     parser.add_argument("--seed", type=int, default=0, help="the draws' seed (default 0)")
     parser.add_argument("--json", type=Path, help="also write the table to this file")

@@ -192,8 +192,13 @@ def bootstrap_f1_interval(labels: ArrayLike, probabilities: ArrayLike, threshold
     false_negative = (~predicted & labels)[rows].sum(axis=1)
     denominator = 2 * true_positive + false_positive + false_negative
     f1 = np.divide(2 * true_positive, denominator, out=np.zeros(resamples), where=denominator > 0)
+    return percentile_interval(f1, confidence)
+
+
+def percentile_interval(values: ArrayLike, confidence: float = 0.95) -> tuple[float, float]:
+    """The central `confidence` share of bootstrap values: (low, high) percentiles."""
     tail = 100 * (1 - confidence) / 2
-    low, high = np.percentile(f1, [tail, 100 - tail])
+    low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
 
 
