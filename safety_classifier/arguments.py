@@ -91,6 +91,8 @@ class DataArguments:
                           "(prompt, response) pairs whose label judges the response, refusals=N pairs N unsafe "
                           "prompts with a refusal as a safe answer."},
     )
+    train_file_weight: float = field(default=1.0, metadata={
+        "help": "Times each training row of --train-file is seen an epoch beside --extra-train-sources (a weight=)."})
     taxonomy: str | None = field(
         default=None,
         metadata={"help": "JSON {code: name} or CSV (code,name) naming the categories; codes outside it are refused. "
@@ -123,6 +125,9 @@ class DataArguments:
         # --validation-fraction is checked where the split is carved (`data.load_splits`), before any model loads.
         require(self.max_train_samples is None or self.max_train_samples >= 1,
                  f"--max-train-samples must be at least 1, not {self.max_train_samples}")
+        require(_positive(self.train_file_weight), f"--train-file-weight must be above 0, not {self.train_file_weight}")
+        require(self.train_file_weight == 1.0 or self.extra_train_sources, "--train-file-weight weighs the main "
+                "source against --extra-train-sources; alone it would only lengthen the epoch (use --epochs)")
 
 
 @dataclass
@@ -444,9 +449,7 @@ class ClassifierLoadingArguments:
     model_dir: str = field(metadata={"help": "A classifier directory written by a train_*.py script."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ...; default: cuda if present."})
     dtype: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={"help": "Compute dtype for scoring."})
-    base_model: str | None = field(
-        default=None, metadata={"help": "Override the adapter's base model reference (e.g. a local copy)."}
-    )
+    base_model: str | None = field(default=None, metadata={"help": "Override the adapter's base model (e.g. a local copy)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the base model."})
     threshold: float | None = field(
         default=None,

@@ -410,10 +410,11 @@ def add_sources(
     category_rows_binary: str = "unsafe",
     contextual_categories: list[str] | None = None,
     safe_rows_category_negatives: bool = False,
+    main_weight: float = 1.0,
 ) -> tuple[Splits, LabelSchema]:
     """The main source's splits joined by every further source's: train and validation both carry
     category targets, each row's source and its own token limit; the test split (main source
-    only) stays as it is."""
+    only) stays as it is. `main_weight` is the main source's training weight, as a spec's weight=."""
     if category_rows_binary not in CATEGORY_ROWS_BINARY:
         raise DataError(f"--category-rows-binary must be one of {', '.join(CATEGORY_ROWS_BINARY)}, "
                         f"not {category_rows_binary!r}")
@@ -438,7 +439,9 @@ def add_sources(
                              _uncategorised_targets(split.labels, schema, safe_rows_category_negatives),
                              np.full(len(split), main_name, dtype=object))
 
-    train_parts, validation_parts = [main_part(main.train)], [main_part(main.validation)]
+    # The further sources draw their fractional repeats with seed + index; the main source after them.
+    train_parts = [repeat_rows(main_part(main.train), main_weight, seed + len(loaded))]
+    validation_parts = [main_part(main.validation)]
     refused_train, refused_validation = [], []
     for index, source in enumerate(loaded):
         spec = source.spec

@@ -149,6 +149,7 @@ def load_training_splits(plan: TrainingPlan) -> Splits:
         data.extra_train_sources, seed=plan.run.seed, validation_fraction=data.validation_fraction,
         taxonomy_file=data.taxonomy, category_rows_binary=data.category_rows_binary,
         contextual_categories=data.contextual_categories, safe_rows_category_negatives=data.safe_rows_category_negatives,
+        main_weight=data.train_file_weight,
     )
     splits.schema = schema
     return splits

@@ -35,13 +35,13 @@ def test_quick_benchmark_ends_with_the_json_line():
     assert epoch["rows"] == 64 and epoch["steps"] >= 1 and epoch["padded_tokens"] >= epoch["real_tokens"]
     assert any(line.startswith("scoring prompts/s") for line in lines), "the table is printed before the JSON"
     # An epoch over every source, for the default recipe and full LoRA: sampled and extrapolated in --quick.
-    assert figures["default_recipe"] == "lora-r16-top4"
-    assert set(figures["epoch_minutes_all_sources"]) == {"lora-r16-top4", "lora-r16"}
+    assert figures["default_recipe"] == "lora-r16-top8"
+    assert set(figures["epoch_minutes_all_sources"]) == {"lora-r16-top8", "lora-r16"}
     for recipe, minutes in figures["epoch_minutes_all_sources"].items():
         epoch = figures["all_sources_epochs"][recipe]
         assert minutes == epoch["minutes"] > 0 and epoch["extrapolated"] is True and epoch["steps_timed"] >= 1
         assert epoch["epoch_rows"] > 10_000 > epoch["rows_timed"], "every source's training rows, a sample timed"
         assert epoch["epoch_real_tokens"] > epoch["real_tokens_timed"] > 0
-    assert figures["all_sources_epochs"]["lora-r16-top4"]["prefix_cached"] is True
+    assert figures["all_sources_epochs"]["lora-r16-top8"]["prefix_cached"] is True
     assert figures["all_sources_epochs"]["lora-r16"]["prefix_cached"] is False
     assert figures["machine"]["cpu_model"] and figures["fp32_matmul_tflops"] > 0

@@ -130,6 +130,17 @@ def test_weights_repeat_a_sources_training_rows(toy_files, category_file):
     assert len(twice.validation) == len(once.validation)  # validation rows are never repeated
 
 
+def test_the_main_sources_weight_repeats_its_training_rows_only(toy_files, category_file):
+    spec = f"{category_file},text=prompt_text,category=category,validation=0.25"
+    once, _ = add_sources(main_splits(toy_files), "train", [spec], seed=0, validation_fraction=0.2)
+    more, _ = add_sources(main_splits(toy_files), "train", [spec], seed=0, validation_fraction=0.2, main_weight=2.5)
+    main = lambda splits: np.asarray(splits.train.texts, dtype=object)[splits.train.sources == "train"]  # noqa: E731
+    assert len(main(more)) == round(2.5 * len(main(once)))
+    assert set(main(more)) == set(main(once)), "the same rows, repeated: none drawn from validation"
+    assert int((more.train.sources == "harms").sum()) == int((once.train.sources == "harms").sum())
+    assert list(more.validation.texts) == list(once.validation.texts)
+
+
 @pytest.mark.parametrize("content, says", [
     ("prompt_text,hazard\nhello,vcr\n", r"harms\.csv: no column 'category'.*columns present: prompt_text, hazard"),
     ("prompt_text,category\nhello,S1\nworld,\nagain,S2\n", r"harms\.csv: column 'category' has no category at row\(s\) 2"),

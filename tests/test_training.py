@@ -251,6 +251,8 @@ def test_the_head_trains_at_its_own_learning_rate(tiny_phi3, toy_files, tmp_path
     ("--head-learning-rate", "-1e-3", "--head-learning-rate must be above 0"),
     ("--category-loss-weight", "-1", "--category-loss-weight must be a finite number >= 0"),
     ("--lora-r", "0", "--lora-r must be at least 1"),
+    ("--train-file-weight", "0", "--train-file-weight must be above 0, not 0.0"),
+    ("--train-file-weight", "2", "--train-file-weight weighs the main source against --extra-train-sources"),
 ])
 def test_an_argument_out_of_range_is_refused_as_it_is_parsed(tmp_path, capsys, flag, value, message):
     """Exit status 2 and the reason, before the (missing) data or model is even looked for."""
