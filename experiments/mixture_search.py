@@ -17,7 +17,8 @@ source, takes none of them (`search.split_setting`; `cross_source.py` and `quali
 take the same keys in `--set`).
 
 The objective: the mean of the validation AUPRC averaged over sources and of the ToxicChat rows'
-validation AUPRC (ToxicChat counted twice, as the traffic the classifier serves).
+validation AUPRC (ToxicChat counted twice, as the traffic the classifier serves;
+`safety_classifier.evaluation.mixture_objective`, on which each run also keeps its best epoch).
 `results/search/mixture/<setting>.json` records the setting, the command, each source's spec
 options, each source's validation figures, both AUPRCs, the objective and the training time; a
 setting whose record exists is skipped.
@@ -58,6 +59,8 @@ from search import (
     write_table_block,
 )
 
+from safety_classifier.evaluation import mixture_objective
+
 DEFAULT_RECIPE = "lora-r16-top4"
 MIXTURE_DIR = SEARCH_DIR / "mixture"
 RUNS_DIR = REPO_ROOT / "runs" / "search" / "mixture"
@@ -73,10 +76,6 @@ def command_for(recipe: str, setting: dict[str, str], data_root: Path, run_dir: 
     return recipe_command(recipe, main, training, setting, run_dir, model, prefix_cache_dir=prefix_cache_dir)
 
 
-def objective(toxicchat_auprc: float, macro_auprc: float) -> float:
-    return (toxicchat_auprc + macro_auprc) / 2
-
-
 def run_setting(recipe: str, setting: dict[str, str], command: list[str], run_dir: Path) -> dict:
     started = time.time()
     metadata, metrics, history = run_training_command(command, run_dir, f"mixture {setting_name(setting)}")
@@ -85,7 +84,7 @@ def run_setting(recipe: str, setting: dict[str, str], command: list[str], run_di
     return {
         "recipe": recipe, "setting": setting, "command": shlex.join(command),
         "validation_sources": validation_sources(metrics), "toxicchat_auprc": toxicchat, "source_macro_auprc": macro,
-        "objective": objective(toxicchat, macro), "validation_history": history,
+        "objective": mixture_objective(toxicchat, macro), "validation_history": history,
         "training_seconds": metadata["training_seconds"], "run_seconds": round(time.time() - started, 1),
         "training_arguments": metadata["training_arguments"],
     }

@@ -78,6 +78,9 @@ class EpochSummaryProgress(ProgressCallback):
             self.training_bar.write(
                 f"epoch {epochs}: validation AUPRC {logs['eval_auprc']:.4f}, F1 {logs.get('eval_f1', float('nan')):.4f}"
                 f" (uncalibrated), loss {logs.get('eval_loss', float('nan')):.4f}"
+                + (f"; mean AUPRC over sources {logs['eval_source_macro_auprc']:.4f}, objective "
+                   f"{logs['eval_mixture_objective']:.4f} (the best epoch on it is kept)"
+                   if "eval_mixture_objective" in logs else "")
             )
         elif "loss" in logs:
             self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)

@@ -45,7 +45,7 @@ from .data import LabelledSplit, Splits
 from .errors import DataError, ThresholdTargetError
 from .inference import category_scores_of, margins_of, predict_logits
 from .labels import LabelSchema, split_logits
-from .metrics import classification_metrics, format_metrics_table
+from .metrics import classification_metrics, format_metrics_table, ranking_metric
 from .refusals import REFUSALS_SOURCE
 from .sources import LOOKALIKE_SOURCES, judged_response_rows
 
@@ -56,10 +56,7 @@ def trainer_metrics(eval_prediction: EvalPrediction) -> dict:
     also the categories' macro AUPRC on the rows with category targets."""
     logits = eval_prediction.predictions
     logits = np.asarray(logits[0] if isinstance(logits, tuple) else logits, dtype=np.float64)
-    labels = np.asarray(eval_prediction.label_ids)
-    targets = None
-    if labels.ndim == 2:
-        labels, targets = labels[:, 0].astype(np.int64), labels[:, 1:]
+    labels, targets = epoch_labels(eval_prediction)
     margins, category_logits = split_logits(logits)
     probabilities = expit(margins)
     labelled = labels >= 0
@@ -75,11 +72,72 @@ def trainer_metrics(eval_prediction: EvalPrediction) -> dict:
     return metrics
 
 
+def epoch_labels(eval_prediction: EvalPrediction) -> tuple[np.ndarray, np.ndarray | None]:
+    """(binary labels, category targets or None) of the Trainer's validation rows."""
+    labels = np.asarray(eval_prediction.label_ids)
+    if labels.ndim == 2:
+        return labels[:, 0].astype(np.int64), labels[:, 1:]
+    return labels.astype(np.int64), None
+
+
+MIXTURE_OBJECTIVE = "mixture_objective"
+
+
+def mixture_objective(main_auprc: float, source_macro_auprc: float) -> float:
+    """The mean of the main source's validation AUPRC and of the mean AUPRC over the prompt sources:
+    with several sources, the checkpoint kept and the mixture search (experiments/) maximise it, so
+    that neither the main source's style nor the others' decides alone."""
+    return (main_auprc + source_macro_auprc) / 2
+
+
+class EpochMetrics:
+    """The Trainer's `compute_metrics`: `trainer_metrics` (on the main source's rows, the only ones
+    whose binary label the validation set carries, see `training_labels`), and with several sources
+    also each prompt source's AUPRC (`prompt_source_auprcs`, as metrics.json measures them), their
+    mean and the mixture objective, which then keeps the checkpoint (`best_metric`).
+
+    The Trainer's validation batches reorder the rows (by length) and carry no source:
+    `row_order()` gives the validation rows' indices in the order the predictions come in (the
+    Trainer's `eval_row_order`), checked against the labels that do come with them."""
+
+    def __init__(self, splits: Splits, row_order=None):
+        self.splits = splits
+        self.row_order = row_order
+
+    @staticmethod
+    def best_metric(splits: Splits) -> str:
+        return MIXTURE_OBJECTIVE if splits.validation.sources is not None else "auprc"
+
+    def __call__(self, eval_prediction: EvalPrediction) -> dict:
+        metrics = trainer_metrics(eval_prediction)
+        validation = self.splits.validation
+        if validation.sources is None or "auprc" not in metrics:
+            return metrics
+        order = np.asarray(self.row_order())
+        main_labels = np.full(len(validation), -1)
+        main_labels[self.splits.calibration_rows] = validation.labels[self.splits.calibration_rows]
+        if len(order) != len(validation) or not np.array_equal(main_labels[order], epoch_labels(eval_prediction)[0]):
+            raise RuntimeError("the validation predictions do not come in the order the Trainer's loader gave")
+        logits = eval_prediction.predictions
+        margins, _ = split_logits(np.asarray(logits[0] if isinstance(logits, tuple) else logits, dtype=np.float64))
+        scores = np.empty(len(validation))
+        scores[order] = margins
+        rows = validation.binary_rows
+        auprcs = prompt_source_auprcs(validation.subset(rows), scores[rows], self.splits.main_source)
+        metrics.update({f"auprc:{name}": value for name, value in auprcs.items()})
+        metrics["source_macro_auprc"] = float(np.mean(list(auprcs.values())))
+        metrics[MIXTURE_OBJECTIVE] = mixture_objective(metrics["auprc"], metrics["source_macro_auprc"])
+        return metrics
+
+
 def validation_history(trainer: Trainer) -> list[dict]:
     """The validation metrics after each epoch, as the Trainer logged them."""
-    keys = ("auprc", "roc_auc", "f1", "precision", "recall", "accuracy", "loss", "category_macro_auprc")
+    keys = ("auprc", "roc_auc", "f1", "precision", "recall", "accuracy", "loss", "category_macro_auprc",
+            "source_macro_auprc", MIXTURE_OBJECTIVE)
     return [
-        {"epoch": entry["epoch"], **{key: entry[f"eval_{key}"] for key in keys if f"eval_{key}" in entry}}
+        {"epoch": entry["epoch"], **{key: entry[f"eval_{key}"] for key in keys if f"eval_{key}" in entry},
+         **({"source_auprc": {key.removeprefix("eval_auprc:"): value for key, value in entry.items()
+                              if key.startswith("eval_auprc:")}} if "eval_source_macro_auprc" in entry else {})}
         for entry in trainer.state.log_history
         if "eval_auprc" in entry
     ]
@@ -270,6 +328,21 @@ def auprc_rows(labels: np.ndarray, sources: np.ndarray, pairs: np.ndarray,
     return ranked
 
 
+def prompt_source_auprcs(validation: LabelledSplit, scores: np.ndarray, main_source: str | None) -> dict[str, float]:
+    """{prompt source: its validation AUPRC}, ranked as `auprc_rows` says, over rows with a binary
+    label; response sources and sources whose ranked rows hold one class are left out. Their mean is
+    `source_macro_auprc`."""
+    labels, sources = validation.labels, validation.sources
+    pairs = np.zeros(len(validation), dtype=bool)
+    pairs[validation.pair_rows] = True
+    auprcs = {}
+    for name, (ranked, _) in auprc_rows(labels, sources, pairs, main_source).items():
+        value = ranking_metric(average_precision_score, labels[ranked], scores[ranked])
+        if value is not None and not pairs[sources == name].any():
+            auprcs[name] = value
+    return auprcs
+
+
 def lookalike_safe_rows(labels: np.ndarray, sources: np.ndarray) -> np.ndarray:
     """The safe rows of the LOOKALIKE_SOURCES: their share called unsafe is the look-alike FPR."""
     return np.flatnonzero(np.isin(sources, LOOKALIKE_SOURCES) & (labels == 0))
@@ -282,7 +355,7 @@ def source_and_task_metrics(validation: LabelledSplit, scores: np.ndarray, thres
     FPR: the share of the safe rows of the LOOKALIKE_SOURCES present called unsafe, the false alarms
     on prompts that only look harmful (None where none of them is a source)."""
     sources = source_metrics(validation, scores, threshold, verdicts, main_source)
-    auprcs = [entry["auprc"] for entry in sources.values() if entry["auprc"] is not None and not entry["responses"]]
+    auprcs = list(prompt_source_auprcs(validation, scores, main_source).values())
     lookalike = lookalike_safe_rows(validation.labels, validation.sources)
     return {"sources": sources, "source_macro_auprc": float(np.mean(auprcs)) if auprcs else None,
             "lookalike_fpr": float(verdicts[lookalike].mean()) if len(lookalike) else None,

@@ -128,9 +128,10 @@ def describe_batches(plan: TrainingPlan, sampler: TokenBudgetBatchSampler | None
 
 
 def training_arguments(plan: TrainingPlan, dtype: torch.dtype, cached_prefix: bool = False,
-                       evaluate: bool = True) -> TrainingArguments:
+                       evaluate: bool = True, best_metric: str = "auprc") -> TrainingArguments:
     """The Trainer's arguments for a plan; `evaluate=False` (the benchmark's timed epoch) neither
-    evaluates nor checkpoints."""
+    evaluates nor checkpoints. `best_metric`: the validation metric whose best epoch is kept
+    (`EpochMetrics.best_metric`)."""
     on_gpu = torch.cuda.is_available()
     run = plan.run
     per_epoch = "epoch" if evaluate else "no"
@@ -149,7 +150,7 @@ def training_arguments(plan: TrainingPlan, dtype: torch.dtype, cached_prefix: bo
         save_strategy=per_epoch,
         save_total_limit=2,
         load_best_model_at_end=evaluate,
-        metric_for_best_model="auprc",
+        metric_for_best_model=best_metric,
         greater_is_better=True,
         # Similar lengths per batch: dynamic padding then wastes almost nothing.
         train_sampling_strategy="group_by_length",
@@ -196,7 +197,8 @@ class ClassifierTrainer(Trainer):
     rate for both leaves the head barely trained; the scheduler scales every group alike. With a
     `clock`, every checkpoint records the training time spent up to it. With a
     `train_batch_sampler`, training batches come from it (token-budget batches) instead of
-    `per_device_train_batch_size` rows. Evaluation batches fill `eval_batch_tokens` (the scoring budget).
+    `per_device_train_batch_size` rows. Evaluation batches fill `eval_batch_tokens` (the scoring budget);
+    `eval_row_order` is the order of the validation rows in the last evaluation's predictions.
     """
 
     def __init__(self, *args, head_parameters: list[torch.nn.Parameter], head_learning_rate: float,
@@ -208,6 +210,7 @@ class ClassifierTrainer(Trainer):
         self.clock = clock
         self.train_batch_sampler = train_batch_sampler
         self.eval_batch_tokens = eval_batch_tokens or default_batch_tokens(self.args.device)
+        self.eval_row_order: np.ndarray | None = None
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(EpochSummaryProgress)
 
@@ -222,10 +225,14 @@ class ClassifierTrainer(Trainer):
         """Validation in length-sorted token-budget batches too, since the Trainer's shuffled
         fixed-size batches pad short prompts to the longest among them. One process only: under
         DDP, processes would gather logits of unequal batch sizes."""
-        if self.args.world_size > 1:
-            return super().get_eval_dataloader(eval_dataset)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if self.args.world_size > 1:
+            # The Trainer's sampler, seeded alike on each call; accelerate gathers in its order.
+            sampler = self._get_eval_sampler(dataset)
+            self.eval_row_order = np.asarray(list(sampler) if sampler is not None else range(len(dataset)))
+            return super().get_eval_dataloader(eval_dataset)
         batches = device_scoring_batches(np.asarray(row_lengths(dataset)), self.eval_batch_tokens, self.args.device)
+        self.eval_row_order = np.concatenate(batches)
         return self._loader(dataset, [batch.tolist() for batch in batches], "evaluation")
 
     def _loader(self, dataset, batch_sampler, description: str) -> DataLoader:

@@ -41,7 +41,7 @@ from .console import is_global_main_process
 from .data import LabelledSplit, Splits, load_splits
 from .embedded import resolve_model_reference
 from .errors import TrainingDivergedError
-from .evaluation import evaluate_classifier, trainer_metrics, validation_history
+from .evaluation import EpochMetrics, evaluate_classifier, validation_history
 from .export import export_classifier, write_export
 from .formatting import encode_prompts, response_template_for, room_for_text
 from .modeling import (
@@ -212,7 +212,8 @@ def build_training_session(plan: TrainingPlan, splits: Splits, *, clock: Trainin
     trained_module, train_dataset, validation_dataset, collator = training_inputs(plan, model, tokenizer, splits)
     cached_prefix = trained_module is not model
     prefix_seconds = time.time() - inputs_started if cached_prefix else 0.0
-    arguments = training_arguments(plan, dtype, cached_prefix, evaluate=evaluate)
+    arguments = training_arguments(plan, dtype, cached_prefix, evaluate=evaluate,
+                                   best_metric=EpochMetrics.best_metric(splits))
     # The model is still on the CPU here, also where the Trainer will move it to a GPU; switched after
     # the prefix cache, which only scores.
     if arguments.device.type == "cpu":
@@ -220,6 +221,7 @@ def build_training_session(plan: TrainingPlan, splits: Splits, *, clock: Trainin
     sampler = train_batch_sampler(plan, train_dataset, arguments.world_size)
     rows_per_step = (sampler.mean_rows_per_batch * arguments.world_size * arguments.gradient_accumulation_steps
                      if sampler is not None else None)
+    epoch_metrics = EpochMetrics(splits)
     trainer = ClassifierTrainer(
         model=trained_module,
         head_parameters=trainable_head_parameters(model),
@@ -232,9 +234,10 @@ def build_training_session(plan: TrainingPlan, splits: Splits, *, clock: Trainin
         eval_dataset=validation_dataset,
         processing_class=tokenizer,
         data_collator=collator,
-        compute_metrics=trainer_metrics,
+        compute_metrics=epoch_metrics,
         compute_loss_func=weighted_cross_entropy(class_weights, rows_per_step, plan.run.category_loss_weight),
     )
+    epoch_metrics.row_order = lambda: trainer.eval_row_order
     return TrainingSession(model, tokenizer, trainer, sampler, class_weights, cached_prefix, prefix_seconds)
 
 
@@ -247,8 +250,8 @@ def training_inputs(plan: TrainingPlan, model: torch.nn.Module, tokenizer, split
     (`prefix_cache.py`). Otherwise: token ids, padded per batch.
     """
     max_length = plan.model.max_length
-    # The epochs' validation AUPRC (which picks the checkpoint kept) counts the binary labels of the
-    # rows calibration is fitted on, the main source's: all-unsafe category prompts would inflate it.
+    # The epochs' validation AUPRC (and loss) count the binary labels of the rows calibration is fitted
+    # on, the main source's: all-unsafe category prompts would inflate it. EpochMetrics adds the others'.
     labels = [training_labels(splits.train), training_labels(splits.validation, splits.calibration_rows)]
     top_layers = plan.cached_top_layers
     if top_layers is not None:

@@ -15,6 +15,8 @@ import quality_per_minute
 import search
 from conftest import CATEGORY_TEMPLATES, SAFE_TEMPLATES, TOPICS, category_rows, synthetic_rows
 
+from safety_classifier.evaluation import mixture_objective
+
 # stem -> (unsafe rows, safe rows, their category): one category a file, and 20 rows where there are
 # two classes, keep a stratified 10 % validation share possible on the few rows that keep the runs short
 HARM_FILES = {
@@ -366,7 +368,7 @@ def test_the_mixture_grid_is_searched_with_the_search_scripts_names(data_root, t
 
 def mixture_record(setting: dict, toxicchat: float, macro: float) -> dict:
     return {"recipe": "lora-r16-top4", "setting": setting, "toxicchat_auprc": toxicchat, "source_macro_auprc": macro,
-            "objective": mixture_search.objective(toxicchat, macro), "training_seconds": 600.0,
+            "objective": mixture_objective(toxicchat, macro), "training_seconds": 600.0,
             "validation_sources": {"toxicchat0124_train": {"auprc": toxicchat}, "hatecheck": {"auprc": 0.9},
                                    "advbench": {"auprc": None}}}
 

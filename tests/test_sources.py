@@ -14,15 +14,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import SAFE_TEMPLATES, TOPICS, UNSAFE_TEMPLATES, fast_training_flags
+from transformers import EvalPrediction
 
 from safety_classifier import training
 from safety_classifier.artifacts import METADATA_FILE, write_metadata
 from safety_classifier.calibration import f1_maximising_threshold
 from safety_classifier.categories import unsafe_verdicts
 from safety_classifier.cli import parse_training_plan, train_main
-from safety_classifier.data import LabelledSplit, load_splits
+from safety_classifier.data import LabelledSplit, Splits, load_splits
 from safety_classifier.errors import DataError
-from safety_classifier.evaluation import source_and_task_metrics
+from safety_classifier.evaluation import EpochMetrics, mixture_objective, prompt_source_auprcs, source_and_task_metrics
 from safety_classifier.formatting import RESPONSE_TEMPLATE, PromptResponse, encode_pairs, encode_prompts
 from safety_classifier.labels import MISSING_TARGET
 from safety_classifier.modeling import load_tokenizer
@@ -336,6 +337,48 @@ def test_per_source_startup_lines_and_metrics_with_the_lookalike_fpr(responses_r
     advbench = predictions[predictions["source"] == "advbench"]
     assert validation["sources"]["advbench"]["n"] == len(advbench) == 5 and (advbench["category"] == "").any()
     assert validation["categories"]["n"] == int((predictions["category"] != "").sum())
+
+
+def test_each_epoch_measures_every_source_and_keeps_its_checkpoint_on_the_mixture_objective(responses_run):
+    """The epoch's per-source AUPRCs, measured on predictions the Trainer reordered by length, are
+    those metrics.json measures on the saved classifier (one epoch: the kept one)."""
+    output_dir, printed = responses_run
+    validation = json.loads((output_dir / "metrics.json").read_text())["validation"]
+    (epoch,) = json.loads((output_dir / "validation_history.json").read_text())
+    assert set(epoch["source_auprc"]) == {name for name, entry in validation["sources"].items()
+                                          if entry["auprc"] is not None and not entry["responses"]}
+    for name, value in epoch["source_auprc"].items():
+        assert value == pytest.approx(validation["sources"][name]["auprc"], abs=1e-6), name
+    assert epoch["source_macro_auprc"] == pytest.approx(validation["source_macro_auprc"], abs=1e-6)
+    assert epoch["mixture_objective"] == pytest.approx(
+        mixture_objective(validation["sources"]["train"]["auprc"], validation["source_macro_auprc"]), abs=1e-6)
+    assert "(the best epoch on it is kept)" in printed
+
+
+def test_epoch_metrics_follow_the_loaders_row_order_and_refuse_another(toy_files):
+    rng = np.random.default_rng(0)
+    sources = np.array(["main"] * 6 + ["advbench"] * 3 + ["hatecheck"] * 4 + ["extra"] * 2, dtype=object)
+    labels = np.array([0, 0, 0, 1, 1, 0, 1, 1, 1, 0, 1, 0, 1, -1, 1])
+    validation = LabelledSplit("validation", [f"t{i}" for i in range(15)], labels, pd.DataFrame(index=range(15)),
+                               sources=sources)
+    splits = Splits(main_splits(toy_files).train, validation, None, main_source="main")
+    margins = rng.normal(size=15)
+    order = rng.permutation(15)
+    epoch_metrics = EpochMetrics(splits, row_order=lambda: order)
+    main_labels = np.where(sources == "main", labels, -1)
+    prediction = lambda rows: EvalPrediction(np.column_stack([-margins[rows] / 2, margins[rows] / 2]),  # noqa: E731
+                                             main_labels[rows])
+    metrics = epoch_metrics(prediction(order))
+    binary = validation.subset(validation.binary_rows)
+    expected = prompt_source_auprcs(binary, margins[validation.binary_rows], "main")
+    assert set(expected) == {"main", "advbench", "hatecheck", "extra"}
+    assert {name: metrics[f"auprc:{name}"] for name in expected} == pytest.approx(expected)
+    assert metrics["auprc"] == pytest.approx(expected["main"])
+    assert metrics["mixture_objective"] == pytest.approx((expected["main"] + np.mean(list(expected.values()))) / 2)
+    assert EpochMetrics.best_metric(splits) == "mixture_objective"
+    assert EpochMetrics.best_metric(main_splits(toy_files)) == "auprc"
+    with pytest.raises(RuntimeError, match="order"):
+        epoch_metrics(prediction(np.roll(order, 1)))
 
 
 def test_a_list_file_of_specs_reads_as_the_specs_given_one_by_one(toy_files, tmp_path):

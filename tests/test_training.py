@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO_ROOT, fast_training_flags
+from conftest import REPO_ROOT, fast_training_flags, synthetic_rows
 from transformers import AutoModelForSequenceClassification
 
 from safety_classifier.artifacts import METADATA_FILE
@@ -199,11 +199,17 @@ def test_infer_refuses_incomplete_and_foreign_directories(trained, tmp_path, cap
     assert f"{METADATA_FILE} is missing" in capsys.readouterr().err
 
 
-# full_layers runs the cached-prefix path (its default) under DDP.
+# full_layers runs the cached-prefix path (its default) under DDP; LoRA a second source, whose
+# per-epoch AUPRC the processes' gathered, reordered predictions must give (EpochMetrics checks it).
 @pytest.mark.parametrize("strategy,extra,port", [("lora", ["--lora-r", "4"], 29533),
                                                  ("full_layers", ["--num-layers", "1"], 29534)])
 def test_torchrun_with_two_gloo_processes(tiny_phi3, toy_files, tmp_path, strategy, extra, port):
     output_dir = tmp_path / "ddp"
+    training_rows = 108
+    if strategy == "lora":
+        synthetic_rows(40, seed=3).to_csv(tmp_path / "second.csv", index=False)
+        extra = [*extra, "--extra-train-sources", f"{tmp_path / 'second.csv'},text=user_input,label=toxicity,validation=0.25"]
+        training_rows += 30
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
@@ -213,9 +219,13 @@ def test_torchrun_with_two_gloo_processes(tiny_phi3, toy_files, tmp_path, strate
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["test"]["n"] == 40
-    # Two processes: 108 training rows / (8 per device x 2 devices) = 7 optimizer steps per epoch.
-    assert "7/7" in result.stderr
+    # Two processes: the training rows / (8 per device x 2 devices) optimizer steps per epoch.
+    steps = -(-training_rows // 16)
+    assert f"{steps}/{steps}" in result.stderr
     assert load_classifier(output_dir).unsafe_probabilities(["hello"], show_progress=False).shape == (1,)
+    if strategy == "lora":
+        (epoch,) = json.loads((output_dir / "validation_history.json").read_text())
+        assert epoch["source_auprc"]["second"] == pytest.approx(metrics["validation"]["sources"]["second"]["auprc"])
 
 
 @pytest.mark.parametrize("strategy", list(SCRIPTS))
