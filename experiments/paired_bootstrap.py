@@ -35,7 +35,8 @@ LOOKALIKE = "look-alike FPR"
 
 @dataclass
 class ScoredRun:
-    """One run's labelled validation rows: labels, sources, which rows are answers, its scores and verdicts."""
+    """One run's labelled validation rows: labels, sources, which rows are answers, its scores and
+    verdicts (at its stored threshold; `verdicts_at` another)."""
 
     name: str
     rows: pd.DataFrame  # row, label, source of each labelled validation row
@@ -43,6 +44,13 @@ class ScoredRun:
     scores: np.ndarray
     verdicts: np.ndarray
     main_source: str
+    category_scores: np.ndarray | None = None
+    route_threshold: float | None = None
+
+    def verdicts_at(self, threshold: float) -> np.ndarray:
+        """The classifier's verdicts with the decision threshold at `threshold` (the category route, where
+        one is stored, kept at its own)."""
+        return unsafe_verdicts(self.scores, self.category_scores, threshold, self.route_threshold)
 
     @classmethod
     def read(cls, run_dir: Path) -> ScoredRun:
@@ -61,12 +69,13 @@ class ScoredRun:
         predictions = predictions[predictions["label"] >= 0].reset_index(drop=True)
         codes = [category["code"] for category in metadata.get("categories") or []]
         category_scores = predictions[[f"score_{code}" for code in codes]].to_numpy() if codes else None
+        route_threshold = metadata.get("category_route_threshold")
         verdicts = unsafe_verdicts(predictions["unsafe_probability"].to_numpy(), category_scores,
-                                   metadata["threshold"], metadata.get("category_route_threshold"))
+                                   metadata["threshold"], route_threshold)
         answers = [name for name, entry in sources.items() if entry.get("responses")]
         return cls(run_dir.name, predictions[["row", "label", "source"]],
                    predictions["source"].isin(answers).to_numpy(), predictions["unsafe_probability"].to_numpy(),
-                   verdicts, Path(train_file).stem)
+                   verdicts, Path(train_file).stem, category_scores, route_threshold)
 
     def figures(self, draw: np.ndarray) -> dict[str, float | None]:
         """Every figure on the rows `draw` picks (indices, repeats allowed)."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import lookalike_threshold
 import numpy as np
 import paired_bootstrap
 import pandas as pd
@@ -120,3 +122,34 @@ def test_the_command_prints_the_table_and_writes_it(two_runs, tmp_path, capsys):
     assert written["resamples"] == 30 and {entry["figure"] for entry in written["figures"]} >= {paired_bootstrap.MACRO}
     with pytest.raises(SystemExit):
         paired_bootstrap.main([str(run_a), str(run_b), "--resamples", "0"])
+
+
+def test_the_lookalike_threshold_table_measures_the_verdicts_at_each_threshold(two_runs, capsys):
+    _, run_b, frame = two_runs
+    run = paired_bootstrap.ScoredRun.read(run_b)
+    scores = scores_of(frame, 0.5)
+    safe_hatecheck = ((frame["source"] == "hatecheck") & (frame["label"] == 0)).to_numpy()
+    main = (frame["source"] == MAIN).to_numpy()
+    for threshold in (0.3, 0.6):
+        row = lookalike_threshold.threshold_row(run, threshold)
+        called = scores >= threshold
+        assert row["lookalike_fpr"] == pytest.approx(called[safe_hatecheck].mean()) and row["lookalike_n"] == 30
+        assert row["by_source"] == {"hatecheck": pytest.approx(called[safe_hatecheck].mean())}
+        assert row["main_recall"] == pytest.approx(called[main & (frame["label"] == 1).to_numpy()].mean())
+    assert lookalike_threshold.main([str(run_b), "--thresholds", "0.3,0.6", "--target-fpr", "0.1"]) == 0
+    printed = capsys.readouterr().out
+    assert "| 0.500 (stored) |" in printed and "| 0.300 |" in printed and "look-alike FPR <= 0.1 from" in printed
+    with pytest.raises(SystemExit):
+        lookalike_threshold.main([str(run_b), "--thresholds", "0.3,high"])
+    assert "--thresholds takes numbers" in capsys.readouterr().err
+
+
+def test_the_lowest_threshold_for_a_lookalike_fpr_is_the_lowest(two_runs):
+    run = paired_bootstrap.ScoredRun.read(two_runs[1])
+    safe_hatecheck = ((run.rows["source"] == "hatecheck") & (run.rows["label"] == 0)).to_numpy()
+    for target in (0.0, 0.1, 0.5):
+        threshold = lookalike_threshold.lowest_threshold_for(run, target)
+        fpr = lambda value: run.verdicts_at(value)[safe_hatecheck].mean()  # noqa: E731
+        assert fpr(threshold) <= target < fpr(np.nextafter(threshold, -np.inf))
+    # A route that flags every row leaves no threshold that reaches any target.
+    assert lookalike_threshold.lowest_threshold_for(dataclasses.replace(run, route_threshold=0.0), 0.5) is None
