@@ -17,7 +17,7 @@ that. Validation rows only (`paired_bootstrap.ScoredRun` reads them); trains and
 from __future__ import annotations
 
 import argparse
-import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +47,7 @@ def lowest_threshold_for(run: ScoredRun, target_fpr: float) -> float | None:
     above a safe look-alike row's score); None when none reaches it (the category route alone flags more)."""
     labels, sources = run.rows["label"].to_numpy(), run.rows["source"].to_numpy()
     safe_lookalike = np.isin(sources, LOOKALIKE_SOURCES) & (labels == 0)
-    candidates = np.append(0.0, np.nextafter(np.unique(run.scores[safe_lookalike]), np.inf))
-    for threshold in candidates:
+    for threshold in np.nextafter(np.unique(run.scores[safe_lookalike]), np.inf):
         if run.verdicts_at(float(threshold))[safe_lookalike].mean() <= target_fpr:
             return float(threshold)
     return None
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.target_fpr is not None and not 0 <= args.target_fpr < 1:
         parser.error(f"--target-fpr must lie in [0, 1), not {args.target_fpr}")
     run = ScoredRun.read(args.model_dir)
-    stored = float(json.loads((args.model_dir / "safety_classifier.json").read_text())["threshold"])
+    stored = run.threshold
     rows = [threshold_row(run, value) for value in sorted({stored, *thresholds})]
     if rows[0]["lookalike_fpr"] is None:
         raise SystemExit(f"{args.model_dir}: no safe validation rows of a look-alike source "
@@ -93,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(table(rows, stored)))
     if args.target_fpr is not None:
         lowest = lowest_threshold_for(run, args.target_fpr)
+        if lowest is not None:  # rounded up, so that the printed threshold keeps the FPR within the target
+            lowest = math.ceil(lowest * 1000) / 1000
         if lowest is None:
             print(f"\nno threshold brings the look-alike FPR to {args.target_fpr:g}: the category route alone flags more")
         else:

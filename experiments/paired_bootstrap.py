@@ -44,6 +44,7 @@ class ScoredRun:
     scores: np.ndarray
     verdicts: np.ndarray
     main_source: str
+    threshold: float = 0.5  # the stored decision threshold
     category_scores: np.ndarray | None = None
     route_threshold: float | None = None
 
@@ -75,7 +76,7 @@ class ScoredRun:
         answers = [name for name, entry in sources.items() if entry.get("responses")]
         return cls(run_dir.name, predictions[["row", "label", "source"]],
                    predictions["source"].isin(answers).to_numpy(), predictions["unsafe_probability"].to_numpy(),
-                   verdicts, Path(train_file).stem, category_scores, route_threshold)
+                   verdicts, Path(train_file).stem, float(metadata["threshold"]), category_scores, route_threshold)
 
     def figures(self, draw: np.ndarray) -> dict[str, float | None]:
         """Every figure on the rows `draw` picks (indices, repeats allowed)."""

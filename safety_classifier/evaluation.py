@@ -98,7 +98,8 @@ class EpochMetrics:
 
     The Trainer's validation batches reorder the rows (by length) and carry no source:
     `row_order()` gives the validation rows' indices in the order the predictions come in (the
-    Trainer's `eval_row_order`), checked against the labels that do come with them."""
+    Trainer's `eval_row_order`; None for other rows), checked against the labels and category
+    targets that do come with them (`check_row_order`)."""
 
     def __init__(self, splits: Splits, row_order=None):
         self.splits = splits
@@ -111,23 +112,35 @@ class EpochMetrics:
     def __call__(self, eval_prediction: EvalPrediction) -> dict:
         metrics = trainer_metrics(eval_prediction)
         validation = self.splits.validation
-        if validation.sources is None or "auprc" not in metrics:
-            return metrics
-        order = np.asarray(self.row_order())
-        main_labels = np.full(len(validation), -1)
-        main_labels[self.splits.calibration_rows] = validation.labels[self.splits.calibration_rows]
-        if len(order) != len(validation) or not np.array_equal(main_labels[order], epoch_labels(eval_prediction)[0]):
-            raise RuntimeError("the validation predictions do not come in the order the Trainer's loader gave")
+        order = self.row_order() if self.row_order is not None else None
+        if validation.sources is None or order is None or "auprc" not in metrics:
+            return metrics  # one source, or predictions of other rows than the validation set's
+        order = np.asarray(order)
+        check_row_order(order, self.splits, eval_prediction)
         logits = eval_prediction.predictions
         margins, _ = split_logits(np.asarray(logits[0] if isinstance(logits, tuple) else logits, dtype=np.float64))
         scores = np.empty(len(validation))
-        scores[order] = margins
+        scores[order] = expit(margins)  # as `trainer_metrics` scores the main source's rows
         rows = validation.binary_rows
         auprcs = prompt_source_auprcs(validation.subset(rows), scores[rows], self.splits.main_source)
         metrics.update({f"auprc:{name}": value for name, value in auprcs.items()})
         metrics["source_macro_auprc"] = float(np.mean(list(auprcs.values())))
         metrics[MIXTURE_OBJECTIVE] = mixture_objective(metrics["auprc"], metrics["source_macro_auprc"])
         return metrics
+
+
+def check_row_order(order: np.ndarray, splits: Splits, eval_prediction: EvalPrediction) -> None:
+    """The labels that came with the predictions must be the validation rows' in `order`: the main
+    source's binary labels (the others' are -1) and, with a category head, every row's targets."""
+    validation = splits.validation
+    binary, targets = epoch_labels(eval_prediction)
+    expected = np.full(len(validation), -1)
+    expected[splits.calibration_rows] = validation.labels[splits.calibration_rows]
+    same = len(order) == len(validation) == len(binary) and np.array_equal(expected[order], binary)
+    if same and targets is not None and validation.categories is not None:
+        same = np.array_equal(validation.categories[order].astype(np.float32), targets.astype(np.float32))
+    if not same:
+        raise RuntimeError("the validation predictions do not come in the order the Trainer's loader gave")
 
 
 def validation_history(trainer: Trainer) -> list[dict]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from sklearn.utils.class_weight import compute_class_weight
 from torch.utils.data import DataLoader
-from transformers import ProgressCallback, Trainer, TrainingArguments
+from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arguments import TrainingPlan, check_category_loss_weight
@@ -190,6 +190,18 @@ class TrainingClock:
         write_json_atomically(checkpoint / ELAPSED_FILE, {"training_seconds": self.seconds()})
 
 
+class ForgetABestOfAnotherMetric(TrainerCallback):
+    """A resumed checkpoint's state records the best value of its run's `metric_for_best_model`, not
+    which metric that was: one saved when the checkpoint was kept on AUPRC alone would be compared
+    with the mixture objective. Without any logged value of this run's metric, the record is dropped
+    and the next evaluation becomes the best so far."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        key = f"eval_{args.metric_for_best_model}"
+        if state.best_metric is not None and not any(key in entry for entry in state.log_history):
+            state.best_metric = state.best_model_checkpoint = None
+
+
 class ClassifierTrainer(Trainer):
     """The `Trainer`, with the classification head in a parameter group of its own learning rate.
 
@@ -213,6 +225,7 @@ class ClassifierTrainer(Trainer):
         self.eval_row_order: np.ndarray | None = None
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(EpochSummaryProgress)
+        self.add_callback(ForgetABestOfAnotherMetric)
 
     def get_train_dataloader(self) -> DataLoader:
         if self.train_batch_sampler is None:
@@ -224,16 +237,25 @@ class ClassifierTrainer(Trainer):
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
         """Validation in length-sorted token-budget batches too, since the Trainer's shuffled
         fixed-size batches pad short prompts to the longest among them. One process only: under
-        DDP, processes would gather logits of unequal batch sizes."""
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        DDP, processes would gather logits of unequal batch sizes, so there the Trainer's own
+        sampler, listed once. `eval_row_order` is set for the validation set only."""
+        dataset = (self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str)
+                   else eval_dataset if eval_dataset is not None else self.eval_dataset)
         if self.args.world_size > 1:
-            # The Trainer's sampler, seeded alike on each call; accelerate gathers in its order.
             sampler = self._get_eval_sampler(dataset)
-            self.eval_row_order = np.asarray(list(sampler) if sampler is not None else range(len(dataset)))
-            return super().get_eval_dataloader(eval_dataset)
-        batches = device_scoring_batches(np.asarray(row_lengths(dataset)), self.eval_batch_tokens, self.args.device)
-        self.eval_row_order = np.concatenate(batches)
-        return self._loader(dataset, [batch.tolist() for batch in batches], "evaluation")
+            order = list(sampler) if sampler is not None else list(range(len(dataset)))
+            # accelerate gives batch i to process i % world size and gathers them back in this order.
+            loader = self._get_dataloader(dataset, "evaluation", self.args.eval_batch_size, sampler_fn=lambda _: order)
+        else:
+            batches = device_scoring_batches(np.asarray(row_lengths(dataset)), self.eval_batch_tokens, self.args.device)
+            order = np.concatenate(batches)
+            loader = self._loader(dataset, [batch.tolist() for batch in batches], "evaluation")
+        self.eval_row_order = np.asarray(order) if dataset is self.eval_dataset else None
+        return loader
+
+    def get_test_dataloader(self, test_dataset) -> DataLoader:
+        self.eval_row_order = None  # predictions of other rows than the validation set's
+        return super().get_test_dataloader(test_dataset)
 
     def _loader(self, dataset, batch_sampler, description: str) -> DataLoader:
         if isinstance(dataset, Dataset):

@@ -9,12 +9,13 @@ import json
 import random
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import SAFE_TEMPLATES, TOPICS, UNSAFE_TEMPLATES, fast_training_flags
-from transformers import EvalPrediction
+from transformers import EvalPrediction, TrainerState
 
 from safety_classifier import training
 from safety_classifier.artifacts import METADATA_FILE, write_metadata
@@ -28,6 +29,7 @@ from safety_classifier.formatting import RESPONSE_TEMPLATE, PromptResponse, enco
 from safety_classifier.labels import MISSING_TARGET
 from safety_classifier.modeling import load_tokenizer
 from safety_classifier.sources import LOOKALIKE_SOURCES, add_sources, describe_sources, parse_source_spec
+from safety_classifier.trainer import ForgetABestOfAnotherMetric
 from safety_classifier.training import tokenized_dataset
 
 SPEC = "text=text,label=label,category=category"
@@ -379,6 +381,21 @@ def test_epoch_metrics_follow_the_loaders_row_order_and_refuse_another(toy_files
     assert EpochMetrics.best_metric(main_splits(toy_files)) == "auprc"
     with pytest.raises(RuntimeError, match="order"):
         epoch_metrics(prediction(np.roll(order, 1)))
+    # Predictions of other rows (Trainer.predict, evaluate on another set) come without an order.
+    assert "mixture_objective" not in EpochMetrics(splits, row_order=lambda: None)(prediction(order))
+
+
+def test_a_resumed_best_of_another_metric_is_forgotten():
+    """A checkpoint kept on AUPRC before the mixture objective existed must not stand against it."""
+    args = SimpleNamespace(metric_for_best_model="mixture_objective")
+    before = TrainerState(best_metric=0.9, best_model_checkpoint="checkpoint-1",
+                          log_history=[{"eval_auprc": 0.9, "epoch": 1.0}])
+    ForgetABestOfAnotherMetric().on_train_begin(args, before, None)
+    assert before.best_metric is None and before.best_model_checkpoint is None
+    kept = TrainerState(best_metric=0.8, best_model_checkpoint="checkpoint-1",
+                        log_history=[{"eval_auprc": 0.7, "eval_mixture_objective": 0.8, "epoch": 1.0}])
+    ForgetABestOfAnotherMetric().on_train_begin(args, kept, None)
+    assert kept.best_metric == 0.8 and kept.best_model_checkpoint == "checkpoint-1"
 
 
 def test_a_list_file_of_specs_reads_as_the_specs_given_one_by_one(toy_files, tmp_path):
