@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -42,16 +43,23 @@ class ScoredRun:
     rows: pd.DataFrame  # row, label, source of each labelled validation row
     pairs: np.ndarray
     scores: np.ndarray
-    verdicts: np.ndarray
     main_source: str
-    threshold: float = 0.5  # the stored decision threshold
+    threshold: float  # the stored decision threshold
     category_scores: np.ndarray | None = None
     route_threshold: float | None = None
 
+    @cached_property
+    def verdicts(self) -> np.ndarray:
+        return self.verdicts_at(self.threshold)
+
     def verdicts_at(self, threshold: float) -> np.ndarray:
         """The classifier's verdicts with the decision threshold at `threshold` (the category route, where
-        one is stored, kept at its own)."""
-        return unsafe_verdicts(self.scores, self.category_scores, threshold, self.route_threshold)
+        one is stored, kept at its own). The stored thresholds are validation scores, which the prediction
+        file keeps to 6 significant digits: such a score may read just below its threshold."""
+        rounding = 1e-6
+        return unsafe_verdicts(self.scores, self.category_scores,
+                               threshold - rounding if threshold == self.threshold else threshold,
+                               None if self.route_threshold is None else self.route_threshold - rounding)
 
     @classmethod
     def read(cls, run_dir: Path) -> ScoredRun:
@@ -70,13 +78,11 @@ class ScoredRun:
         predictions = predictions[predictions["label"] >= 0].reset_index(drop=True)
         codes = [category["code"] for category in metadata.get("categories") or []]
         category_scores = predictions[[f"score_{code}" for code in codes]].to_numpy() if codes else None
-        route_threshold = metadata.get("category_route_threshold")
-        verdicts = unsafe_verdicts(predictions["unsafe_probability"].to_numpy(), category_scores,
-                                   metadata["threshold"], route_threshold)
         answers = [name for name, entry in sources.items() if entry.get("responses")]
         return cls(run_dir.name, predictions[["row", "label", "source"]],
                    predictions["source"].isin(answers).to_numpy(), predictions["unsafe_probability"].to_numpy(),
-                   verdicts, Path(train_file).stem, float(metadata["threshold"]), category_scores, route_threshold)
+                   Path(train_file).stem, float(metadata["threshold"]), category_scores,
+                   metadata.get("category_route_threshold"))
 
     def figures(self, draw: np.ndarray) -> dict[str, float | None]:
         """Every figure on the rows `draw` picks (indices, repeats allowed)."""
