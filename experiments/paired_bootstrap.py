@@ -23,12 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score
 
 from safety_classifier.calibration import BOOTSTRAP_RESAMPLES, percentile_interval
 from safety_classifier.categories import unsafe_verdicts
-from safety_classifier.evaluation import auprc_rows, lookalike_safe_rows
-from safety_classifier.metrics import ranking_metric
+from safety_classifier.evaluation import lookalike_safe_rows, source_auprcs
 
 MACRO = "mean AUPRC over prompt sources"
 LOOKALIKE = "look-alike FPR"
@@ -89,8 +87,7 @@ class ScoredRun:
         labels = self.rows["label"].to_numpy()[draw]
         sources = self.rows["source"].to_numpy()[draw]
         pairs, scores = self.pairs[draw], self.scores[draw]
-        auprcs = {name: ranking_metric(average_precision_score, labels[ranked], scores[ranked])
-                  for name, (ranked, _) in auprc_rows(labels, sources, pairs, self.main_source).items()}
+        auprcs = source_auprcs(labels, sources, pairs, scores, self.main_source)
         answer_sources = set(sources[pairs])
         prompt_auprcs = [value for name, value in auprcs.items() if value is not None and name not in answer_sources]
         figures: dict[str, float | None] = {f"{name} AUPRC": value for name, value in auprcs.items()}

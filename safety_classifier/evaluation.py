@@ -54,10 +54,8 @@ def trainer_metrics(eval_prediction: EvalPrediction) -> dict:
     """Per-epoch validation metrics of the safe/unsafe decision, on the rows that have a binary
     label; scores stay paired with `label_ids` whatever the sampler's order. With a category head,
     also the categories' macro AUPRC on the rows with category targets."""
-    logits = eval_prediction.predictions
-    logits = np.asarray(logits[0] if isinstance(logits, tuple) else logits, dtype=np.float64)
     labels, targets = epoch_labels(eval_prediction)
-    margins, category_logits = split_logits(logits)
+    margins, category_logits = split_logits(epoch_logits(eval_prediction))
     probabilities = expit(margins)
     labelled = labels >= 0
     labels, probabilities = labels[labelled], probabilities[labelled]
@@ -70,6 +68,12 @@ def trainer_metrics(eval_prediction: EvalPrediction) -> dict:
         if aps:
             metrics["category_macro_auprc"] = float(np.mean(aps))
     return metrics
+
+
+def epoch_logits(eval_prediction: EvalPrediction) -> np.ndarray:
+    """The logits of the Trainer's validation rows (the first output where the model gave several)."""
+    logits = eval_prediction.predictions
+    return np.asarray(logits[0] if isinstance(logits, tuple) else logits, dtype=np.float64)
 
 
 def epoch_labels(eval_prediction: EvalPrediction) -> tuple[np.ndarray, np.ndarray | None]:
@@ -93,13 +97,11 @@ def mixture_objective(main_auprc: float, source_macro_auprc: float) -> float:
 class EpochMetrics:
     """The Trainer's `compute_metrics`: `trainer_metrics` (on the main source's rows, the only ones
     whose binary label the validation set carries, see `training_labels`), and with several sources
-    also each prompt source's AUPRC (`prompt_source_auprcs`, as metrics.json measures them), their
-    mean and the mixture objective, which then keeps the checkpoint (`best_metric`).
-
-    The Trainer's validation batches reorder the rows (by length) and carry no source:
-    `row_order()` gives the validation rows' indices in the order the predictions come in (the
-    Trainer's `eval_row_order`; None for other rows), checked against the labels and category
-    targets that do come with them (`check_row_order`)."""
+    each prompt source's AUPRC as metrics.json measures it, their mean and the mixture objective,
+    which then keeps the checkpoint (`best_metric`). The Trainer's validation batches reorder the
+    rows (by length) and carry no source: `row_order()` gives the validation rows' indices in the
+    order the predictions come in (the Trainer's `eval_row_order`; None for other rows), checked
+    against the labels and category targets that do come with them (`check_row_order`)."""
 
     def __init__(self, splits: Splits, row_order=None):
         self.splits = splits
@@ -115,10 +117,8 @@ class EpochMetrics:
         order = self.row_order() if self.row_order is not None else None
         if validation.sources is None or order is None or "auprc" not in metrics:
             return metrics  # one source, or predictions of other rows than the validation set's
-        order = np.asarray(order)
         check_row_order(order, self.splits, eval_prediction)
-        logits = eval_prediction.predictions
-        margins, _ = split_logits(np.asarray(logits[0] if isinstance(logits, tuple) else logits, dtype=np.float64))
+        margins, _ = split_logits(epoch_logits(eval_prediction))
         scores = np.empty(len(validation))
         scores[order] = expit(margins)  # as `trainer_metrics` scores the main source's rows
         rows = validation.binary_rows
@@ -310,8 +310,7 @@ def source_metrics(validation: LabelledSplit, scores: np.ndarray, threshold: flo
     (`auprc_against` names that source), so that its AUPRC measures whether its harmful prompts
     score above the safe traffic the classifier is for; its recall is the other figure that counts."""
     labels, sources = validation.labels, validation.sources
-    pairs = np.zeros(len(validation), dtype=bool)
-    pairs[validation.pair_rows] = True
+    pairs = pair_mask(validation)
     metrics = {}
     for name, (ranked, against) in auprc_rows(labels, sources, pairs, main_source).items():
         rows = np.flatnonzero(sources == name)
@@ -341,19 +340,27 @@ def auprc_rows(labels: np.ndarray, sources: np.ndarray, pairs: np.ndarray,
     return ranked
 
 
+def pair_mask(split: LabelledSplit) -> np.ndarray:
+    """A bool per row of `split`: True on (prompt, response) rows."""
+    pairs = np.zeros(len(split), dtype=bool)
+    pairs[split.pair_rows] = True
+    return pairs
+
+
+def source_auprcs(labels: np.ndarray, sources: np.ndarray, pairs: np.ndarray, scores: np.ndarray,
+                  main_source: str | None) -> dict[str, float | None]:
+    """{source: its AUPRC}, its rows ranked as `auprc_rows` says; None where they hold one class."""
+    return {name: ranking_metric(average_precision_score, labels[ranked], scores[ranked])
+            for name, (ranked, _) in auprc_rows(labels, sources, pairs, main_source).items()}
+
+
 def prompt_source_auprcs(validation: LabelledSplit, scores: np.ndarray, main_source: str | None) -> dict[str, float]:
-    """{prompt source: its validation AUPRC}, ranked as `auprc_rows` says, over rows with a binary
-    label; response sources and sources whose ranked rows hold one class are left out. Their mean is
-    `source_macro_auprc`."""
-    labels, sources = validation.labels, validation.sources
-    pairs = np.zeros(len(validation), dtype=bool)
-    pairs[validation.pair_rows] = True
-    auprcs = {}
-    for name, (ranked, _) in auprc_rows(labels, sources, pairs, main_source).items():
-        value = ranking_metric(average_precision_score, labels[ranked], scores[ranked])
-        if value is not None and not pairs[sources == name].any():
-            auprcs[name] = value
-    return auprcs
+    """`source_auprcs` of the prompt sources that have one, over rows with a binary label (response
+    sources are reported apart). Their mean is `source_macro_auprc`."""
+    pairs = pair_mask(validation)
+    answers = set(validation.sources[pairs])
+    auprcs = source_auprcs(validation.labels, validation.sources, pairs, scores, main_source)
+    return {name: value for name, value in auprcs.items() if value is not None and name not in answers}
 
 
 def lookalike_safe_rows(labels: np.ndarray, sources: np.ndarray) -> np.ndarray:
@@ -368,7 +375,7 @@ def source_and_task_metrics(validation: LabelledSplit, scores: np.ndarray, thres
     FPR: the share of the safe rows of the LOOKALIKE_SOURCES present called unsafe, the false alarms
     on prompts that only look harmful (None where none of them is a source)."""
     sources = source_metrics(validation, scores, threshold, verdicts, main_source)
-    auprcs = list(prompt_source_auprcs(validation, scores, main_source).values())
+    auprcs = [entry["auprc"] for entry in sources.values() if entry["auprc"] is not None and not entry["responses"]]
     lookalike = lookalike_safe_rows(validation.labels, validation.sources)
     return {"sources": sources, "source_macro_auprc": float(np.mean(auprcs)) if auprcs else None,
             "lookalike_fpr": float(verdicts[lookalike].mean()) if len(lookalike) else None,
