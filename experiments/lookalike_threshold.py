@@ -92,11 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(table(rows, stored)))
     if args.target_fpr is not None:
         lowest = lowest_threshold_for(run, args.target_fpr)
-        if lowest is not None:  # rounded up, so that the printed threshold keeps the FPR within the target
-            lowest = math.ceil(lowest * 1000) / 1000
         if lowest is None:
             print(f"\nno threshold brings the look-alike FPR to {args.target_fpr:g}: the category route alone flags more")
         else:
+            lowest = math.ceil(lowest * 1000) / 1000  # rounded up: the printed threshold keeps the FPR within the target
             row = threshold_row(run, lowest)
             print(f"\nlook-alike FPR <= {args.target_fpr:g} from a threshold of {lowest:.3f}: FPR {row['lookalike_fpr']:.3f}, "
                   f"main source recall {row['main_recall']:.3f}, precision {row['main_precision']:.3f}, "
