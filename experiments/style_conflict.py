@@ -36,23 +36,17 @@ from pathlib import Path
 import numpy as np
 from cross_source import GROUPS
 from scipy.sparse import vstack
-from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 from sklearn.model_selection import StratifiedKFold
-from sklearn.pipeline import make_union
 
+from safety_classifier.baselines import tfidf_ngram_features
 from safety_classifier.formatting import PromptResponse
 from safety_classifier.refusals import REFUSALS_SOURCE
 
-ANSWERS_GROUP = ("answers", "Answers (PKU-SafeRLHF) and refusals", ["pku_saferlhf", REFUSALS_SOURCE])
-
-
-def source_groups() -> dict[str, tuple[str, list[str]]]:
-    """group key -> (name, source names): cross_source's prompt groups but ToxicChat, and the answers."""
-    groups = {key: value for key, value in GROUPS.items() if key != "toxicchat"}
-    groups[ANSWERS_GROUP[0]] = ANSWERS_GROUP[1:]
-    return groups
+# source name -> group: cross_source's groups of prompt sources, and the answers with the refusals.
+GROUP_OF = {source: group for group, (_, sources) in GROUPS.items() for source in sources} | {
+    "pku_saferlhf": "answers", REFUSALS_SOURCE: "answers"}
 
 
 def as_text(row) -> str:
@@ -76,11 +70,10 @@ def mixture_rows(train_file: str, sources: list[str], seed: int, text_column: st
         rows = np.flatnonzero(split.sources == main)
         main_texts += [as_text(split.texts[i]) for i in rows]
         main_labels += [int(split.labels[i]) for i in rows]
-    group_of = {source: key for key, (_, members) in source_groups().items() for source in members}
     extra: dict[str, tuple[list[str], list[int]]] = {}
     train = splits.train
     for i in np.flatnonzero((train.sources != main) & (train.labels >= 0)):
-        group = group_of.get(train.sources[i], str(train.sources[i]))
+        group = GROUP_OF.get(train.sources[i], str(train.sources[i]))
         texts, labels = extra.setdefault(group, ([], []))
         texts.append(as_text(train.texts[i]))
         labels.append(int(train.labels[i]))
@@ -88,12 +81,9 @@ def mixture_rows(train_file: str, sources: list[str], seed: int, text_column: st
 
 
 def tfidf_features(texts: list[str]):
-    """Word (1-2) and character (2-5) n-gram TF-IDF, as the baseline's, fitted once on every text of
-    the run (no labels), so that each mixture differs only in the rows the regression fits."""
-    return make_union(
-        TfidfVectorizer(analyzer="word", ngram_range=(1, 2), min_df=2, sublinear_tf=True),
-        TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), min_df=2, sublinear_tf=True),
-    ).fit_transform(texts).tocsr()
+    """The baseline's n-gram TF-IDF fitted once on every text of the run (no labels), so that each
+    mixture differs only in the rows the regression fits."""
+    return tfidf_ngram_features().fit_transform(texts).tocsr()
 
 
 def cross_validated_auprc(main_x, labels: np.ndarray, extra_x, extra_labels: np.ndarray,

@@ -19,7 +19,7 @@ import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
-from sklearn.pipeline import Pipeline, make_pipeline, make_union
+from sklearn.pipeline import FeatureUnion, Pipeline, make_pipeline, make_union
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 from tqdm.auto import tqdm
@@ -47,16 +47,20 @@ def _balanced_logistic_regression(c: float) -> LogisticRegression:
     return LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
 
 
+def tfidf_ngram_features() -> FeatureUnion:
+    """Word (1-2) and character (2-5, within word boundaries) n-gram TF-IDF, unfitted."""
+    return make_union(
+        TfidfVectorizer(analyzer="word", ngram_range=(1, 2), min_df=2, sublinear_tf=True),
+        TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), min_df=2, sublinear_tf=True),
+    )
+
+
 def fit_tfidf_logistic_regression(train_texts: Sequence[str], train_labels: np.ndarray,
                                   validation_texts: Sequence[str], validation_labels: np.ndarray) -> tuple[Pipeline, float]:
     """(fitted pipeline whose predict_proba takes raw texts, chosen C)."""
 
     def make(c: float) -> Pipeline:
-        features = make_union(
-            TfidfVectorizer(analyzer="word", ngram_range=(1, 2), min_df=2, sublinear_tf=True),
-            TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), min_df=2, sublinear_tf=True),
-        )
-        return make_pipeline(features, _balanced_logistic_regression(c))
+        return make_pipeline(tfidf_ngram_features(), _balanced_logistic_regression(c))
 
     return _best_on_validation(make, list(train_texts), train_labels, list(validation_texts), validation_labels)
 
