@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +58,9 @@ def mixture_rows(train_file: str, sources: list[str], seed: int, text_column: st
     from safety_classifier.cli import parse_training_plan
     from safety_classifier.training import load_training_splits
 
-    with tempfile.TemporaryDirectory() as output_dir:
-        plan = parse_training_plan("lora", [
-            "--train-file", train_file, "--text-column", text_column, "--label-column", label_column,
-            "--seed", str(seed), "--output-dir", output_dir, "--extra-train-sources", *sources])
+    plan = parse_training_plan("lora", [
+        "--train-file", train_file, "--text-column", text_column, "--label-column", label_column,
+        "--seed", str(seed), "--extra-train-sources", *sources])
     splits = load_training_splits(plan)
     main = splits.main_source
     main_texts, main_labels = [], []
