@@ -11,6 +11,12 @@ rows ranked against the main source's safe rows), their mean over the prompt sou
 look-alike FPR at each run's own stored threshold. The table gives B - A on the rows themselves and
 its 95 % percentile interval; `*` marks an interval without 0. An interval that holds 0 is a
 difference these rows cannot tell from chance, and a second training seed's noise comes on top.
+
+Several runs a side (the same recipe at several `--seed`s, one `--split-seed`, so that every run
+scored the same rows) compare their means, each draw's figure averaged over a side's runs; the
+table also gives each side's spread (its highest run minus its lowest, on the rows themselves):
+
+    python experiments/paired_bootstrap.py runs/a-seed42 runs/a-seed43 --versus runs/b-seed42 runs/b-seed43
 """
 
 from __future__ import annotations
@@ -97,53 +103,78 @@ class ScoredRun:
         return figures
 
 
-def check_same_rows(a: ScoredRun, b: ScoredRun) -> None:
-    if not a.rows.equals(b.rows):
-        raise SystemExit(f"{a.name} and {b.name} scored different validation rows: compare runs trained with the "
-                         "same seed and sources")
+def check_same_rows(runs: list[ScoredRun]) -> None:
+    for run in runs[1:]:
+        if not runs[0].rows.equals(run.rows):
+            raise SystemExit(f"{runs[0].name} and {run.name} scored different validation rows: compare runs trained "
+                             "with the same sources and seed (or one --split-seed)")
 
 
-def paired_bootstrap(a: ScoredRun, b: ScoredRun, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
-                     confidence: float = 0.95) -> list[dict]:
-    """One entry a figure: A's and B's values on the rows themselves, B - A, and its percentile interval
-    over `resamples` draws that resample each source's rows with replacement (the same draw for both)."""
-    check_same_rows(a, b)
-    everything = np.arange(len(a.rows))
-    point_a, point_b = a.figures(everything), b.figures(everything)
+def side_figures(runs: list[ScoredRun], draw: np.ndarray) -> list[dict[str, float | None]]:
+    return [run.figures(draw) for run in runs]
+
+
+def mean_figure(figures: list[dict[str, float | None]], name: str) -> float | None:
+    """A side's figure: the mean over its runs, None where a run has none."""
+    values = [entry.get(name) for entry in figures]
+    return None if any(value is None for value in values) else float(np.mean(values))
+
+
+def paired_bootstrap(a: ScoredRun | list[ScoredRun], b: ScoredRun | list[ScoredRun],
+                     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, confidence: float = 0.95) -> list[dict]:
+    """One entry a figure: A's and B's values on the rows themselves (each the mean over its runs, and
+    their spread), B - A, and its percentile interval over `resamples` draws that resample each source's
+    rows with replacement (the same draw for every run)."""
+    side_a, side_b = ([runs] if isinstance(runs, ScoredRun) else list(runs) for runs in (a, b))
+    check_same_rows(side_a + side_b)
+    everything = np.arange(len(side_a[0].rows))
+    whole_a, whole_b = side_figures(side_a, everything), side_figures(side_b, everything)
     rng = np.random.default_rng(seed)
-    sources = a.rows["source"].to_numpy()
+    sources = side_a[0].rows["source"].to_numpy()
     by_source = [np.flatnonzero(sources == name) for name in dict.fromkeys(sources)]
-    differences: dict[str, list[float]] = {name: [] for name in point_a}
+    differences: dict[str, list[float]] = {name: [] for name in whole_a[0]}
     for _ in range(resamples):
         draw = np.concatenate([rng.choice(rows, size=len(rows)) for rows in by_source])
-        drawn_a, drawn_b = a.figures(draw), b.figures(draw)
+        drawn_a, drawn_b = side_figures(side_a, draw), side_figures(side_b, draw)
         for name in differences:
-            if drawn_a.get(name) is not None and drawn_b.get(name) is not None:
-                differences[name].append(drawn_b[name] - drawn_a[name])
+            value_a, value_b = mean_figure(drawn_a, name), mean_figure(drawn_b, name)
+            if value_a is not None and value_b is not None:
+                differences[name].append(value_b - value_a)
     table = []
     for name, values in differences.items():
-        if point_a[name] is None or point_b[name] is None or not values:
+        point_a, point_b = mean_figure(whole_a, name), mean_figure(whole_b, name)
+        if point_a is None or point_b is None or not values:
             continue
         low, high = percentile_interval(values, confidence)
-        table.append({"figure": name, "a": point_a[name], "b": point_b[name], "difference": point_b[name] - point_a[name],
-                      "low": low, "high": high, "clear": bool(low > 0 or high < 0),
-                      "draws": len(values)})
+        spread = {side: max(entry[name] for entry in whole) - min(entry[name] for entry in whole)
+                  for side, whole in (("a_spread", whole_a), ("b_spread", whole_b))}
+        table.append({"figure": name, "a": point_a, "b": point_b, "difference": point_b - point_a,
+                      "low": low, "high": high, "clear": bool(low > 0 or high < 0), "draws": len(values), **spread})
     return table
 
 
-def format_table(table: list[dict], a: str, b: str, confidence: float) -> str:
+def format_table(table: list[dict], a: list[str], b: list[str], confidence: float) -> str:
+    def side(runs: list[str]) -> str:
+        return runs[0] if len(runs) == 1 else f"the mean of {len(runs)} runs ({', '.join(runs)})"
+
+    spreads = len(a) > 1 or len(b) > 1
     width = max(len(entry["figure"]) for entry in table)
-    lines = [f"A = {a}, B = {b}; B - A with its {confidence:.0%} paired-bootstrap interval (* : without 0)",
-             f"{'figure':<{width}}  {'A':>6}  {'B':>6}  {'B - A':>7}  interval"]
+    lines = [f"A = {side(a)}, B = {side(b)}; B - A with its {confidence:.0%} paired-bootstrap interval (* : without 0)"
+             + ("; spread: a side's highest run minus its lowest" if spreads else ""),
+             f"{'figure':<{width}}  {'A':>6}  {'B':>6}  {'B - A':>7}  interval" + ("            spread A / B" if spreads else "")]
     lines += [f"{entry['figure']:<{width}}  {entry['a']:6.3f}  {entry['b']:6.3f}  {entry['difference']:+7.3f}  "
-              f"[{entry['low']:+.3f}, {entry['high']:+.3f}]{' *' if entry['clear'] else ''}" for entry in table]
+              f"[{entry['low']:+.3f}, {entry['high']:+.3f}]{' *' if entry['clear'] else '  '}"
+              + (f"  {entry['a_spread']:.3f} / {entry['b_spread']:.3f}" if spreads else "") for entry in table]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_a", type=Path, help="a saved classifier's directory (the reference)")
-    parser.add_argument("run_b", type=Path, help="another one, trained with the same seed and sources")
+    parser.add_argument("runs", type=Path, nargs="+",
+                        help="A then B: two saved classifiers' directories, the reference first; with --versus, "
+                             "A's runs")
+    parser.add_argument("--versus", type=Path, nargs="+", metavar="RUN",
+                        help="B's runs: the other recipe at the same seeds, over the same validation rows")
     parser.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES,
                         help=f"bootstrap draws (default {BOOTSTRAP_RESAMPLES})")
     parser.add_argument("--confidence", type=float, default=0.95, help="the interval's coverage (default 0.95)")
@@ -152,14 +183,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.resamples < 1 or not 0 < args.confidence < 1:
         parser.error("--resamples must be at least 1 and --confidence in (0, 1)")
-    a, b = ScoredRun.read(args.run_a), ScoredRun.read(args.run_b)
-    table = paired_bootstrap(a, b, args.resamples, args.seed, args.confidence)
-    print(format_table(table, str(args.run_a), str(args.run_b), args.confidence))
+    if args.versus is None and len(args.runs) != 2:
+        parser.error("give two runs (A B), or A's runs and --versus B's runs")
+    paths_a, paths_b = (args.runs, args.versus) if args.versus else (args.runs[:1], args.runs[1:])
+    side_a, side_b = [ScoredRun.read(path) for path in paths_a], [ScoredRun.read(path) for path in paths_b]
+    table = paired_bootstrap(side_a, side_b, args.resamples, args.seed, args.confidence)
+    names_a, names_b = [str(path) for path in paths_a], [str(path) for path in paths_b]
+    print(format_table(table, names_a, names_b, args.confidence))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"a": str(args.run_a), "b": str(args.run_b), "resamples": args.resamples,
-                                         "confidence": args.confidence, "seed": args.seed, "figures": table},
-                                        indent=2) + "\n")
+        sides = ({"a": names_a[0], "b": names_b[0]} if args.versus is None else {"a": names_a, "b": names_b})
+        args.json.write_text(json.dumps({**sides, "resamples": args.resamples, "confidence": args.confidence,
+                                         "seed": args.seed, "figures": table}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -155,6 +155,12 @@ class RunArguments:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     warmup_fraction: float = field(default=0.05, metadata={"help": "Share of the steps spent warming up the learning rate."})
     seed: int = field(default=42, metadata={"help": "Seed for the split, the head's initialisation and data order."})
+    split_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed for the data alone: the validation split and the sampled training rows (cap=, "
+                          "fractional weight=, refusals=); unset: --seed. Runs with one --split-seed and different "
+                          "--seed score the same validation rows, so they differ by the training alone."},
+    )
     class_weights: Literal["balanced", "sqrt", "none"] = field(
         default="balanced",
         metadata={"help": "Cross-entropy weights of the two classes: balanced (inverse frequency), sqrt (its square "

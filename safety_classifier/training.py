@@ -136,17 +136,18 @@ def load_training_splits(plan: TrainingPlan) -> Splits:
     """The checked train / validation / test splits of a plan (before any model is loaded), the
     further training sources' rows joined to train and validation (`sources.py`)."""
     data = plan.data
+    seed = plan.run.seed if plan.run.split_seed is None else plan.run.split_seed
     splits = load_splits(
         train_file=data.train_file, validation_file=data.validation_file, test_file=data.test_file,
         text_column=data.text_column, label_column=data.label_column,
-        validation_fraction=data.validation_fraction, seed=plan.run.seed,
+        validation_fraction=data.validation_fraction, seed=seed,
         max_train_samples=data.max_train_samples, dataset=data.dataset, dataset_config=data.dataset_config,
     )
     if not data.extra_train_sources:
         return splits
     splits, schema = add_sources(
         splits, Path(data.train_file).stem if data.train_file else data.dataset.rsplit("/", 1)[-1],
-        data.extra_train_sources, seed=plan.run.seed, validation_fraction=data.validation_fraction,
+        data.extra_train_sources, seed=seed, validation_fraction=data.validation_fraction,
         taxonomy_file=data.taxonomy, category_rows_binary=data.category_rows_binary,
         contextual_categories=data.contextual_categories, safe_rows_category_negatives=data.safe_rows_category_negatives,
         main_weight=data.train_file_weight,

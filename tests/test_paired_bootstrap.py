@@ -98,6 +98,33 @@ def test_a_clearly_better_ranking_is_told_from_noise_and_a_small_one_is_not(two_
     assert not nudged[f"{MAIN} AUPRC"]["clear"] and nudged[f"{MAIN} AUPRC"]["low"] < 0 < nudged[f"{MAIN} AUPRC"]["high"]
 
 
+def test_several_runs_a_side_compare_their_means_and_report_their_spread(two_runs, tmp_path, capsys):
+    run_a, run_b, frame = two_runs
+    write_run(tmp_path / "a2", frame, scores_of(frame, 0.2))  # A's recipe at another seed: a little better
+    a, b, a2 = (paired_bootstrap.ScoredRun.read(path) for path in (run_a, run_b, tmp_path / "a2"))
+    single = paired_bootstrap.paired_bootstrap(a, b, resamples=100, seed=5)
+    doubled = paired_bootstrap.paired_bootstrap([a, a], [b, b], resamples=100, seed=5)
+    assert [{**entry, "a_spread": 0.0, "b_spread": 0.0} for entry in single] == doubled
+    everything = np.arange(len(a.rows))
+    main = f"{MAIN} AUPRC"
+    pooled = {entry["figure"]: entry for entry in paired_bootstrap.paired_bootstrap([a, a2], [b], resamples=100)}[main]
+    one, two = a.figures(everything)[main], a2.figures(everything)[main]
+    assert two > one and pooled["a"] == pytest.approx((one + two) / 2) and pooled["a_spread"] == pytest.approx(two - one)
+    assert pooled["b_spread"] == 0 and pooled["difference"] == pytest.approx(pooled["b"] - pooled["a"])
+    paired_bootstrap.main([str(run_a), str(tmp_path / "a2"), "--versus", str(run_b), "--resamples", "20",
+                           "--json", str(tmp_path / "ab.json")])
+    printed = capsys.readouterr().out
+    assert "the mean of 2 runs" in printed and "spread A / B" in printed
+    written = json.loads((tmp_path / "ab.json").read_text())
+    assert written["a"] == [str(run_a), str(tmp_path / "a2")] and written["b"] == [str(run_b)]
+    other = frame.sample(frac=1.0, random_state=2).reset_index(drop=True)
+    write_run(tmp_path / "other", other, scores_of(other, 0.3))
+    with pytest.raises(SystemExit, match="scored different validation rows"):
+        paired_bootstrap.paired_bootstrap([a, paired_bootstrap.ScoredRun.read(tmp_path / "other")], [b], resamples=5)
+    with pytest.raises(SystemExit):
+        paired_bootstrap.main([str(run_a), str(run_b), str(tmp_path / "a2")])  # three runs need --versus
+
+
 def test_runs_over_other_rows_are_refused(two_runs, tmp_path):
     run_a, _, frame = two_runs
     other = frame.sample(frac=1.0, random_state=1).reset_index(drop=True)

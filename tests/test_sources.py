@@ -218,6 +218,27 @@ def test_the_cached_prefix_reads_each_row_as_the_uncached_path_does(toy_files, t
     assert max(len(ids) for ids, source in zip(cached_ids[0], splits.train.sources) if source == "long") == 8
 
 
+def test_split_seed_fixes_the_data_while_seed_varies_the_training(toy_files, tmp_path):
+    """Runs with one --split-seed and different --seed hold out the same validation rows and train on the
+    same sampled rows (caps, refusals), so their difference is the training's; unset, --seed draws both."""
+    path = write(harm_rows(60, seed=9, safe_share=0.5), tmp_path / "harm.csv")
+    answers = write(response_rows(80, seed=10), tmp_path / "answers.csv")
+    sources = ["--extra-train-sources", f"{path},{SPEC},cap=20,refusals=6",
+               f"{answers},text=prompt,response=response,label=label"]
+
+    def data(*seeds: str):
+        plan = parse_training_plan("lora", ["--train-file", str(toy_files["train"]), "--output-dir", str(tmp_path / "run"),
+                                            *sources, *seeds])
+        splits = training.load_training_splits(plan)
+        return [(list(map(str, split.texts)), split.labels.tolist(), split.sources.tolist())
+                for split in (splits.train, splits.validation)]
+
+    assert data("--seed", "1", "--split-seed", "7") == data("--seed", "2", "--split-seed", "7") == data("--seed", "7")
+    assert data("--seed", "1") != data("--seed", "2")
+    train, validation = data("--seed", "1", "--split-seed", "8"), data("--seed", "7")
+    assert train[1] != validation[1]  # another split seed, another validation split
+
+
 def test_source_metrics_rank_an_all_unsafe_source_against_the_main_sources_safe_rows():
     sources = np.array(["main"] * 4 + ["advbench"] * 2 + ["hatecheck"] * 4, dtype=object)
     labels = np.array([0, 0, 1, 1, 1, 1, 0, 0, 1, 1])
