@@ -53,9 +53,7 @@ class ModelArguments:
     dtype: Literal["auto", "bf16", "fp32"] = field(
         default="auto", metadata={"help": "Weights/compute dtype; auto = bf16 where the hardware has it, else fp32."}
     )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run code shipped with the model repository. Off unless asked for."}
-    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model's repository."})
     max_length: int = field(default=1024, metadata={"help": "Truncate prompts to this many tokens (never pads)."})
     prompt_template: str | None = field(
         default=None,
@@ -155,12 +153,8 @@ class RunArguments:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     warmup_fraction: float = field(default=0.05, metadata={"help": "Share of the steps spent warming up the learning rate."})
     seed: int = field(default=42, metadata={"help": "Seed for the split, the head's initialisation and data order."})
-    split_seed: int | None = field(
-        default=None,
-        metadata={"help": "Seed for the data alone: the validation split and the sampled training rows (cap=, "
-                          "fractional weight=, refusals=); unset: --seed. Runs with one --split-seed and different "
-                          "--seed score the same validation rows, so they differ by the training alone."},
-    )
+    split_seed: int | None = field(default=None, metadata={"help": "Seed for the data alone: the validation split, "
+        "cap=, weight= and refusals= rows (unset: --seed); runs that share it score the same validation rows."})
     class_weights: Literal["balanced", "sqrt", "none"] = field(
         default="balanced",
         metadata={"help": "Cross-entropy weights of the two classes: balanced (inverse frequency), sqrt (its square "

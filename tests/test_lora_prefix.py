@@ -214,7 +214,7 @@ def test_qlora_trains_the_top_k_on_the_cache_and_saves_an_ordinary_adapter(tiny_
     assert json.loads((output_dir / "adapter_config.json").read_text())["layers_to_transform"] == [1]
     texts = pd.read_csv(toy_files["test"])["user_input"].tolist()
     recorded = pd.read_csv(output_dir / "test_predictions.csv")["unsafe_probability"]
-    scores = load_classifier(output_dir).unsafe_probabilities(texts, show_progress=False)
+    scores = load_classifier(output_dir, dtype="fp32").unsafe_probabilities(texts, show_progress=False)
     np.testing.assert_allclose(scores, recorded, atol=1e-6)
 
 
