@@ -152,7 +152,7 @@ class RunArguments:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps accumulated per optimizer update."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     warmup_fraction: float = field(default=0.05, metadata={"help": "Share of the steps spent warming up the learning rate."})
-    seed: int = field(default=42, metadata={"help": "Seed for the split, the head's initialisation and data order."})
+    seed: int = field(default=42, metadata={"help": "Seed for the split (unless --split-seed), head initialisation, data order."})
     split_seed: int | None = field(default=None, metadata={"help": "Seed for the data alone: the validation split, "
         "cap=, weight= and refusals= rows (unset: --seed); runs that share it score the same validation rows."})
     class_weights: Literal["balanced", "sqrt", "none"] = field(

@@ -235,8 +235,8 @@ def test_split_seed_fixes_the_data_while_seed_varies_the_training(toy_files, tmp
 
     assert data("--seed", "1", "--split-seed", "7") == data("--seed", "2", "--split-seed", "7") == data("--seed", "7")
     assert data("--seed", "1") != data("--seed", "2")
-    train, validation = data("--seed", "1", "--split-seed", "8"), data("--seed", "7")
-    assert train[1] != validation[1]  # another split seed, another validation split
+    (_, validation_8), (_, validation_7) = data("--seed", "1", "--split-seed", "8"), data("--seed", "7")
+    assert validation_8 != validation_7  # another split seed, another validation split
 
 
 def test_source_metrics_rank_an_all_unsafe_source_against_the_main_sources_safe_rows():
