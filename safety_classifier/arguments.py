@@ -76,9 +76,8 @@ class DataArguments:
     test_file: str | None = field(default=None, metadata={"help": "Test file, scored once at the end."})
     text_column: str = field(default="user_input", metadata={"help": "Column holding the prompt."})
     label_column: str = field(default="toxicity", metadata={"help": "Column holding 0 (safe) / 1 (unsafe)."})
-    validation_fraction: float = field(
-        default=0.1, metadata={"help": "Stratified share of train held out for validation when no file is given."}
-    )
+    validation_fraction: float = field(default=0.1, metadata={
+        "help": "Stratified share of train held out for validation when no file is given."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on a stratified subset this size."})
     extra_train_sources: list[str] | None = field(
         default=None,
@@ -91,6 +90,10 @@ class DataArguments:
     )
     train_file_weight: float = field(default=1.0, metadata={
         "help": "Times each training row of --train-file is seen an epoch beside --extra-train-sources (a weight=)."})
+    source_prior_offsets: float = field(default=0.0, metadata={
+        "help": "In training, add STRENGTH x each source's log-odds of unsafe (its rows' share, within [0.05, 0.95]) less "
+                "the main source's to its rows' unsafe logit, so that a source's share of unsafe rows is not learnt "
+                "from its style; scoring adds none. 0 (default): no offsets; 1: the whole difference."})
     taxonomy: str | None = field(
         default=None,
         metadata={"help": "JSON {code: name} or CSV (code,name) naming the categories; codes outside it are refused. "
@@ -126,6 +129,10 @@ class DataArguments:
         require(_positive(self.train_file_weight), f"--train-file-weight must be above 0, not {self.train_file_weight}")
         require(self.train_file_weight == 1.0 or self.extra_train_sources, "--train-file-weight weighs the main "
                 "source against --extra-train-sources; alone it would only lengthen the epoch (use --epochs)")
+        require(math.isfinite(self.source_prior_offsets) and 0 <= self.source_prior_offsets <= 1,
+                f"--source-prior-offsets must be between 0 and 1, not {self.source_prior_offsets}")
+        require(self.source_prior_offsets == 0 or self.extra_train_sources,
+                "--source-prior-offsets sets the sources' priors apart: it needs --extra-train-sources")
 
 
 @dataclass
@@ -171,9 +178,8 @@ class RunArguments:
         metadata={"help": "Weight of a category row's loss (the mean binary cross-entropy over categories) against the "
                           "safe/unsafe cross-entropy, 0 or more; only with a category head."},
     )
-    gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "true/false: recompute activations to save memory; on by default for QLoRA only."}
-    )
+    gradient_checkpointing: bool | None = field(default=None, metadata={
+        "help": "true/false: recompute activations to save memory; on by default for QLoRA only."})
     max_batch_tokens: int | None = field(
         default=None,
         metadata={"help": "Token budget of one scoring batch (rows x longest row; unset: the device's scoring budget); "
@@ -238,9 +244,8 @@ class PrefixCacheArguments:
                           "(top-N, and LoRA with --lora-layers top:K; --no-cache-prefix: run the whole network every "
                           "step)."},
     )
-    prefix_cache_max_mb: int = field(
-        default=4096, metadata={"help": "Memory allowed for the cached hidden states; above it, training runs uncached."}
-    )
+    prefix_cache_max_mb: int = field(default=4096, metadata={
+        "help": "Memory allowed for the cached hidden states; above it, training runs uncached."})
     prefix_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Keep the cached hidden states in this directory, keyed by the frozen weights and each row's "
@@ -258,9 +263,8 @@ class PrefixCacheArguments:
 
 @dataclass
 class FullLayersArguments(PrefixCacheArguments):
-    num_layers: int = field(
-        default=2, metadata={"help": "Transformer blocks trained from the top (0 = head only); the rest stay frozen."}
-    )
+    num_layers: int = field(default=2, metadata={
+        "help": "Transformer blocks trained from the top (0 = head only); the rest stay frozen."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -277,13 +281,10 @@ class LoraArguments(PrefixCacheArguments):
         metadata={"help": "Dropout on the LoRA path's input; 0 by default: it copies every adapted layer's input, "
                           "which slows a training step, and did not help on validation."},
     )
-    target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Module names to adapt; default: every linear layer inside the blocks."}
-    )
-    use_rslora: bool = field(
-        default=False,
-        metadata={"help": "Rank-stabilised LoRA: scale the adapters by alpha / sqrt(r) instead of alpha / r."},
-    )
+    target_modules: list[str] | None = field(default=None, metadata={
+        "help": "Module names to adapt; default: every linear layer inside the blocks."})
+    use_rslora: bool = field(default=False, metadata={
+        "help": "Rank-stabilised LoRA: scale the adapters by alpha / sqrt(r) instead of alpha / r."})
     lora_layers: str = field(
         default="all",
         metadata={"help": "Blocks that get adapters: all, or top:K (the top K blocks; the frozen blocks below them "

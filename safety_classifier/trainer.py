@@ -7,6 +7,7 @@ its own, token-budget batches where asked for, and a clock that every checkpoint
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -61,6 +62,34 @@ def class_weight_labels(splits: Splits, rows: str = "all") -> np.ndarray:
     return labels
 
 
+SOURCE_PRIOR_FLOOR = 0.05  # a source of only unsafe (or only safe) rows counts as 95 % (5 %) unsafe
+
+
+def source_prior_offsets(splits: Splits, strength: float) -> dict[str, float]:
+    """Per training source, `strength` x (the log-odds of its share of unsafe rows - the main source's).
+
+    Most further sources are nearly all unsafe requests, so their form alone predicts the label: a
+    classifier learns "a plain request is unsafe" and flags the main source's ordinary requests.
+    Added to a row's unsafe logit in training only, the offset explains the source's share (a
+    product of experts with a model that knows the source alone), so the shared weights learn what
+    sets unsafe rows apart within and across sources; scoring adds none, which leaves the classifier
+    at the main source's prior, the traffic it is for. Shares are clipped to [0.05, 0.95].
+    """
+    train = splits.train
+    if train.sources is None or strength == 0:
+        return {}
+
+    def log_odds(source) -> float:
+        labels = train.labels[(train.sources == source) & (train.labels >= 0)]
+        share = float(np.clip(labels.mean(), SOURCE_PRIOR_FLOOR, 1 - SOURCE_PRIOR_FLOOR))
+        return math.log(share / (1 - share))
+
+    main = log_odds(splits.main_source)
+    # A source without binary labels (category rows only) adds no binary loss, so it needs none.
+    labelled = dict.fromkeys(train.sources[train.labels >= 0])
+    return {str(source): round(strength * (log_odds(source) - main), 4) for source in labelled}
+
+
 def weighted_cross_entropy(class_weights: torch.Tensor, rows_per_step: float | None = None,
                            category_loss_weight: float = 1.0):
     """A `Trainer(compute_loss_func=...)` loss: per-row cross-entropy times its class weight, plus,
@@ -73,18 +102,25 @@ def weighted_cross_entropy(class_weights: torch.Tensor, rows_per_step: float | N
     give a row of a small batch of long prompts far more weight than one among many short ones).
     Else, with `num_items_in_batch` (row-count batches, gradient accumulation, DDP), the sum is
     divided by the rows of the whole accumulated batch, as the Trainer expects; else it is the
-    weighted mean.
+    weighted mean. Training labels may end with a column more than the head's categories need: each
+    row's source prior offset (`source_prior_offsets`), added to its unsafe logit.
     """
     check_category_loss_weight(category_loss_weight)
 
     def loss(outputs, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         weights = class_weights.to(logits.device)
+        offsets = None
+        if labels.ndim == 2 and labels.shape[1] == logits.shape[1]:  # [binary, categories..., offset]
+            labels, offsets = labels[:, :-1], labels[:, -1]
+            labels = labels[:, 0].long() if labels.shape[1] == 1 else labels
         category_sum = None
         if labels.ndim == 2:  # a category head: the binary label, then the category targets
             labels, targets = labels[:, 0].long(), labels[:, 1:]
             category_sum = category_loss_weight * category_loss_sum(logits[:, len(BINARY_LABELS):], targets)
             logits = logits[:, :len(BINARY_LABELS)]
+        if offsets is not None:
+            logits = logits.float() + F.pad(offsets.float()[:, None], (1, 0))
         labelled = labels >= 0  # rows without a binary label add no binary loss
         per_row = F.cross_entropy(logits.float(), labels.clamp(min=0), weight=weights, reduction="none") * labelled
         if rows_per_step is not None and torch.is_grad_enabled():  # training; evaluation reports the mean

@@ -63,6 +63,7 @@ from .trainer import (
     class_weight_labels,
     class_weights_for,
     describe_batches,
+    source_prior_offsets,
     train_batch_sampler,
     training_arguments,
     weighted_cross_entropy,
@@ -167,6 +168,7 @@ class TrainingSession:
     class_weights: torch.Tensor
     cached_prefix: bool
     prefix_seconds: float = 0.0  # spent this run obtaining the cached prefix's states (computed or read)
+    source_offsets: dict[str, float] | None = None  # `--source-prior-offsets`, per source
 
     def describe(self, plan: TrainingPlan, splits: Splits) -> list[str]:
         trainable, total = count_parameters(self.model)
@@ -184,6 +186,9 @@ class TrainingSession:
             f"{[round(w, 4) for w in self.class_weights.tolist()]}",
             *([f"frozen prefix cached: {sum(d.nbytes for d in datasets) / 2**20:,.1f} MiB"] if self.cached_prefix else []),
             *sources,
+            *(["source prior offsets (unsafe logit, training only): "
+               + ", ".join(f"{source} {offset:+.2f}" for source, offset in self.source_offsets.items())]
+              if self.source_offsets else []),
             f"batches: {describe_batches(plan, self.sampler)}; learning rate {plan.learning_rate:.3g}, "
             f"head {plan.head_learning_rate:.3g}",
         ]
@@ -209,8 +214,10 @@ def build_training_session(plan: TrainingPlan, splits: Splits, *, clock: Trainin
         schema=splits.schema,
     )
     class_weights = class_weights_for(class_weight_labels(splits, plan.run.class_weights_rows), plan.run.class_weights)
+    source_offsets = source_prior_offsets(splits, plan.data.source_prior_offsets)
     inputs_started = time.time()
-    trained_module, train_dataset, validation_dataset, collator = training_inputs(plan, model, tokenizer, splits)
+    trained_module, train_dataset, validation_dataset, collator = training_inputs(plan, model, tokenizer, splits,
+                                                                                  source_offsets)
     cached_prefix = trained_module is not model
     prefix_seconds = time.time() - inputs_started if cached_prefix else 0.0
     arguments = training_arguments(plan, dtype, cached_prefix, evaluate=evaluate,
@@ -239,11 +246,14 @@ def build_training_session(plan: TrainingPlan, splits: Splits, *, clock: Trainin
         compute_loss_func=weighted_cross_entropy(class_weights, rows_per_step, plan.run.category_loss_weight),
     )
     epoch_metrics.row_order = lambda: trainer.eval_row_order
-    return TrainingSession(model, tokenizer, trainer, sampler, class_weights, cached_prefix, prefix_seconds)
+    return TrainingSession(model, tokenizer, trainer, sampler, class_weights, cached_prefix, prefix_seconds,
+                           source_offsets)
 
 
-def training_inputs(plan: TrainingPlan, model: torch.nn.Module, tokenizer, splits: Splits) -> tuple:
-    """(module the Trainer runs, train set, validation set, collator).
+def training_inputs(plan: TrainingPlan, model: torch.nn.Module, tokenizer, splits: Splits,
+                    source_offsets: dict[str, float] | None = None) -> tuple:
+    """(module the Trainer runs, train set, validation set, collator); the training rows' labels carry
+    their source's offset where `source_offsets` has any.
 
     Top-N, or LoRA with --lora-layers top:K, with `cache_prefix`: the frozen embeddings and bottom
     blocks give the same hidden states every epoch, so they run once here and the Trainer runs only
@@ -253,7 +263,8 @@ def training_inputs(plan: TrainingPlan, model: torch.nn.Module, tokenizer, split
     max_length = plan.model.max_length
     # The epochs' validation AUPRC (and loss) count the binary labels of the rows calibration is fitted
     # on, the main source's: all-unsafe category prompts would inflate it. EpochMetrics adds the others'.
-    labels = [training_labels(splits.train), training_labels(splits.validation, splits.calibration_rows)]
+    labels = [training_labels(splits.train, offsets=source_offsets),
+              training_labels(splits.validation, splits.calibration_rows)]
     top_layers = plan.cached_top_layers
     if top_layers is not None:
         budget = plan.prefix_cache_max_bytes
@@ -284,17 +295,22 @@ def training_inputs(plan: TrainingPlan, model: torch.nn.Module, tokenizer, split
             DataCollatorWithPadding(tokenizer))
 
 
-def training_labels(split: LabelledSplit, binary_rows: np.ndarray | None = None) -> list:
+def training_labels(split: LabelledSplit, binary_rows: np.ndarray | None = None,
+                    offsets: dict[str, float] | None = None) -> list:
     """Per row: the 0/1 label; with category targets, [binary label, category targets...] as floats
     (MISSING_TARGET where the row has none). With `binary_rows`, the other rows' binary label is -1:
-    no binary loss, and not in the epochs' validation metrics."""
+    no binary loss, and not in the epochs' validation metrics. With `offsets` (per source), each row
+    ends with its source's offset (`trainer.source_prior_offsets`)."""
     labels = split.labels
     if binary_rows is not None:
         labels = np.full_like(split.labels, -1)
         labels[binary_rows] = split.labels[binary_rows]
-    if split.categories is None or split.categories.shape[1] == 0:
-        return labels.tolist()
-    return np.column_stack([labels.astype(np.float32), split.categories]).tolist()
+    columns = [labels.astype(np.float32)]
+    if split.categories is not None and split.categories.shape[1] > 0:
+        columns.append(split.categories)
+    if offsets:
+        columns.append(np.array([offsets.get(str(source), 0.0) for source in split.sources], dtype=np.float32))
+    return labels.tolist() if len(columns) == 1 else np.column_stack(columns).tolist()
 
 
 def encode_split(split: LabelledSplit, tokenizer, max_length: int, prompt_template: str | None = None) -> list[list[int]]:

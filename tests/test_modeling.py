@@ -16,6 +16,7 @@ from safety_classifier.batching import (
     token_budget_batches,
 )
 from safety_classifier.inference import predict_unsafe_probabilities
+from safety_classifier.labels import MISSING_TARGET
 from safety_classifier.modeling import (
     LoraSettings,
     build_model,
@@ -244,6 +245,25 @@ def test_class_weighted_loss_is_the_weighted_cross_entropy():
     assert loss({"logits": logits}, batch_labels, num_items_in_batch=6).item() == pytest.approx(weighted_sum / 6)
     unweighted = weighted_cross_entropy(torch.ones(2))({"logits": logits}, batch_labels)
     assert unweighted.item() == pytest.approx(per_row.mean().item())
+
+
+def test_a_training_rows_source_offset_is_added_to_its_unsafe_logit():
+    logits = torch.tensor([[2.0, -1.0, 0.3], [0.5, 0.2, -0.4], [-0.3, 1.0, 0.1]])
+    offsets = torch.tensor([1.5, -2.0, 0.0])
+    shifted = logits.clone()
+    shifted[:, 1] += offsets
+    weights = torch.tensor([0.6, 3.0])
+    binary = torch.tensor([0, 1, -1])
+    loss = weighted_cross_entropy(weights, category_loss_weight=2.0)
+    with_offset = torch.column_stack([binary.float(), offsets])
+    assert loss({"logits": logits[:, :2]}, with_offset).item() == pytest.approx(
+        loss({"logits": shifted[:, :2]}, binary).item())
+    # With a category head: [binary, categories..., offset]; the category logits keep no offset.
+    targets = torch.tensor([[1.0], [0.0], [MISSING_TARGET]])
+    with_categories = torch.column_stack([binary.float(), targets])
+    assert loss({"logits": logits}, torch.column_stack([with_categories, offsets])).item() == pytest.approx(
+        loss({"logits": shifted}, with_categories).item())
+    assert loss({"logits": logits}, with_categories).item() != pytest.approx(loss({"logits": shifted}, with_categories).item())
 
 
 def test_blocks_are_found_for_every_architecture(tiny_model_factory):

@@ -18,6 +18,7 @@ from conftest import SAFE_TEMPLATES, TOPICS, UNSAFE_TEMPLATES, fast_training_fla
 from transformers import EvalPrediction, TrainerState
 
 from safety_classifier import training
+from safety_classifier.arguments import ArgumentError
 from safety_classifier.artifacts import METADATA_FILE, write_metadata
 from safety_classifier.calibration import f1_maximising_threshold
 from safety_classifier.categories import unsafe_verdicts
@@ -29,7 +30,7 @@ from safety_classifier.formatting import RESPONSE_TEMPLATE, PromptResponse, enco
 from safety_classifier.labels import MISSING_TARGET
 from safety_classifier.modeling import load_tokenizer
 from safety_classifier.sources import LOOKALIKE_SOURCES, add_sources, describe_sources, parse_source_spec
-from safety_classifier.trainer import ForgetABestOfAnotherMetric
+from safety_classifier.trainer import ForgetABestOfAnotherMetric, source_prior_offsets
 from safety_classifier.training import tokenized_dataset
 
 SPEC = "text=text,label=label,category=category"
@@ -237,6 +238,48 @@ def test_split_seed_fixes_the_data_while_seed_varies_the_training(toy_files, tmp
     assert data("--seed", "1") != data("--seed", "2")
     (_, validation_8), (_, validation_7) = data("--seed", "1", "--split-seed", "8"), data("--seed", "7")
     assert validation_8 != validation_7  # another split seed, another validation split
+
+
+def test_source_prior_offsets_are_each_sources_log_odds_of_unsafe_against_the_main_sources():
+    sources = np.array(["main"] * 10 + ["advbench"] * 5 + ["hatecheck"] * 5 + ["refusals"] * 3 + ["ailuminate"] * 2,
+                       dtype=object)
+    labels = np.array([1, 1] + [0] * 8 + [1] * 5 + [1, 1, 0, 0, -1] + [0] * 3 + [-1] * 2)
+    train = LabelledSplit("train", [f"t{i}" for i in range(25)], labels, pd.DataFrame(index=range(25)), sources=sources)
+    splits = Splits(train, train, None, main_source="main")
+    main = np.log(0.2 / 0.8)
+    offsets = source_prior_offsets(splits, 1.0)
+    # All unsafe counts as 95 % unsafe, all safe as 5 %; a row without a binary label counts in neither,
+    # and a source without any (category rows only) gets no offset.
+    expected = {"main": 0.0, "advbench": np.log(0.95 / 0.05) - main, "hatecheck": -main, "refusals": np.log(0.05 / 0.95) - main}
+    assert offsets == pytest.approx(expected, abs=1e-4) and list(offsets) == list(expected)
+    assert source_prior_offsets(splits, 0.5) == pytest.approx({k: v / 2 for k, v in expected.items()}, abs=1e-4)
+    assert source_prior_offsets(splits, 0.0) == {}
+    labelled = training.training_labels(train, offsets=offsets)
+    assert [row[-1] for row in labelled] == pytest.approx([offsets.get(source, 0.0) for source in sources], abs=1e-6)
+    assert [int(row[0]) for row in labelled] == labels.tolist()
+
+
+def test_source_prior_offsets_reach_the_loss_cached_or_not_and_validation_has_none(toy_files, tmp_path, tiny_phi3):
+    path = write(harm_rows(40, seed=9, safe_share=0.0), tmp_path / "advbench.csv")
+    for layers in ("top:1", "all"):  # the cached prefix's collator, and token ids padded per batch
+        flags = fast_training_flags(tiny_phi3, toy_files, tmp_path / "run", "--extra-train-sources", f"{path},{SPEC}",
+                                    "--source-prior-offsets", "0.5", "--lora-r", "4", "--lora-layers", layers)
+        plan = parse_training_plan("lora", flags)
+        splits = training.load_training_splits(plan)
+        session = training.build_training_session(plan, splits)
+        main_share = splits.train.labels[splits.train.sources == "train"].mean()
+        advbench = 0.5 * (np.log(0.95 / 0.05) - np.log(main_share / (1 - main_share)))
+        assert session.source_offsets == pytest.approx({"train": 0.0, "advbench": advbench}, abs=1e-4)
+        trainer = session.trainer
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert batch["labels"].shape[1] == 2 + len(splits.schema.codes)  # binary, categories, offset
+        assert set(np.round(batch["labels"][:, -1].tolist(), 4)) <= {0.0, round(advbench, 4)}
+        assert next(iter(trainer.get_eval_dataloader()))["labels"].shape[1] == 1 + len(splits.schema.codes)
+        assert "source prior offsets (unsafe logit, training only): train +0.00, advbench +" in session.describe(plan, splits)[-2]
+    with pytest.raises(ArgumentError, match="needs --extra-train-sources"):
+        parse_training_plan("lora", ["--train-file", str(toy_files["train"]), "--source-prior-offsets", "1"])
+    with pytest.raises(ArgumentError, match="between 0 and 1"):
+        parse_training_plan("lora", flags[:-2] + ["--source-prior-offsets", "1.5"])
 
 
 def test_source_metrics_rank_an_all_unsafe_source_against_the_main_sources_safe_rows():
