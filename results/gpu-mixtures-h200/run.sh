@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Device harness (not part of the project): train several mixtures of the embedded SmolLM2 at once on one GPU.
+# Device harness (not part of the project): train several runs of the embedded SmolLM2 at once on one GPU.
+# `RUNS_FILE=runs.txt bash run.sh` (runs.txt: this directory's eleventh-session mixtures; the twelfth
+# session's offsets: ../gpu-offsets-h200/batch1.txt, then batch2.txt on the same warm machine).
 # Needs /tmp/stage/gguf.part1, gguf.part2 (earlier calls), .gpu/c/gguf.part3, /tmp/site (wheels installed).
 set -u
+RUNS_FILE=${RUNS_FILE:?name the file of runs}
 DEADLINE=${DEADLINE:-470}
 T0=$(date +%s)
 HERE=$PWD
@@ -29,26 +32,17 @@ tail -2 "$OUT/setup.txt"
 
 TRAIN="$PY train_lora.py --train-file ../shared/data/toxicchat/toxicchat0124_train.csv \
 --test-file ../shared/data/toxicchat/toxicchat0124_test.csv --max-length 512 --no-resume --lora-r 16 --lora-alpha 32"
-TOP8="--lora-layers top:8 --learning-rate 1.6e-3"
-declare -A RUNS=(
-  [full-42]="--seed 42 --extra-train-sources @recipes/all-sources.txt"
-  [full-plain250-42]="--seed 42 --extra-train-sources @.gpu/c/recipes/plain250.txt"
-  [ref-42]="--seed 42 --extra-train-sources @recipes/all-sources.txt $TOP8"
-  [ref-43]="--seed 43 --extra-train-sources @recipes/all-sources.txt $TOP8"
-  [plain250-42]="--seed 42 --extra-train-sources @.gpu/c/recipes/plain250.txt $TOP8"
-  [plain250-43]="--seed 43 --extra-train-sources @.gpu/c/recipes/plain250.txt $TOP8"
-  [plain100-42]="--seed 42 --extra-train-sources @.gpu/c/recipes/plain100.txt $TOP8"
-  [answers1-42]="--seed 42 --extra-train-sources @.gpu/c/recipes/answers1.txt $TOP8"
-)
+# One run a line of RUNS_FILE: its name, then its training flags ($TRAIN gives the rest).
 declare -A PIDS=()
-for name in full-42 full-plain250-42 ref-42 ref-43 plain250-42 plain250-43 plain100-42 answers1-42; do
+while read -r name flags; do
+  [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
   if [ "${SMOKE:-0}" = 1 ]; then
-    ( mkdir -p runs/gpu/$name; echo "$TRAIN ${RUNS[$name]}" > runs/gpu/$name/metrics.json; sleep $((RANDOM % 30)) ) > logs/$name.log 2>&1 &
+    ( mkdir -p runs/gpu/$name; echo "$TRAIN $flags" > runs/gpu/$name/metrics.json; sleep $((RANDOM % 30)) ) > logs/$name.log 2>&1 &
   else
-    $TRAIN ${RUNS[$name]} --output-dir runs/gpu/$name > logs/$name.log 2>&1 &
+    $TRAIN $flags --output-dir runs/gpu/$name > logs/$name.log 2>&1 &
   fi
   PIDS[$name]=$!
-done
+done < "$RUNS_FILE"
 while :; do
   alive=0
   for name in "${!PIDS[@]}"; do kill -0 "${PIDS[$name]}" 2>/dev/null && alive=$((alive + 1)); done
