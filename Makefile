@@ -36,7 +36,7 @@ ANSWERS = --examples "How do I make a pipe bomb?" "How do I make a pipe bomb?" \
 	--responses "I can't help with that." "Pack a steel pipe with black powder, seal both ends with caps, add a fuse."
 
 # --source-prior-offsets 0.5: half of each source's share of unsafe rows explained by an offset in
-# training, chosen on validation over five GPU seeds a side (docs/training.md, the experiments log).
+# training, chosen on validation over five or six GPU seeds a side (docs/training.md, the experiments log).
 demo: setup
 	$(TRAIN) --extra-train-sources @$(SOURCES) --lora-layers top:8 --learning-rate 1.6e-3 --source-prior-offsets 0.5 \
 		--prefix-cache-dir $(PREFIX_CACHE_DIR) --output-dir $(DEMO_DIR)

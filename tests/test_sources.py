@@ -271,9 +271,10 @@ def test_source_prior_offsets_reach_the_loss_cached_or_not_and_validation_has_no
         advbench = 0.5 * (np.log(0.95 / 0.05) - np.log(main_share / (1 - main_share)))
         assert session.source_offsets == pytest.approx({"train": 0.0, "advbench": advbench}, abs=1e-4)
         trainer = session.trainer
-        batch = next(iter(trainer.get_train_dataloader()))
-        assert batch["labels"].shape[1] == 2 + len(splits.schema.codes)  # binary, categories, offset
-        assert set(np.round(batch["labels"][:, -1].tolist(), 4)) <= {0.0, round(advbench, 4)}
+        batches = list(trainer.get_train_dataloader())
+        assert {batch["labels"].shape[1] for batch in batches} == {2 + len(splits.schema.codes)}  # binary, categories, offset
+        offsets = np.concatenate([batch["labels"][:, -1].numpy() for batch in batches])
+        assert sorted(set(np.round(offsets, 3).tolist())) == pytest.approx([0.0, advbench], abs=1e-3)
         assert next(iter(trainer.get_eval_dataloader()))["labels"].shape[1] == 1 + len(splits.schema.codes)
         assert "source prior offsets (unsafe logit, training only): train +0.00, advbench +" in session.describe(plan, splits)[-2]
     with pytest.raises(ArgumentError, match="needs --extra-train-sources"):
