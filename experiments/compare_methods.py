@@ -89,6 +89,12 @@ FINE_TUNED_ROWS = {
                                   ["--lora-r", "16", "--lora-alpha", "32", "--lora-layers", "top:8",
                                    "--learning-rate", "1.6e-3", "--extra-train-sources", "@recipes/all-sources.txt",
                                    "--prefix-cache-dir", "runs/prefix-cache"]),
+    # make demo's recipe since 2026-12-04: the row above with each prompt source's share of unsafe rows
+    # as a training offset (--source-prior-offsets 0.5, chosen on validation: docs/experiments-log.md).
+    "lora-r16-top8-all-sources-offsets": ("LoRA r=16, top 8 blocks, all sources, source offsets (make demo)", "train_lora.py",
+                                          ["--lora-r", "16", "--lora-alpha", "32", "--lora-layers", "top:8",
+                                           "--learning-rate", "1.6e-3", "--extra-train-sources", "@recipes/all-sources.txt",
+                                           "--source-prior-offsets", "0.5", "--prefix-cache-dir", "runs/prefix-cache"]),
 }
 AILUMINATE_FILE = "ailuminate/ailuminate_en_dev.csv"  # beside toxicchat/ in the shared data directory
 TOXICCHAT_SOURCE = "toxicchat0124_train"  # the name metrics.json gives the main source's validation rows
