@@ -29,6 +29,7 @@ from .data import Splits
 from .errors import TrainingDivergedError
 from .labels import BINARY_LABELS, MISSING_TARGET
 from .prefix_cache import CachedPrefixDataset
+from .refusals import REFUSALS_SOURCE
 
 
 def class_weights_for(labels: np.ndarray, scheme: str = "balanced") -> torch.Tensor:
@@ -87,6 +88,8 @@ def source_prior_offsets(splits: Splits, strength: float) -> dict[str, float]:
     main = log_odds(splits.main_source)
     # A source without binary labels (category rows only) adds no binary loss, so it needs none.
     labelled = dict.fromkeys(train.sources[train.labels >= 0])
+    # The refusals are safe by construction: what sets a refusal apart is what the answer task learns.
+    labelled.pop(REFUSALS_SOURCE, None)
     return {str(source): round(strength * (log_odds(source) - main), 4) for source in labelled}
 
 

@@ -241,16 +241,16 @@ def test_split_seed_fixes_the_data_while_seed_varies_the_training(toy_files, tmp
 
 
 def test_source_prior_offsets_are_each_sources_log_odds_of_unsafe_against_the_main_sources():
-    sources = np.array(["main"] * 10 + ["advbench"] * 5 + ["hatecheck"] * 5 + ["refusals"] * 3 + ["ailuminate"] * 2,
-                       dtype=object)
-    labels = np.array([1, 1] + [0] * 8 + [1] * 5 + [1, 1, 0, 0, -1] + [0] * 3 + [-1] * 2)
-    train = LabelledSplit("train", [f"t{i}" for i in range(25)], labels, pd.DataFrame(index=range(25)), sources=sources)
+    sources = np.array(["main"] * 10 + ["advbench"] * 5 + ["hatecheck"] * 5 + ["refusals"] * 3 + ["ailuminate"] * 2
+                       + ["benign"] * 2, dtype=object)
+    labels = np.array([1, 1] + [0] * 8 + [1] * 5 + [1, 1, 0, 0, -1] + [0] * 3 + [-1] * 2 + [0] * 2)
+    train = LabelledSplit("train", [f"t{i}" for i in range(27)], labels, pd.DataFrame(index=range(27)), sources=sources)
     splits = Splits(train, train, None, main_source="main")
     main = np.log(0.2 / 0.8)
     offsets = source_prior_offsets(splits, 1.0)
     # All unsafe counts as 95 % unsafe, all safe as 5 %; a row without a binary label counts in neither,
-    # and a source without any (category rows only) gets no offset.
-    expected = {"main": 0.0, "advbench": np.log(0.95 / 0.05) - main, "hatecheck": -main, "refusals": np.log(0.05 / 0.95) - main}
+    # and a source without any (category rows only) gets no offset; nor do the refusals, safe by construction.
+    expected = {"main": 0.0, "advbench": np.log(0.95 / 0.05) - main, "hatecheck": -main, "benign": np.log(0.05 / 0.95) - main}
     assert offsets == pytest.approx(expected, abs=1e-4) and list(offsets) == list(expected)
     assert source_prior_offsets(splits, 0.5) == pytest.approx({k: v / 2 for k, v in expected.items()}, abs=1e-4)
     assert source_prior_offsets(splits, 0.0) == {}
