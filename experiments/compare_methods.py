@@ -54,6 +54,14 @@ VALIDATION_FRACTION = 0.1
 MAX_LENGTH = 512
 TEST_SCORES_FILE = "test_scores.csv"
 
+
+def all_sources_flags(top_blocks: int, *more: str) -> list[str]:
+    """LoRA r=16 on the top blocks at 1.6e-3 over the frozen prefix kept in runs/prefix-cache, trained on
+    recipes/all-sources.txt, with `more` options."""
+    return ["--lora-r", "16", "--lora-alpha", "32", "--lora-layers", f"top:{top_blocks}", "--learning-rate", "1.6e-3",
+            "--extra-train-sources", "@recipes/all-sources.txt", *more, "--prefix-cache-dir", "runs/prefix-cache"]
+
+
 # row name -> (method as shown, script, its strategy options)
 FINE_TUNED_ROWS = {
     # Head LR 1e-2 chosen on validation (docs/experiments-log.md); every other row uses the defaults.
@@ -80,21 +88,15 @@ FINE_TUNED_ROWS = {
     # at the rate top 4 trained best at on make demo's data (docs/experiments-log.md). The recipe file's paths
     # start at ../shared/data.
     "lora-r16-top4-all-sources": ("LoRA r=16, top 4 blocks, all sources (+ categories, answers)", "train_lora.py",
-                                  ["--lora-r", "16", "--lora-alpha", "32", "--lora-layers", "top:4",
-                                   "--learning-rate", "1.6e-3", "--extra-train-sources", "@recipes/all-sources.txt",
-                                   "--prefix-cache-dir", "runs/prefix-cache"]),
-    # make demo's recipe: LoRA on the top 8 blocks, the quality-per-minute table's choice
+                                  all_sources_flags(4)),
+    # make demo's recipe until 2026-12-04: LoRA on the top 8 blocks, the quality-per-minute table's choice
     # (docs/performance.md).
     "lora-r16-top8-all-sources": ("LoRA r=16, top 8 blocks, all sources (+ categories, answers)", "train_lora.py",
-                                  ["--lora-r", "16", "--lora-alpha", "32", "--lora-layers", "top:8",
-                                   "--learning-rate", "1.6e-3", "--extra-train-sources", "@recipes/all-sources.txt",
-                                   "--prefix-cache-dir", "runs/prefix-cache"]),
+                                  all_sources_flags(8)),
     # make demo's recipe since 2026-12-04: the row above with each prompt source's share of unsafe rows
     # as a training offset (--source-prior-offsets 0.5, chosen on validation: docs/experiments-log.md).
     "lora-r16-top8-all-sources-offsets": ("LoRA r=16, top 8 blocks, all sources, source offsets (make demo)", "train_lora.py",
-                                          ["--lora-r", "16", "--lora-alpha", "32", "--lora-layers", "top:8",
-                                           "--learning-rate", "1.6e-3", "--extra-train-sources", "@recipes/all-sources.txt",
-                                           "--source-prior-offsets", "0.5", "--prefix-cache-dir", "runs/prefix-cache"]),
+                                          all_sources_flags(8, "--source-prior-offsets", "0.5")),
 }
 AILUMINATE_FILE = "ailuminate/ailuminate_en_dev.csv"  # beside toxicchat/ in the shared data directory
 TOXICCHAT_SOURCE = "toxicchat0124_train"  # the name metrics.json gives the main source's validation rows
