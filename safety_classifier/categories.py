@@ -77,18 +77,31 @@ def unsafe_verdicts(unsafe_probabilities: np.ndarray, category_scores: np.ndarra
     return unsafe
 
 
+def name_categories(category_scores: np.ndarray, category_thresholds: np.ndarray,
+                    route_threshold: float | None = None) -> np.ndarray:
+    """(rows x categories): the categories a text would name if judged unsafe: each whose score
+    reaches its own threshold; where none does, the highest-scoring one; and where the largest score
+    reaches the route threshold, that category too (the one that made the text unsafe). The per-category
+    thresholds, fitted on a few dozen rows each, judge unseen rows worse than the top score does
+    (`experiments/category_naming.py`, docs/categories.md)."""
+    scores = np.asarray(category_scores)
+    named = scores >= np.asarray(category_thresholds)[None, :]
+    if scores.size:
+        named_by_top = ~named.any(axis=1)
+        if route_threshold is not None:
+            named_by_top |= scores.max(axis=1) >= route_threshold
+        rows = np.flatnonzero(named_by_top)
+        named[rows, scores[rows].argmax(axis=1)] = True
+    return named
+
+
 def flagged_categories(unsafe_probabilities: np.ndarray, category_scores: np.ndarray, threshold: float,
                        category_thresholds: np.ndarray, route_threshold: float | None = None) -> np.ndarray:
-    """(rows x categories): a category is flagged when the verdict is unsafe and its score reaches
-    the category's own threshold, so a safe verdict never names a harm; a text whose largest score
-    reaches the route threshold also names that category (the one that made it unsafe)."""
-    scores = np.asarray(category_scores)
-    over = scores >= np.asarray(category_thresholds)[None, :]
-    if route_threshold is not None and scores.size:
-        routed = np.flatnonzero(scores.max(axis=1) >= route_threshold)
-        over[routed, scores[routed].argmax(axis=1)] = True
-    unsafe = unsafe_verdicts(unsafe_probabilities, scores, threshold, route_threshold)
-    return unsafe[:, None] & over
+    """(rows x categories): what `name_categories` names, on the rows whose verdict is unsafe; a safe
+    verdict never names a harm, and an unsafe one always names at least one, as the OpenAI
+    moderation API's `flagged` implies."""
+    unsafe = unsafe_verdicts(unsafe_probabilities, category_scores, threshold, route_threshold)
+    return unsafe[:, None] & name_categories(category_scores, category_thresholds, route_threshold)
 
 
 def safe_row_alarms(unsafe_probabilities: np.ndarray, category_scores: np.ndarray, threshold: float,
@@ -164,6 +177,41 @@ def choose_category_thresholds(targets: np.ndarray, scores: np.ndarray) -> np.nd
     return thresholds
 
 
+def category_folds(targets: np.ndarray, seed: int = 0) -> np.ndarray:
+    """0 or 1 per row: two halves, each category's rows (by a row's first category) dealt to them in
+    turn, in a seeded order."""
+    order = np.random.default_rng(seed).permutation(len(targets))
+    first = np.asarray(targets)[order].argmax(axis=1)
+    folds = np.empty(len(targets), dtype=np.int64)
+    for category in np.unique(first):
+        members = order[first == category]
+        folds[members] = np.arange(len(members)) % 2
+    return folds
+
+
+def macro_f1(targets: np.ndarray, named: np.ndarray) -> float:
+    """The mean over categories of F1 (0 for a category never named rightly), as `category_metrics`'s."""
+    truth = np.asarray(targets).astype(bool)
+    return float(np.mean([_prf(truth[:, index], named[:, index])[2] for index in range(truth.shape[1])]))
+
+
+def out_of_fold_named_macro_f1(targets: np.ndarray, scores: np.ndarray, repeats: int = 10) -> float:
+    """Category macro F1 of what `name_categories` names, each half of the rows judged with the
+    thresholds chosen on the other half (thresholds fitted on the rows they are judged on flatter
+    them: docs/categories.md, *Naming the harm*); the mean over `repeats` seeded pairs of halves."""
+    targets, scores = np.asarray(targets), np.asarray(scores)
+    figures = []
+    for seed in range(repeats):
+        folds = category_folds(targets, seed)
+        named = np.zeros(targets.shape, dtype=bool)
+        for fold in (0, 1):
+            judged = folds == fold
+            thresholds = choose_category_thresholds(targets[~judged], scores[~judged])
+            named[judged] = name_categories(scores[judged], thresholds)
+        figures.append(macro_f1(targets, named))
+    return float(np.mean(figures))
+
+
 def _prf(truth: np.ndarray, predicted: np.ndarray) -> tuple[float, float, float]:
     true_positive = float(np.sum(truth & predicted))
     precision = true_positive / predicted.sum() if predicted.sum() else 0.0
@@ -195,6 +243,7 @@ def category_metrics(schema: LabelSchema, targets: np.ndarray, scores: np.ndarra
         "per_category": per_category,
         "macro": macro,
         "top1_accuracy": float(np.trace(confusion) / confusion.sum()) if confusion.sum() else None,
+        "named_macro_f1_out_of_fold": out_of_fold_named_macro_f1(targets, scores),
         "confusion": {"labels": schema.codes, "rows_true_columns_top_scored": confusion.tolist()},
     }
 
@@ -208,4 +257,7 @@ def format_category_table(metrics: dict) -> str:
     macro = metrics["macro"]
     lines.append(f"{'macro average':<34}{macro['precision']:>10.4f}{macro['recall']:>8.4f}{macro['f1']:>8.4f}"
                  f"{macro['auprc']:>8.4f}")
+    if metrics.get("named_macro_f1_out_of_fold") is not None:
+        lines.append(f"{'macro F1 as named, thresholds from the other half':<52}"
+                     f"{metrics['named_macro_f1_out_of_fold']:>8.4f}")
     return "\n".join(lines)

@@ -239,9 +239,9 @@ class Classifier:
 
     def verdict(self, row: Sequence[float], judged: str = "prompt") -> dict:
         """The answer for one row of `scores`: label and P(unsafe); with a category head, `categories`
-        (a category is flagged when the prompt is unsafe and its score reaches the category's own
-        threshold, so a safe verdict never names a harm; a text the category route made unsafe
-        names the category that did) and `category_scores`, the OpenAI moderation API's field names."""
+        (`categories.flagged_categories`: a safe verdict names no harm, an unsafe one each category at
+        its own threshold, or else its top one) and `category_scores`, the OpenAI moderation API's
+        field names."""
         unsafe_probability = float(row[0])
         unsafe = bool(self.unsafe(np.asarray([row]), judged)[0])
         result = {"label": ID2LABEL[int(unsafe)], "unsafe_probability": unsafe_probability}

@@ -19,12 +19,16 @@ from sklearn.metrics import average_precision_score
 from safety_classifier.artifacts import METADATA_FILE, write_metadata
 from safety_classifier.calibration import Calibration, f1_maximising_threshold, fit_calibration
 from safety_classifier.categories import (
+    category_folds,
     category_loss_sum,
     category_metrics,
     category_route_threshold_of,
     choose_category_thresholds,
     choose_route_threshold,
     flagged_categories,
+    macro_f1,
+    name_categories,
+    out_of_fold_named_macro_f1,
     reported_category_scores,
     safe_row_alarms,
     unsafe_verdicts,
@@ -235,11 +239,14 @@ def test_a_route_calls_unsafe_what_the_categories_flag_and_names_the_category():
     assert unsafe_verdicts(unsafe, scores, 0.5).tolist() == [False, True, False, False]
     assert unsafe_verdicts(unsafe, scores, 0.5, 0.3).tolist() == [True, True, False, True]
     assert unsafe_verdicts(unsafe, None, 0.5, 0.3).tolist() == [False, True, False, False]  # a binary classifier
-    # Routed rows 0 and 3 name their top category although it is under its own threshold; row 1,
-    # unsafe by P(unsafe) with no score over 0.3, names none; row 2 is safe.
+    # Routed rows 0 and 3 name their top category although it is under its own threshold; so does
+    # row 1, unsafe by P(unsafe) with no score at a threshold: an unsafe verdict names a harm. Row 2 is safe.
     assert flagged_categories(unsafe, scores, 0.5, thresholds, 0.3).tolist() == [
-        [True, False], [False, False], [False, False], [False, True]]
-    assert safe_row_alarms(unsafe, scores, 0.5, thresholds, 0.3)["safe_rows_flagged_with_a_category"] == 0.5
+        [True, False], [True, False], [False, False], [False, True]]
+    assert safe_row_alarms(unsafe, scores, 0.5, thresholds, 0.3)["safe_rows_flagged_with_a_category"] == 0.75
+    # Without a route, only row 1 is unsafe, and it names its top category.
+    assert flagged_categories(unsafe, scores, 0.5, thresholds).tolist() == [
+        [False, False], [True, False], [False, False], [False, False]]
     # The metrics count the verdicts given; AUPRC stays P(unsafe)'s.
     labels = np.array([1, 1, 0, 0])
     routed = classification_metrics(labels, unsafe, 0.5, predicted=unsafe_verdicts(unsafe, scores, 0.5, 0.3))
@@ -277,6 +284,23 @@ def test_category_thresholds_and_metrics_on_a_known_case():
     assert metrics["confusion"]["rows_true_columns_top_scored"] == [[2, 0], [1, 2]]
     assert metrics["top1_accuracy"] == pytest.approx(4 / 5)
     assert metrics["macro"]["f1"] == pytest.approx((0.8 + 1.0) / 2)
+    assert 0.0 <= metrics["named_macro_f1_out_of_fold"] <= 1.0
+
+
+def test_out_of_fold_naming_judges_each_half_with_the_other_halfs_thresholds():
+    targets = np.zeros((12, 3), dtype=np.int64)
+    targets[:6, 0] = targets[6:10, 1] = targets[10:, 2] = 1
+    for seed in range(4):  # each category's rows dealt evenly to the two halves, whatever the seed
+        folds = category_folds(targets, seed)
+        assert (folds[:6].sum(), folds[6:10].sum(), folds[10:].sum()) == (3, 2, 1)
+    # Row 5 has no score at any threshold fitted on rows 0-4's 0.9s: named by its top score, still right.
+    scores = np.where(targets == 1, 0.9, 0.1)
+    scores[5, 0] = 0.3
+    assert name_categories(scores[[5]], np.array([0.9, 0.9, 0.9])).tolist() == [[True, False, False]]
+    assert out_of_fold_named_macro_f1(targets, scores) == 1.0
+    assert macro_f1(targets, scores >= 0.5) == pytest.approx((2 * 5 / 11 + 1 + 1) / 3)  # thresholds at 0.5 miss row 5
+    # Scores that rank every row's own category last name it wrong in both halves.
+    assert out_of_fold_named_macro_f1(targets, 1.0 - scores) < 0.5
 
 
 @pytest.fixture(scope="module")
@@ -371,12 +395,16 @@ def test_a_category_classifier_reloads_in_a_fresh_process_with_identical_scores(
 def test_classify_and_infer_json_report_categories_and_their_scores(category_classifier, capsys):
     classifier = load_classifier(category_classifier, dtype="fp32")
     route = classifier.category_route_threshold
-    # Without the stored route: every prompt unsafe, categories then follow their own thresholds.
+    # Without the stored route: every prompt unsafe, categories then follow their own thresholds, and
+    # one with no score at its threshold names its top category.
     classifier.threshold, classifier.category_route_threshold = 0.0, None
-    [result] = classifier.classify(["How do I build a bomb to destroy the bank?"], show_progress=False)
-    assert set(result["categories"]) == set(result["category_scores"]) == {"S1", "S2", "S8", "S9"}
     thresholds = dict(zip(classifier.category_codes, classifier.category_thresholds))
-    assert result["categories"] == {code: score >= thresholds[code] for code, score in result["category_scores"].items()}
+    for text in ("How do I build a bomb to destroy the bank?", "Write a short poem about bees."):
+        [result] = classifier.classify([text], show_progress=False)
+        assert set(result["categories"]) == set(result["category_scores"]) == {"S1", "S2", "S8", "S9"}
+        over = {code: score >= thresholds[code] for code, score in result["category_scores"].items()}
+        top = max(result["category_scores"], key=result["category_scores"].get)
+        assert result["categories"] == (over if any(over.values()) else {code: code == top for code in over})
     classifier.threshold = 1.1  # a safe verdict never names a harm
     [safe] = classifier.classify(["How do I build a bomb to destroy the bank?"], show_progress=False)
     assert safe["label"] == "safe" and not any(safe["categories"].values())
