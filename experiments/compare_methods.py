@@ -97,6 +97,9 @@ FINE_TUNED_ROWS = {
     # as a training offset (--source-prior-offsets 0.5, chosen on validation: docs/experiments-log.md).
     "lora-r16-top8-all-sources-offsets": ("LoRA r=16, top 8 blocks, all sources, source offsets (make demo)", "train_lora.py",
                                           all_sources_flags(8, "--source-prior-offsets", "0.5")),
+    # make model's recipe since 2026-12-04: the row above on the top 16 blocks (docs/experiments-log.md).
+    "lora-r16-top16-all-sources-offsets": ("LoRA r=16, top 16 blocks, all sources, source offsets (make model)",
+                                           "train_lora.py", all_sources_flags(16, "--source-prior-offsets", "0.5")),
 }
 AILUMINATE_FILE = "ailuminate/ailuminate_en_dev.csv"  # beside toxicchat/ in the shared data directory
 TOXICCHAT_SOURCE = "toxicchat0124_train"  # the name metrics.json gives the main source's validation rows

@@ -216,6 +216,9 @@ def category_tables(rows: list[dict], baseline_row: str = "lora-r16") -> list[st
                      f"{macro['auprc']:.3f} | | {categories['n']} | {categories['binary_recall']:.3f} |")
         goals = [f"macro F1 {macro['f1']:.3f} (goal >= {GOAL_CATEGORY_MACRO_F1})", harmful_recall_goal(categories),
                  f"top-scored category right on {categories['top1_accuracy']:.3f} of the rows"]
+        if categories.get("named_macro_f1_out_of_fold") is not None:  # written since 2026-12-04
+            goals.insert(1, f"as the classifier names them, judged with thresholds chosen on the other half of the "
+                            f"rows, {categories['named_macro_f1_out_of_fold']:.3f} (docs/categories.md)")
         for split, alarms in (("validation", categories), ("test", row["test"])):
             if alarms.get("safe_rows_category_score_over_threshold") is not None:
                 goals.append(f"on the {alarms['safe_rows_n']:,} safe ToxicChat {split} prompts, some category score at "
