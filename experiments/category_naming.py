@@ -8,7 +8,7 @@ categorised validation rows (every one harmful): `thresholds` (the classifier's 
 2026-12-04); `thresholds + top` (its rule since, `categories.name_categories`: also the
 highest-scoring category where none reaches its threshold); `top` (the highest-scoring category
 alone). The thresholds are chosen on one half of the rows (each category's rows dealt to the
-halves in turn, in a seeded order: `categories.category_folds`) and judged on the other, so that no
+halves in turn, in a seeded order: `categories.out_of_fold_names`) and judged on the other, so that no
 rule is flattered by thresholds fitted on the rows it is judged on. The tables: the category macro
 F1 pooled over both halves, the mean over `--repeats` seeded pairs of halves (as training's
 metrics); the share of rows left without a category; and, per source, how often the top-scored
@@ -24,31 +24,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from safety_classifier.categories import category_folds, choose_category_thresholds, macro_f1, name_categories
-
-RULES = ("thresholds", "thresholds + top", "top")
+from safety_classifier.categories import macro_f1, name_categories, out_of_fold_names
 
 
-def named_by_rule(scores: np.ndarray, thresholds: np.ndarray, rule: str) -> np.ndarray:
-    """(rows x categories) booleans: the categories each rule names; "thresholds + top" is the
-    classifier's own (`categories.name_categories`)."""
-    if rule == "thresholds + top":
-        return name_categories(scores, thresholds)
-    if rule == "thresholds":
-        return scores >= thresholds[None, :]
+def top_category(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """(rows x categories): each row's highest-scoring category alone."""
     top = np.zeros(scores.shape, dtype=bool)
     top[np.arange(len(scores)), scores.argmax(axis=1)] = True
     return top
 
 
-def cross_fitted_names(targets: np.ndarray, scores: np.ndarray, rule: str, seed: int) -> np.ndarray:
-    folds = category_folds(targets, seed)
-    named = np.zeros(targets.shape, dtype=bool)
-    for fold in (0, 1):
-        judged = folds == fold
-        thresholds = choose_category_thresholds(targets[~judged], scores[~judged])
-        named[judged] = named_by_rule(scores[judged], thresholds, rule)
-    return named
+# rule -> what it names from (scores, thresholds); "thresholds + top" is the classifier's own.
+RULES = {
+    "thresholds": lambda scores, thresholds: scores >= thresholds[None, :],
+    "thresholds + top": name_categories,
+    "top": top_category,
+}
 
 
 def categorised_rows(run_dir: Path) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
@@ -62,22 +53,20 @@ def categorised_rows(run_dir: Path) -> tuple[pd.DataFrame, np.ndarray, np.ndarra
     return rows, targets, rows[[f"score_{code}" for code in codes]].to_numpy(dtype=np.float64)
 
 
-def top_category_right_per_source(run_dir: Path) -> pd.Series:
+def top_category_right_per_source(run_dir: Path, rows: pd.DataFrame, targets: np.ndarray, scores: np.ndarray) -> pd.Series:
     """Per source, the share of its categorised validation rows whose top-scored category is theirs."""
-    rows, targets, scores = categorised_rows(run_dir)
     right = targets[np.arange(len(rows)), scores.argmax(axis=1)] == 1
     return pd.Series(right, index=rows["source"].to_numpy()).groupby(level=0).mean().rename(str(run_dir))
 
 
-def run_rows(run_dir: Path, repeats: int) -> list[dict]:
-    rows, targets, scores = categorised_rows(run_dir)
+def run_rows(run_dir: Path, targets: np.ndarray, scores: np.ndarray, repeats: int) -> list[dict]:
     table = []
-    for rule in RULES:
-        named = [cross_fitted_names(targets, scores, rule, seed) for seed in range(repeats)]
+    for rule, namer in RULES.items():
+        named = [out_of_fold_names(targets, scores, seed, namer) for seed in range(repeats)]
         table.append({"run": str(run_dir), "rule": rule,
                       "macro_f1": float(np.mean([macro_f1(targets, each) for each in named])),
                       "without_category": float(np.mean([(~each.any(axis=1)).mean() for each in named])),
-                      "rows": len(rows)})
+                      "rows": len(targets)})
     return table
 
 
@@ -86,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories with validation_predictions.csv")
     parser.add_argument("--repeats", type=int, default=10, help="seeded pairs of halves (training's metrics: 10)")
     args = parser.parse_args(argv)
-    table = pd.DataFrame([row for run in args.runs for row in run_rows(run, args.repeats)])
+    runs = {run: categorised_rows(run) for run in args.runs}
+    table = pd.DataFrame([row for run, (_, targets, scores) in runs.items()
+                          for row in run_rows(run, targets, scores, args.repeats)])
     wide = table.pivot(index="run", columns="rule", values="macro_f1")[list(RULES)]
     wide.loc["mean"] = wide.mean()
     print(f"category macro F1, thresholds from the other half, mean of {args.repeats} pairs of halves "
@@ -95,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\nshare of rows without a category:")
     print(table.pivot(index="run", columns="rule", values="without_category")[list(RULES)].round(3).to_string())
     print("\ntop-scored category right, per source:")
-    print(pd.concat([top_category_right_per_source(run) for run in args.runs], axis=1).T.round(3).to_string())
+    print(pd.concat([top_category_right_per_source(run, *loaded) for run, loaded in runs.items()], axis=1)
+          .T.round(3).to_string())
 
 
 if __name__ == "__main__":

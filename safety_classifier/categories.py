@@ -23,6 +23,7 @@ notion of unsafe, not the categories'.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -195,21 +196,25 @@ def macro_f1(targets: np.ndarray, named: np.ndarray) -> float:
     return float(np.mean([_prf(truth[:, index], named[:, index])[2] for index in range(truth.shape[1])]))
 
 
+def out_of_fold_names(targets: np.ndarray, scores: np.ndarray, seed: int,
+                      namer: Callable[[np.ndarray, np.ndarray], np.ndarray] = name_categories) -> np.ndarray:
+    """(rows x categories): what `namer(scores, thresholds)` names, each half of the rows
+    (`category_folds`) with the thresholds chosen on the other half."""
+    folds = category_folds(targets, seed)
+    named = np.zeros(targets.shape, dtype=bool)
+    for fold in (0, 1):
+        judged = folds == fold
+        thresholds = choose_category_thresholds(targets[~judged], scores[~judged])
+        named[judged] = namer(scores[judged], thresholds)
+    return named
+
+
 def out_of_fold_named_macro_f1(targets: np.ndarray, scores: np.ndarray, repeats: int = 10) -> float:
     """Category macro F1 of what `name_categories` names, each half of the rows judged with the
     thresholds chosen on the other half (thresholds fitted on the rows they are judged on flatter
     them: docs/categories.md, *Naming the harm*); the mean over `repeats` seeded pairs of halves."""
     targets, scores = np.asarray(targets), np.asarray(scores)
-    figures = []
-    for seed in range(repeats):
-        folds = category_folds(targets, seed)
-        named = np.zeros(targets.shape, dtype=bool)
-        for fold in (0, 1):
-            judged = folds == fold
-            thresholds = choose_category_thresholds(targets[~judged], scores[~judged])
-            named[judged] = name_categories(scores[judged], thresholds)
-        figures.append(macro_f1(targets, named))
-    return float(np.mean(figures))
+    return float(np.mean([macro_f1(targets, out_of_fold_names(targets, scores, seed)) for seed in range(repeats)]))
 
 
 def _prf(truth: np.ndarray, predicted: np.ndarray) -> tuple[float, float, float]:
